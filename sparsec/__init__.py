@@ -1,0 +1,32 @@
+"""sparsec: an ahead-of-time compiler for sparse training and sparse attention in PyTorch.
+
+    import sparsec
+    program = sparsec.trace(model, example_inputs)          # torch.export → Program
+    program = sparsec.run_passes(program, [sparsec.get_pass("dead-code")()])
+    compiled = sparsec.compile(program, backend="onnx", out_dir="out")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .api import compile
+from .backends import Compiled, LowerOptions, lower
+from .errors import (BadInputError, OptionError, ParityError, PassError, PreconditionError,
+                     RecipeError, SparsecError, TraceError, VerificationError)
+from .frontend import load_model_file, trace, trace_file
+from .passes.base import Pass, PassResult, get_pass, option, register, registered_passes
+from .pipeline import run_passes
+from .program import ModelSource, PassRecord, Program, Prop, module_path, node_info
+from .recipe import dump_recipe, load_recipe, parse_pass_arg, parse_recipe
+
+__all__ = [
+    "__version__",
+    "compile", "trace", "trace_file", "load_model_file", "run_passes", "lower",
+    "Program", "PassRecord", "ModelSource", "Prop", "module_path", "node_info",
+    "Pass", "PassResult", "option", "register", "get_pass", "registered_passes",
+    "Compiled", "LowerOptions",
+    "load_recipe", "parse_recipe", "parse_pass_arg", "dump_recipe",
+    "SparsecError", "BadInputError", "TraceError", "RecipeError", "OptionError",
+    "PreconditionError", "PassError", "VerificationError", "ParityError",
+]

@@ -1,0 +1,41 @@
+"""What every backend returns: a Compiled program, and the options lowering takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..program import Program
+
+__all__ = ["LowerOptions", "Compiled"]
+
+
+@dataclass
+class LowerOptions:
+    """Options every backend understands; `extra` holds backend-specific ones."""
+
+    out_dir: Path | None = None  # where artifacts go; None: a temporary directory or nowhere
+    verify: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Compiled:
+    """A lowered program: call it like the model.
+
+    `report` holds the backend's section of report.json (keyed by backend name), `artifacts`
+    the files it wrote (by short name), `notes` what a user should know (fallbacks taken),
+    `summary` the whole report that `sparsec.compile` built.
+    """
+
+    program: Program
+    backend: str
+    fn: Callable[..., Any]
+    report: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)  # the full report, once built
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.fn(*inputs)

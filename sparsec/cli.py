@@ -1,0 +1,164 @@
+"""The `sparsec` command line: compile, passes, explain.
+
+Exit codes: 0 ok, 2 bad input (model, recipe, options, files), 1 internal error. Errors print
+one line; `-v` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import SparsecError
+
+__all__ = ["main", "cli"]
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn exceptions into one-line messages and exit codes (traceback only with -v)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, verbose: bool = False, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, verbose=verbose, **kwargs)
+        except SparsecError as e:
+            if verbose:
+                traceback.print_exc()
+            _fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as e:  # an internal error: say so and how to see more
+            if verbose:
+                traceback.print_exc()
+            hint = "" if verbose else " (rerun with -v for the traceback)"
+            _fail(f"internal error: {type(e).__name__}: {e}{hint}".splitlines()[0], 1)
+    return wrapper
+
+
+verbose_option = click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and details.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sparsec")
+def cli() -> None:
+    """sparsec: an ahead-of-time compiler for sparse training and sparse attention."""
+
+
+@cli.command("compile")
+@click.argument("model_file", metavar="MODEL.py", type=click.Path(path_type=Path))
+@click.option("--recipe", "recipe", type=click.Path(path_type=Path), help="TOML recipe of passes.")
+@click.option("--pass", "pass_args", multiple=True, metavar="NAME[:k=v,...]",
+              help="A pass to run after the recipe's (repeatable).")
+@click.option("--backend", type=click.Choice(["eager", "onnx", "triton"]), default="eager",
+              show_default=True)
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path),
+              help="Write report.json and artifacts to this directory.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--dump-dir", type=click.Path(path_type=Path),
+              help="Write the graph after every pass as NNN_<pass>.py.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check every pass's numerics on the example inputs.")
+@click.option("--opset", type=int, help="ONNX opset (onnx backend).")
+@verbose_option
+@handle_errors
+def compile_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...], backend: str,
+                out_dir: Path | None, force: bool, dump_dir: Path | None, verify: bool,
+                opset: int | None, verbose: bool) -> None:
+    """Trace MODEL.py, run the passes and lower it with a backend."""
+    from .api import compile as compile_model
+    from .report import render_summary
+
+    with _status(f"compiling {model_file.name}", verbose):
+        compiled = compile_model(model_file, recipe=recipe, passes=pass_args, backend=backend,
+                                 out_dir=out_dir, verify=verify, dump_dir=dump_dir, force=force,
+                                 backend_options={"opset": opset} if opset else None)
+    render_summary(compiled.summary)
+    if out_dir is not None:
+        click.echo(f"output: {out_dir}/")
+
+
+@cli.command("passes")
+@verbose_option
+@handle_errors
+def passes_cmd(verbose: bool) -> None:
+    """List the registered passes (built-in and plugins)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .passes.base import registered_passes, stage_of
+
+    table = Table()
+    for col in ("name", "stage", "requires", "establishes", "summary"):
+        table.add_column(col)
+    for name, cls in registered_passes().items():
+        table.add_row(name, stage_of(cls), ", ".join(sorted(cls.requires)),
+                      ", ".join(sorted(cls.establishes)) or "-", cls.summary)
+    Console(width=max(120, Console().width)).print(table)
+
+
+@cli.command("explain")
+@click.argument("pass_name", metavar="PASS")
+@verbose_option
+@handle_errors
+def explain_cmd(pass_name: str, verbose: bool) -> None:
+    """Show a pass's documentation and its options with defaults."""
+    import inspect
+
+    from .passes.base import get_pass, option_specs, stage_of
+
+    cls = get_pass(pass_name)
+    click.echo(f"{cls.name} — {cls.summary}")
+    click.echo(f"stage: {stage_of(cls)}; requires: {', '.join(sorted(cls.requires)) or '-'}; "
+               f"establishes: {', '.join(sorted(cls.establishes)) or '-'}")
+    doc = inspect.getdoc(cls) or ""
+    if doc:
+        click.echo("\n" + doc)
+    specs = option_specs(cls)
+    click.echo("\noptions:" if specs else "\noptions: none")
+    for s in specs:
+        rng = ""
+        if s["choices"]:
+            rng = f" one of {', '.join(map(repr, s['choices']))}"
+        elif s["min"] is not None or s["max"] is not None:
+            rng = f" in [{s['min']}, {s['max']}]"
+        click.echo(f"  {s['name']} ({s['type']}) = {s['default']!r}{rng}")
+        if s["help"]:
+            click.echo(f"      {s['help']}")
+
+
+class _status:
+    """A spinner on a terminal; nothing when output is piped."""
+
+    def __init__(self, text: str, verbose: bool):
+        self.text, self.verbose, self.ctx = text, verbose, None
+
+    def __enter__(self) -> None:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if console.is_terminal:
+            self.ctx = console.status(self.text)
+            self.ctx.__enter__()
+        elif self.verbose:
+            click.echo(f"{self.text} …", err=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(args=argv, prog_name="sparsec")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,3 @@
+"""Triton kernels, one file each, with their plain-torch reference beside them."""
+
+__all__: list[str] = []

@@ -1,0 +1,193 @@
+"""Run passes in order: check requires, run, lint, verify, record."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .errors import BadInputError, PassError, PreconditionError, SparsecError, VerificationError
+from .passes.base import Pass, providers_of
+from .program import PassRecord, Program
+
+__all__ = ["run_passes", "compare_outputs", "check_finite", "tolerance", "dump_graph"]
+
+
+def run_passes(program: Program, passes: Sequence[Pass], *, verify: bool = True,
+               dump_dir: str | Path | None = None, inplace: bool = False,
+               on_pass: Callable[[PassRecord], None] | None = None) -> Program:
+    """Apply `passes` to a copy of `program` (or to `program` itself when `inplace`).
+
+    With `verify`, each pass's output is compared on the example inputs with its reference
+    (the program before it, or the pass's stated reference) and the end result with the
+    program as it came in; errors land in each `PassRecord.verify` and in
+    `program.state["verify"]`.
+    """
+    program = program if inplace else program.copy()
+    inputs = program.example_inputs
+    if verify:
+        check_finite(inputs)
+        entry_out = _run(program.gm, inputs)
+    if dump_dir is not None:
+        dump_graph(program, dump_dir, 0, "input")
+    done: list[str] = []
+    for i, p in enumerate(passes, start=1):
+        _check_requires(p, program)
+        ref = _reference_outputs(p, program, inputs) if verify else None
+        start = time.perf_counter()
+        result = _run_pass(p, program, done)
+        ms = (time.perf_counter() - start) * 1e3
+        _lint(p, program, done)
+        record = PassRecord(p.name, _jsonable(p.options()), bool(result.modified),
+                            dict(result.stats), ms)
+        if verify:
+            record.verify = _verify(p, program, inputs, ref)
+        program.props = (program.props - set(p.invalidates)) | set(p.establishes)
+        program.history.append(record)
+        done.append(p.name)
+        if dump_dir is not None:
+            dump_graph(program, dump_dir, i, p.name)
+        if on_pass is not None:
+            on_pass(record)
+    if verify:
+        program.state["verify"] = _summary(program, inputs, entry_out)
+    return program
+
+
+def _check_requires(p: Pass, program: Program) -> None:
+    missing = set(p.requires) - program.props
+    if missing:
+        raise PreconditionError(p.name, missing, {m: providers_of(m) for m in missing})
+
+
+def _run_pass(p: Pass, program: Program, done: list[str]):
+    try:
+        result = p.run(program)
+    except BadInputError as e:  # the user's options or model, found out while running
+        raise type(e)(f"pass '{p.name}': {e}") from e
+    except SparsecError:
+        raise
+    except Exception as e:
+        raise PassError(p.name, done, e) from e
+    if result is None:
+        raise PassError(p.name, done, TypeError("run() returned None instead of a PassResult"))
+    return result
+
+
+def _lint(p: Pass, program: Program, done: list[str]) -> None:
+    try:
+        program.gm.graph.lint()
+        program.gm.recompile()
+    except Exception as e:
+        raise PassError(p.name, done, RuntimeError(f"produced an invalid graph: {e}")) from e
+
+
+def _reference_outputs(p: Pass, program: Program, inputs: tuple) -> tuple[Any, str]:
+    fn = p.reference(program)
+    if fn is None:
+        return _run(program.gm, inputs), "program before the pass"
+    return _run(fn, inputs), getattr(fn, "reference_name", f"{p.name} reference")
+
+
+def _verify(p: Pass, program: Program, inputs: tuple, ref: tuple[Any, str]) -> dict[str, Any]:
+    expected, name = ref
+    got = _run(program.gm, inputs)
+    err = compare_outputs(got, expected)
+    err["reference"] = name
+    rtol = tolerance(got, p.rtol)
+    err["rtol"] = rtol
+    if not (err["max_rel_err"] <= rtol):  # also catches NaN
+        raise VerificationError(
+            f"pass '{p.name}' changed the outputs: max relative error {err['max_rel_err']:.3g} "
+            f"> {rtol:.1g} against the {name} (max abs {err['max_abs_err']:.3g}); "
+            "rerun with --no-verify to inspect, and report it")
+    return err
+
+
+def _summary(program: Program, inputs: tuple, entry_out: Any) -> dict[str, Any]:
+    per_pass = [r.verify for r in program.history if r.verify]
+    worst = max(per_pass, key=lambda v: v["max_rel_err"], default=None)
+    end = compare_outputs(_run(program.gm, inputs), entry_out)
+    stated = [r.name for r in program.history if r.verify and
+              r.verify["reference"] != "program before the pass"]
+    reference = ("eager model" if not stated else
+                 "eager model, with stated references for " + ", ".join(stated))
+    out = dict(worst or end)
+    out.pop("rtol", None)
+    out["reference"] = reference
+    out["end_to_end"] = end
+    return out
+
+
+def _run(fn: Callable[..., Any], inputs: tuple) -> Any:
+    with torch.no_grad():
+        out = fn(*inputs)
+    return pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, out)
+
+
+def compare_outputs(got: Any, expected: Any) -> dict[str, float]:
+    """Max absolute and relative (to the largest reference magnitude) error over all tensors."""
+    a, spec_a = pytree.tree_flatten(got)
+    b, spec_b = pytree.tree_flatten(expected)
+    if len(a) != len(b):
+        raise VerificationError(f"output structure changed: {spec_a} vs {spec_b}")
+    abs_err = rel_err = 0.0
+    for x, y in zip(a, b):
+        if not isinstance(y, torch.Tensor):
+            continue
+        if x.shape != y.shape:
+            raise VerificationError(f"output shape changed: {tuple(x.shape)} vs {tuple(y.shape)}")
+        if not y.is_floating_point():
+            bad = float((x != y).any())
+            abs_err, rel_err = max(abs_err, bad), max(rel_err, bad)
+            continue
+        diff = (x.double() - y.double()).abs()
+        d = float(diff.max()) if diff.numel() else 0.0
+        scale = float(y.double().abs().max()) if y.numel() else 0.0
+        d = math.inf if math.isnan(d) else d
+        abs_err = max(abs_err, d)
+        rel_err = max(rel_err, d / max(scale, 1e-12))
+    return {"max_abs_err": abs_err, "max_rel_err": rel_err}
+
+
+def tolerance(outputs: Any, rtol_float32: float) -> float:
+    """The relative tolerance for the lowest-precision floating output."""
+    dtypes = {t.dtype for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)}
+    if dtypes & {torch.float16, torch.bfloat16}:
+        return max(rtol_float32, 2e-2)
+    if torch.float64 in dtypes and torch.float32 not in dtypes:
+        return rtol_float32 * 1e-3
+    return rtol_float32
+
+
+def check_finite(inputs: tuple) -> None:
+    """Refuse NaN/Inf example inputs: verification against them proves nothing."""
+    for i, t in enumerate(pytree.tree_leaves(inputs)):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise BadInputError(f"example input {i} contains NaN or Inf; fix example_inputs() "
+                                "or pass --no-verify")
+
+
+def dump_graph(program: Program, dump_dir: str | Path, index: int, name: str) -> Path:
+    """Write the graph as readable Python: `NNN_<name>.py`."""
+    d = Path(dump_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{index:03d}_{name}.py"
+    text = program.gm.print_readable(print_output=False, include_stride=False, include_device=False)
+    header = f"# sparsec: graph after {name!r}; props: {', '.join(sorted(program.props))}\n"
+    path.write_text(header + text)
+    return path
+
+
+def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            return v
+        return str(v)
+    return {k: conv(v) for k, v in options.items()}

@@ -1,0 +1,178 @@
+"""The Program: the one object that flows from the frontend through every pass to a backend."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import fx
+
+__all__ = ["Prop", "PassRecord", "ModelSource", "Program", "module_path", "node_info"]
+
+
+class Prop(StrEnum):
+    """Graph properties. Third-party passes may use any other string as a prop."""
+
+    FORWARD_GRAPH = "forward_graph"
+    JOINT_GRAPH = "joint_graph"
+    SPARSE_PARAMETERS = "sparse_parameters"
+    BLOCK_SPARSE_ATTENTION = "block_sparse_attention"
+    BACKWARD_PRUNED = "backward_pruned"
+
+
+@dataclass
+class PassRecord:
+    """What one pass did to the program."""
+
+    name: str
+    options: dict[str, Any]
+    modified: bool
+    stats: dict[str, Any]
+    ms: float
+    verify: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"name": self.name, "options": self.options, "modified": self.modified,
+               "stats": self.stats, "ms": round(self.ms, 3)}
+        if self.verify is not None:
+            out["verify"] = self.verify
+        return out
+
+
+@dataclass
+class ModelSource:
+    """Where a model came from, and the training hooks its `model.py` may define."""
+
+    name: str
+    path: str | None = None
+    loss: Callable[[Any, Any], torch.Tensor] | None = None
+    batches: Callable[[], Any] | None = None
+
+
+@dataclass
+class Program:
+    """A traced model and everything passes know about it.
+
+    `gm` is an ATen-level GraphModule; its parameters and buffers (the sparse state that passes
+    add included) are registered on it and reached by `get_attr`, so they serialize, become ONNX
+    initializers and reach kernels as arguments. `state` holds per-pass-family data keyed by the
+    family's name (for example the targets a sparse fine-tuning pass chose).
+    """
+
+    gm: fx.GraphModule
+    example_inputs: tuple
+    props: set[str] = field(default_factory=lambda: {Prop.FORWARD_GRAPH})
+    history: list[PassRecord] = field(default_factory=list)
+    source: ModelSource = field(default_factory=lambda: ModelSource(name="model"))
+    state: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            self.fingerprint = fingerprint(self.gm)
+
+    # running -----------------------------------------------------------------------------
+    def __call__(self, *inputs: Any) -> Any:
+        return self.gm(*inputs)
+
+    def copy(self) -> "Program":
+        """A deep copy (graph, parameters, state); the model source is shared."""
+        memo = {id(self.source): self.source}
+        with warnings.catch_warnings():  # torch's pytree specs warn on deepcopy in 2.13
+            warnings.simplefilter("ignore", FutureWarning)
+            return copy.deepcopy(self, memo)
+
+    # parameters --------------------------------------------------------------------------
+    def param_counts(self) -> dict[str, int]:
+        total = trainable = 0
+        for p in self.gm.parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return {"total": total, "trainable": trainable}
+
+    def trainable_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return ((n, p) for n, p in self.gm.named_parameters() if p.requires_grad)
+
+    def add_parameter(self, qualname: str, value: torch.Tensor, *, trainable: bool,
+                      before: fx.Node) -> fx.Node:
+        """Register `value` on the GraphModule under `qualname` and return a `get_attr` node."""
+        param = torch.nn.Parameter(value, requires_grad=trainable)
+        _set_attr(self.gm, qualname, param)
+        with self.gm.graph.inserting_before(before):
+            return self.gm.graph.get_attr(qualname)
+
+    def add_buffer(self, qualname: str, value: torch.Tensor, *, before: fx.Node) -> fx.Node:
+        _set_attr(self.gm, qualname, value, buffer=True)
+        with self.gm.graph.inserting_before(before):
+            return self.gm.graph.get_attr(qualname)
+
+    def get_tensor(self, qualname: str) -> torch.Tensor:
+        return self.gm.get_parameter(qualname) if _is_param(self.gm, qualname) \
+            else self.gm.get_buffer(qualname)
+
+    # graph helpers -----------------------------------------------------------------------
+    def call_nodes(self, *targets: Any) -> list[fx.Node]:
+        """`call_function` nodes, optionally only those whose target is one of `targets`."""
+        return [n for n in self.gm.graph.nodes if n.op == "call_function"
+                and (not targets or n.target in targets)]
+
+    def summary(self) -> dict[str, Any]:
+        return {"props": sorted(self.props), "params": self.param_counts(),
+                "nodes": len(self.gm.graph.nodes), "passes": [r.name for r in self.history]}
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module a node was traced in ('' for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0]
+
+
+def node_info(node: fx.Node) -> dict[str, Any]:
+    """sparsec's per-node annotations (`node.meta["sparsec"]`), created on first use."""
+    return node.meta.setdefault("sparsec", {})
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """A stable hash of parameter names, shapes, dtypes and a strided sample of their values.
+
+    Used to refuse artifacts (sparse deltas) made for a different base model; sampling keeps it
+    cheap for billion-parameter models while still telling different weights apart.
+    """
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict(keep_vars=False).items()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        sample = flat[::step].to("cpu", torch.float64).numpy()
+        h.update(sample.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _is_param(module: torch.nn.Module, qualname: str) -> bool:
+    try:
+        module.get_parameter(qualname)
+        return True
+    except AttributeError:
+        return False
+
+
+def _set_attr(root: torch.nn.Module, qualname: str, value: Any, buffer: bool = False) -> None:
+    *parents, leaf = qualname.split(".")
+    mod = root
+    for part in parents:
+        if not hasattr(mod, part):
+            mod.add_module(part, torch.nn.Module())
+        mod = getattr(mod, part)
+    if buffer:
+        mod.register_buffer(leaf, value)
+    elif isinstance(value, torch.nn.Parameter):
+        mod.register_parameter(leaf, value)
+    else:
+        setattr(mod, leaf, value)

@@ -1,0 +1,53 @@
+"""Hypothesis strategies for sparsec: random small models and their inputs.
+
+    from hypothesis import given
+    from sparsec.testing import strategies as sst
+
+    @given(sst.models())
+    def test_my_pass(model):
+        check_pass(MyPass(), model, sst.inputs_for(model))
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from .models import ATTENTION_FORMS, LayerSpec, ModelSpec, RandomModel, build_model, inputs_for
+
+__all__ = ["layer_specs", "model_specs", "models", "inputs_for"]
+
+
+@st.composite
+def layer_specs(draw, dim: int, attention: bool = True) -> LayerSpec:
+    kinds = ["linear", "norm", "act", "mlp"] + (["attention"] if attention else [])
+    kind = draw(st.sampled_from(kinds))
+    if kind == "linear":
+        return LayerSpec("linear", (("bias", draw(st.booleans())),))
+    if kind == "norm":
+        return LayerSpec("norm", (("type", draw(st.sampled_from(["layer", "rms"]))),))
+    if kind == "act":
+        return LayerSpec("act", (("fn", draw(st.sampled_from(["relu", "gelu", "silu", "tanh"]))),))
+    if kind == "mlp":
+        hidden = draw(st.sampled_from([dim, 2 * dim, 3 * dim]))
+        return LayerSpec("mlp", (("bias", draw(st.booleans())), ("gated", draw(st.booleans())),
+                                 ("hidden", hidden)))
+    heads = draw(st.sampled_from([h for h in (1, 2, 4) if dim % h == 0]))
+    kv_heads = draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0]))
+    return LayerSpec("attention", (("form", draw(st.sampled_from(ATTENTION_FORMS))),
+                                   ("gqa", draw(st.sampled_from(["expand", "repeat_interleave"]))),
+                                   ("heads", heads), ("kv_heads", kv_heads)))
+
+
+@st.composite
+def model_specs(draw, *, max_layers: int = 4, attention: bool = True,
+                dtypes: tuple[str, ...] = ("float32",)) -> ModelSpec:
+    dim = draw(st.sampled_from([8, 16, 32]))
+    layers = draw(st.lists(layer_specs(dim, attention), min_size=1, max_size=max_layers))
+    return ModelSpec(dim=dim, layers=tuple(layers), batch=draw(st.integers(1, 3)),
+                     length=draw(st.integers(1, 12)), dtype=draw(st.sampled_from(dtypes)),
+                     seed=draw(st.integers(0, 2**16)))
+
+
+def models(**kwargs) -> st.SearchStrategy[RandomModel]:
+    """Random small models (Linear/norm/activation/MLP/attention stacks); see `model_specs`."""
+    return model_specs(**kwargs).map(build_model)
