@@ -1,0 +1,39 @@
+"""Shared fixtures. Hypothesis profiles come from sparsec's pytest plugin."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path() -> Path:
+    return EXAMPLES / "tiny_llama.py"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_program(tiny_llama_path):
+    """The traced built-in example (copy it before mutating: run_passes does)."""
+    from sparsec import trace_file
+
+    return trace_file(tiny_llama_path)
+
+
+def _run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
+    import os
+    import subprocess
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sparsec", *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, env=full_env, timeout=600)
+
+
+@pytest.fixture
+def run_cli():
+    """`run_cli(*args, cwd=None, env=None)`: `python -m sparsec ARGS` in a subprocess."""
+    return _run_cli
