@@ -269,7 +269,7 @@ def find_targets(program: Program, globs: tuple[str, ...] = ()) -> tuple[list[Ta
             continue  # rewritten by an earlier run
         reason = _unsuitable(gm, node, shared, attr_uses)
         if reason:
-            skipped[path or node.name] = reason
+            skipped[path or f"(root) {node.name}"] = reason
             continue
         w = gm.get_parameter(node.args[1].target)
         targets.append(Target(node, path, node.args[1].target, tuple(w.shape)))
