@@ -214,6 +214,8 @@ def main() -> None:
     ap.add_argument("--methods", default="probe,full,lora,delta-principal,delta-magnitude,"
                                           "structured,nm-2:4")
     ap.add_argument("--lrs", default="", help="comma list overriding every method's grid")
+    ap.add_argument("--lr-from", type=Path, help="take each method's learning rate from the "
+                    "pick recorded in this earlier result (no grid)")
     ap.add_argument("--out", type=Path, default=Path("out/quality.json"))
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
     args = ap.parse_args()
@@ -231,6 +233,9 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
             continue
         grid = [float(x) for x in args.lrs.split(",")] if args.lrs else GRIDS[method]
+        if args.lr_from:
+            picked = {r["method"]: r["lr"] for r in json.loads(args.lr_from.read_text())["rows"]}
+            grid = (picked[method],)
         tried = [run_method(method, lr, args.steps, budget, data) for lr in grid]
         for t in tried:
             print(json.dumps(t), flush=True)

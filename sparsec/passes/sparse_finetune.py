@@ -48,7 +48,9 @@ class Target:
 
     @property
     def prefix(self) -> str:
-        return self.weight[:-len(".weight")] if self.weight.endswith(".weight") else self.weight
+        # beside the weight, in its module; a weight not named `weight` gets its own submodule
+        return self.weight[:-len(".weight")] if self.weight.endswith(".weight") \
+            else f"{self.weight}_sparse"
 
 
 @register

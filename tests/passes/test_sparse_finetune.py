@@ -150,3 +150,21 @@ def test_random_models(model, method, select):
                            density=0.2)
     r = check_pass(pass_, model, sst.inputs_for(model))
     assert finetune_nodes(r.program)
+
+
+class _Functional(torch.nn.Module):
+    """A linear written with F.linear on a root parameter that is not named `weight`."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(5, 8))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.w).relu()
+
+
+@pytest.mark.parametrize("method", ["delta", "structured", "nm"])
+def test_functional_linear_on_a_root_parameter(method):
+    r = check_pass(SparseFinetune(method=method, targets=("*",), density=0.25), _Functional(),
+                   (torch.randn(3, 8),))
+    assert len(finetune_nodes(r.program)) == 1
