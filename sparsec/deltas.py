@@ -52,7 +52,8 @@ class TargetDelta:
         """The dense weight this delta makes of `weight`, computed as the op computes it."""
         t = self.tensors
         if self.method == "delta":
-            return apply_delta(weight, t["indices"].to(weight.device), t["values"].to(weight.device))
+            return apply_delta(weight, t["indices"].to(weight.device),
+                               t["values"].to(weight.device))
         if self.method == "structured":
             return apply_structured(weight, t["index"].to(weight.device),
                                     t["delta"].to(weight.device), self.attrs["axis"])

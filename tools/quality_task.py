@@ -2,10 +2,10 @@
 
 Sentences about 16 animals in nine syntactic frames (active, passive, relative clauses with a
 distracting third animal that is sometimes itself an agent, clefts, contrast); the label is the
-animal that performs the main verb's action (16 classes). A bag of words cannot solve it (two or three animals appear in
-every sentence, in either order), so a linear probe on mean-pooled frozen sentence embeddings
-stays far below a fine-tuned encoder, which must read the syntax. Fully deterministic for a
-seed; train, validation and test sentences are disjoint.
+animal that performs the main verb's action (16 classes). A bag of words cannot solve it (two
+or three animals appear in every sentence, in either order), so a linear probe on mean-pooled
+frozen sentence embeddings stays far below a fine-tuned encoder, which must read the syntax.
+Fully deterministic for a seed; train, validation and test sentences are disjoint.
 """
 
 from __future__ import annotations

@@ -100,7 +100,8 @@ def select_units(weight: torch.Tensor, count: int, axis: int, block: int, how: s
     return lines.to(torch.int64).to(weight.device)
 
 
-def calibration_grads(program: Program, names: Sequence[str], batches: int) -> dict[str, torch.Tensor]:
+def calibration_grads(program: Program, names: Sequence[str],
+                      batches: int) -> dict[str, torch.Tensor]:
     """|Σ dL/dW| over the first `batches` of model.py's batches, for the weights `names`."""
     src = program.source
     if src.loss is None or src.batches is None:

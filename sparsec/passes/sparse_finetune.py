@@ -247,7 +247,8 @@ def in_block(path: str) -> bool:
     return any(part.isdigit() for part in path.split("."))
 
 
-def find_targets(program: Program, globs: tuple[str, ...] = ()) -> tuple[list[Target], dict[str, str]]:
+def find_targets(program: Program,
+                 globs: tuple[str, ...] = ()) -> tuple[list[Target], dict[str, str]]:
     """The `aten.linear` nodes to rewrite, and why others that matched were skipped.
 
     Raises BadInputError when `globs` match no linear layer (rewritten ones included).

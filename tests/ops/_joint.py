@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from functorch.compile import aot_function, make_boxed_func
 
 
