@@ -6,17 +6,21 @@ length k. The frozen weight gets no gradient (unless it asks for one); `values` 
 computed without the dense m×n gradient. Each backward piece is its own op, so a joint graph
 (AOTAutograd) sees `sampled_grad` and `sparse_delta_grad_input` by name and can prune them.
 
-A CUDA kernel registers itself later with `sampled_grad.register_kernel("cuda", fn)`; until
-then every device runs the plain-torch references below.
+On the CPU, `sampled_grad` runs torch's CSR SDDMM for float32/float64 and the chunked reference
+otherwise. A CUDA kernel registers itself later with `sampled_grad.register_kernel("cuda", fn)`;
+until then CUDA runs the chunked reference.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch.library import custom_op
 
 __all__ = ["sparse_delta_linear", "sparse_delta_grad_input", "sampled_grad", "apply_delta",
-           "sparse_delta_linear_ref", "sampled_grad_ref", "SAMPLED_CHUNK_ELEMENTS"]
+           "sparse_delta_linear_ref", "sampled_grad_ref", "sampled_grad_csr",
+           "SAMPLED_CHUNK_ELEMENTS"]
 
 # Elements of the (tokens × chunk) gather buffers in sampled_grad_ref: bounds its memory.
 SAMPLED_CHUNK_ELEMENTS = 1 << 22
@@ -49,10 +53,28 @@ def sampled_grad_ref(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
     return out
 
 
+def sampled_grad_csr(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
+                     in_features: int) -> torch.Tensor:
+    """The same through torch's CSR SDDMM (`torch.sparse.sampled_addmm`): one dot product per
+    entry, no gather buffers; several times faster than dense dW + gather on the CPU."""
+    g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    rows_n = g2.shape[1]
+    counts = torch.bincount(indices // in_features, minlength=rows_n)
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    with warnings.catch_warnings():  # "CSR support is in beta": it is exact here, say nothing
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, indices % in_features,
+                                          g2.new_zeros(indices.numel()), (rows_n, in_features))
+        return torch.sparse.sampled_addmm(pattern, g2.t(), x2, beta=0.0).values()
+
+
 @custom_op("sparsec::sampled_grad", mutates_args=())
 def sampled_grad(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
                  in_features: int) -> torch.Tensor:
-    """The k entries of gradᵀ·x at flat `indices` of an (out, in_features) matrix."""
+    """The k entries of gradᵀ·x at flat `indices` (sorted) of an (out, in_features) matrix."""
+    if grad.device.type == "cpu" and grad.dtype in (torch.float32, torch.float64) \
+            and indices.numel() and grad.numel():
+        return sampled_grad_csr(grad, x, indices, in_features)
     return sampled_grad_ref(grad, x, indices, in_features).to(grad.dtype)
 
 

@@ -41,9 +41,10 @@ def test_sampled_grad_is_the_gathered_dense_gradient(shape_x, out_f, in_f, k, mo
     monkeypatch.setattr(sd, "SAMPLED_CHUNK_ELEMENTS", 7)  # force many chunks
     x, w, _, idx, _ = _case(shape_x, out_f, in_f, k)
     g = torch.randn(*shape_x, out_f, dtype=torch.float64)
-    dense = torch.einsum("...o,...i->oi", g, x)
-    got = OPS.sampled_grad(g, x, idx, in_f)
-    torch.testing.assert_close(got, dense.reshape(-1)[idx], rtol=1e-12, atol=1e-12)
+    want = torch.einsum("...o,...i->oi", g, x).reshape(-1)[idx]
+    for got in (OPS.sampled_grad(g, x, idx, in_f), sd.sampled_grad_ref(g, x, idx, in_f),
+                sd.sampled_grad_csr(g, x, idx, in_f)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_sampled_grad_low_precision_accumulates_in_float32():
