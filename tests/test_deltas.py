@@ -219,3 +219,17 @@ def test_failed_run_keeps_its_last_checkpoint_and_says_so(tmp_path, tiny_llama_p
                     verify=False)
     assert not (tmp_path / "run2").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_onnx_export_merges_structured_and_nm(tiny_llama_path, tmp_path):
+    passes = ["sparse-finetune:method=structured,targets=['*.attn.*']",
+              "sparse-finetune:method=nm,targets=['*.mlp.*']"]
+    compiled = sparsec.compile(tiny_llama_path, passes=passes, verify=False)
+    with torch.no_grad():  # make the deltas nonzero so the merge has something to do
+        for name, t in compiled.program.gm.named_parameters():
+            if name.endswith("struct_delta"):
+                t.normal_(std=0.1)
+    onnx = sparsec.lower(compiled.program, "onnx",
+                         sparsec.LowerOptions(out_dir=tmp_path))  # parity is checked inside
+    assert onnx.report["onnx"]["merged_sparse_ops"] == 14
+    assert onnx.report["onnx"]["max_rel_err"] <= 1e-4
