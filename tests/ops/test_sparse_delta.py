@@ -3,7 +3,6 @@ import torch
 
 import sparsec.ops.sparse_delta as sd
 
-from ._joint import backward_targets
 
 OPS = torch.ops.sparsec
 
@@ -88,7 +87,7 @@ def test_opcheck():
     torch.library.opcheck(OPS.sparse_delta_grad_input.default, (g, w, idx, vals.detach()))
 
 
-def test_joint_graph_shows_the_backward_ops_by_name():
+def test_joint_graph_shows_the_backward_ops_by_name(backward_targets):
     x, w, b, idx, vals = _case((2, 3), 5, 7, 6, dtype=torch.float32)
     targets = backward_targets(OPS.sparse_delta_linear, x.requires_grad_(), w, b, idx,
                                vals.requires_grad_())

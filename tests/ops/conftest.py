@@ -1,11 +1,17 @@
-"""Helper: the backward graph AOTAutograd traces for a function, as a list of op targets."""
+"""Fixture `backward_targets`: the ops in the backward graph AOTAutograd traces for a function."""
 
 from __future__ import annotations
 
+import pytest
 from functorch.compile import aot_function, make_boxed_func
 
 
-def backward_targets(fn, *args) -> list[str]:
+@pytest.fixture
+def backward_targets():
+    return _backward_targets
+
+
+def _backward_targets(fn, *args) -> list[str]:
     seen: list[str] = []
 
     def fw(gm, _):
