@@ -12,8 +12,17 @@ __version__ = "0.1.0"
 
 from .api import compile
 from .backends import Compiled, LowerOptions, lower
-from .errors import (BadInputError, OptionError, ParityError, PassError, PreconditionError,
-                     RecipeError, SparsecError, TraceError, VerificationError)
+from .errors import (
+                     BadInputError,
+                     OptionError,
+                     ParityError,
+                     PassError,
+                     PreconditionError,
+                     RecipeError,
+                     SparsecError,
+                     TraceError,
+                     VerificationError,
+)
 from .frontend import load_model_file, trace, trace_file
 from .passes.base import Pass, PassResult, get_pass, option, register, registered_passes
 from .pipeline import run_passes

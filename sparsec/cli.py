@@ -94,7 +94,7 @@ def passes_cmd(verbose: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .passes.base import registered_passes, stage_of
+    from .passes.base import PLUGIN_ERRORS, registered_passes, stage_of
 
     table = Table()
     for col in ("name", "stage", "requires", "establishes", "summary"):
@@ -102,7 +102,10 @@ def passes_cmd(verbose: bool) -> None:
     for name, cls in registered_passes().items():
         table.add_row(name, stage_of(cls), ", ".join(sorted(cls.requires)),
                       ", ".join(sorted(cls.establishes)) or "-", cls.summary)
-    Console(width=max(120, Console().width)).print(table)
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    for name, err in PLUGIN_ERRORS.items():
+        console.print(f"warning: {name}: {err}", style="yellow")
 
 
 @cli.command("explain")

@@ -36,6 +36,7 @@ class Compiled:
     artifacts: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)  # the full report, once built
+    keepalive: Any = field(default=None, repr=False)  # e.g. a TemporaryDirectory holding artifacts
 
     def __call__(self, *inputs: Any) -> Any:
         return self.fn(*inputs)

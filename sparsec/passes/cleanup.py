@@ -5,8 +5,6 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from torch import fx
-
 from ..program import Program
 from .base import Pass, PassResult, option, register
 

@@ -158,7 +158,7 @@ class RandomModel(nn.Module):
 
     def snippet(self) -> str:
         """Python that rebuilds this model and its inputs."""
-        layers = ",\n        ".join(f"LayerSpec({l.kind!r}, {l.args!r})" for l in self.spec.layers)
+        layers = ",\n        ".join(f"LayerSpec({x.kind!r}, {x.args!r})" for x in self.spec.layers)
         s = self.spec
         return (
             "from sparsec.testing.models import LayerSpec, ModelSpec, build_model, inputs_for\n"
