@@ -43,6 +43,13 @@ class Freeze(Pass):
     summary = "freeze parameters (all, or all but the `trainable` globs)"
     trainable: tuple[str, ...] = option((), "glob patterns of parameter names that stay trainable")
 
+    @classmethod
+    def hypothesis_options(cls):
+        from hypothesis import strategies as st
+
+        globs = st.sampled_from([("*",), ("*.weight",), ("*.bias",), ("blocks.0.*",)])
+        return st.fixed_dictionaries({"trainable": globs})
+
     def run(self, program: Program) -> PassResult:
         changed = kept = 0
         for name, p in program.gm.named_parameters():

@@ -38,11 +38,11 @@ class JointGraph(Pass):
     rtol = 1e-4
     optimizer: str = option("adamw", "the optimizer traced into the step",
                             choices=("adamw", "sgd"))
-    lr: float = option(1e-3, "learning rate", min=0.0)
-    beta1: float = option(0.9, "AdamW beta1", min=0.0, max=1.0)
-    beta2: float = option(0.999, "AdamW beta2", min=0.0, max=1.0)
-    eps: float = option(1e-8, "AdamW epsilon", min=0.0)
-    weight_decay: float = option(0.0, "decoupled weight decay", min=0.0)
+    lr: float = option(1e-3, "learning rate", min=0.0, max=10.0)
+    beta1: float = option(0.9, "AdamW beta1 (below 1)", min=0.0, max=0.9999)
+    beta2: float = option(0.999, "AdamW beta2 (below 1)", min=0.0, max=0.99999)
+    eps: float = option(1e-8, "AdamW epsilon", min=1e-12, max=1.0)
+    weight_decay: float = option(0.0, "decoupled weight decay", min=0.0, max=1.0)
     momentum: float = option(0.0, "SGD momentum", min=0.0, max=1.0)
 
     def config(self) -> OptimizerConfig:

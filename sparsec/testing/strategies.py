@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from .models import ATTENTION_FORMS, LayerSpec, ModelSpec, RandomModel, build_model, inputs_for
 
-__all__ = ["layer_specs", "model_specs", "models", "inputs_for"]
+__all__ = ["layer_specs", "model_specs", "models", "inputs_for", "recipes", "pass_options"]
 
 
 @st.composite
@@ -51,3 +51,59 @@ def model_specs(draw, *, max_layers: int = 4, attention: bool = True,
 def models(**kwargs) -> st.SearchStrategy[RandomModel]:
     """Random small models (Linear/norm/activation/MLP/attention stacks); see `model_specs`."""
     return model_specs(**kwargs).map(build_model)
+
+
+# recipes ---------------------------------------------------------------------------------------
+def pass_options(cls) -> st.SearchStrategy[dict]:
+    """Option dicts for a pass class: its `hypothesis_options()` if it defines one, else drawn
+    from each option's declared choices and ranges (others keep their defaults)."""
+    custom = getattr(cls, "hypothesis_options", None)
+    if custom is not None:
+        return custom()
+    from ..passes.base import option_specs
+
+    fields = {}
+    for spec in option_specs(cls):
+        s = _option_strategy(spec)
+        if s is not None:
+            fields[spec["name"]] = s
+    return st.fixed_dictionaries(fields)
+
+
+def _option_strategy(spec: dict):
+    if spec["choices"]:
+        return st.sampled_from(spec["choices"])
+    default, lo, hi = spec["default"], spec["min"], spec["max"]
+    if isinstance(default, bool):
+        return st.booleans()
+    if isinstance(default, int) and lo is not None and hi is not None:
+        return st.integers(int(lo), int(hi))
+    if isinstance(default, float) and lo is not None and hi is not None:
+        return st.floats(float(lo), float(hi), allow_nan=False)
+    return None
+
+
+@st.composite
+def recipes(draw, *, max_passes: int = 4, stages: tuple[str, ...] = ("forward", "joint"),
+            exclude: tuple[str, ...] = ()) -> list:
+    """Valid pass lists: each drawn pass has its `requires` met by the passes before it.
+
+    Joint-stage passes need a loss on the program (attach one with
+    `program.source = ModelSource(name, loss=...)`).
+    """
+    from ..passes.base import registered_passes, stage_of
+    from ..program import Prop
+
+    pool = {n: c for n, c in registered_passes().items()
+            if n not in exclude and not n.startswith("test-")
+            and (stage_of(c) in stages or n == "joint-graph" and "joint" in stages)}
+    props: set[str] = {Prop.FORWARD_GRAPH}
+    passes = []
+    for _ in range(draw(st.integers(0, max_passes))):
+        ready = sorted(n for n, c in pool.items() if set(c.requires) <= props)
+        if not ready:
+            break
+        cls = pool[draw(st.sampled_from(ready))]
+        passes.append(cls(**draw(pass_options(cls))))
+        props = (props - set(cls.invalidates)) | set(cls.establishes)
+    return passes
