@@ -1,5 +1,5 @@
 """Importing this module registers every built-in pass."""
 
-from . import cleanup  # noqa: F401
+from . import attention, cleanup  # noqa: F401
 
 __all__: list[str] = []
