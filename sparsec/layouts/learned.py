@@ -194,9 +194,9 @@ def train_gates(program: Program, batches: Iterable[tuple] | None = None, steps:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if log is not None:
-                log(step, float(loss))
+                log(step, losses[-1])
     finally:
         for name, p in program.gm.named_parameters():
             p.requires_grad_(flags[name])

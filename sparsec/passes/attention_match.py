@@ -43,6 +43,16 @@ _NOT = {aten.bitwise_not.default, aten.logical_not.default}
 _BOOL_PASS = {aten.expand.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
               aten.clone.default, aten.contiguous.default, aten.alias.default}
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+# Nodes that only check a value (torch.export inserts them after casts): not real users.
+_CHECKS = {aten._assert_tensor_metadata.default}
+
+
+def _users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if u.target not in _CHECKS]
+
+
+def _checks(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if u.target in _CHECKS]
 
 
 @dataclass
@@ -198,11 +208,11 @@ def _looks_like_attention(softmax: fx.Node) -> bool:
         if x.target in _MATMUL:
             return True
         x, steps = (x.args[0] if x.args else None), steps + 1
-    users, steps = list(softmax.users), 0
+    users, steps = _users(softmax), 0
     while len(users) == 1 and steps < 4:
         if users[0].target in _MATMUL:
             return True
-        users, steps = list(users[0].users), steps + 1
+        users, steps = _users(users[0]), steps + 1
     return False
 
 
@@ -284,9 +294,10 @@ def _match_manual(softmax: fx.Node, facts: GraphFacts) -> Site | Skip:
         b, h, hkv = qv.shape[0], qv.shape[1], kv.shape[1]
     if tuple(_val(mm).shape[-2:]) != (L, S) or vv.shape[-2] != S:
         return Skip(softmax, "scores are not [.., q_len, kv_len] of q and k")
+    dead = [out_mm, *reversed(tail), softmax, *chain, mm, *peeled]
+    dead = [c for n in dead for c in (*_checks(n), n)]  # assertions go before their subject
     site = Site(out_mm, "manual", q, k_node, v, scale, False, mask, b, h, hkv, L, S, d,
-                three_d=three_d, k_transposed=k_transposed,
-                dead=[out_mm, *reversed(tail), softmax, *chain, mm, *peeled])
+                three_d=three_d, k_transposed=k_transposed, dead=dead)
     return _finish(site, facts)
 
 
@@ -294,7 +305,7 @@ def _walk_probabilities(softmax: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Nod
     """From the softmax forward to matmul(p, v): (matmul, v, the nodes between)."""
     x, tail = softmax, []
     while True:
-        users = list(x.users)
+        users = _users(x)
         if len(users) != 1:
             who = ", ".join(u.name for u in users) or "nothing"
             return (f"the attention probabilities ({x.name}) are used by {who}, not only by "
@@ -323,7 +334,7 @@ def _walk_scores(softmax: fx.Node, facts: GraphFacts):
             return "softmax input is not a tensor computed in the graph"
         if x.target in _MATMUL:
             break
-        if len(x.users) != 1:
+        if len(_users(x)) != 1:
             return f"the attention scores ({x.name}) are also used by another node"
         chain.append(x)
         t = x.target
@@ -401,7 +412,7 @@ def _reaches_matmul(x: fx.Node, depth: int = 12) -> bool:
     while isinstance(x, fx.Node) and depth > 0:
         if x.target in _MATMUL:
             return True
-        if len(x.users) != 1 or not x.args:
+        if len(_users(x)) != 1 or not x.args:
             return False
         x, depth = x.args[0], depth - 1
     return False
@@ -409,7 +420,7 @@ def _reaches_matmul(x: fx.Node, depth: int = 12) -> bool:
 
 def _split_qk(mm: fx.Node, facts: GraphFacts):
     """(q, k or kᵀ, whether it is kᵀ, scale folded from q/k, nodes peeled) or a reason."""
-    if len(mm.users) != 1:
+    if len(_users(mm)) != 1:
         return "the raw scores are used elsewhere"
     a, bt = mm.args[0], mm.args[1]
     scale, peeled = 1.0, []
@@ -417,11 +428,11 @@ def _split_qk(mm: fx.Node, facts: GraphFacts):
     scale, peeled = scale * s, peeled + p
     nd = _val(bt).dim() if _val(bt) is not None else 0
     k, transposed = bt, True
-    if bt.target is aten.transpose.int and len(bt.users) == 1 and \
+    if bt.target is aten.transpose.int and len(_users(bt)) == 1 and \
             {d % nd for d in bt.args[1:3]} == {nd - 1, nd - 2}:
         k, transposed = bt.args[0], False
         peeled.append(bt)
-    elif bt.target is aten.permute.default and len(bt.users) == 1 and \
+    elif bt.target is aten.permute.default and len(_users(bt)) == 1 and \
             list(bt.args[1]) in (list(range(nd - 2)) + [nd - 1, nd - 2],):
         k, transposed = bt.args[0], False
         peeled.append(bt)
@@ -434,7 +445,7 @@ def _split_qk(mm: fx.Node, facts: GraphFacts):
 
 def _peel_scale(x: Any, facts: GraphFacts) -> tuple[Any, float, list[fx.Node]]:
     """q·c or q/c with a constant c and no other user: (q, c, [node])."""
-    if isinstance(x, fx.Node) and len(x.users) == 1 and (x.target in _MUL or x.target in _DIV):
+    if isinstance(x, fx.Node) and len(_users(x)) == 1 and (x.target in _MUL or x.target in _DIV):
         inner, c = _split_const(x, facts, allow_right_only=x.target in _DIV)
         if inner is not None and c:
             return inner, (c if x.target in _MUL else 1.0 / c), [x]
@@ -509,18 +520,27 @@ def _conjuncts(node: fx.Node) -> list[fx.Node]:
 
 
 def causal_from_constants(site: Site, facts: GraphFacts) -> str | None:
-    """Move constant keep conjuncts that prove causality into `site.causal`. Returns a note."""
+    """Drop constant all-true conjuncts, and turn constant ones that prove causality into
+    `site.causal` (dropped when they are exactly the causal triangle). Returns a note."""
     consts = [n for n in site.mask.keeps if facts.constant(n)]
-    if not consts or site.q_len != site.kv_len:
+    if not consts:
         return None
     try:
-        values = [facts.value(n) for n in consts]
+        values = {n: facts.value(n) for n in consts}
     except Exception as e:  # a constant we cannot evaluate stays an element mask
         return f"constant mask not evaluated ({type(e).__name__})"
+    if any(not isinstance(v, torch.Tensor) or v.dtype != torch.bool for v in values.values()):
+        return None
+    ones = [n for n in consts if bool(values[n].all())]
+    site.mask.keeps = [n for n in site.mask.keeps if n not in ones]
+    consts = [n for n in consts if n not in ones]
     L, S = site.q_len, site.kv_len
+    if not consts or L != S:
+        return None
     total = torch.ones(L, S, dtype=torch.bool)
-    for v in values:
-        if not isinstance(v, torch.Tensor) or v.dtype != torch.bool or v.dim() < 2:
+    for n in consts:
+        v = values[n]
+        if v.dim() < 2:
             return None
         v2 = v.expand(*v.shape[:-2], L, S).reshape(-1, L, S)
         if not bool((v2 == v2[:1]).all()):
