@@ -167,7 +167,7 @@ class BlockSparseAttention(Pass):
             extra = (self._layout_nodes(gm, layout, site) if not reference else
                      [add_constant(gm, f"{_PREFIX}.reference_mask_{index}",
                                    layout.to_element_mask(), site.node)])
-            info["density"] = round(layout.density(), 4)
+            info["density"] = layout.density()
         elif self.layout == "learned":
             extra = self._gate_nodes(gm, site, index)
             info["gate_params"] = [n.target for n in extra]
@@ -269,7 +269,7 @@ class BlockSparseAttention(Pass):
         else:
             values, how = _measure_density(program, rewritten), "measured on the example inputs"
             for r, v in zip(rewritten, values):
-                r["density"] = round(v, 4)
+                r["density"] = v
         return {"value": sum(values) / len(values), "of": f"{of} block grid", "how": how,
                 "averaged": "over sites, batch and heads"}
 

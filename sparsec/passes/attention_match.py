@@ -62,6 +62,9 @@ class MaskParts:
     keeps: list[fx.Node] = field(default_factory=list)      # bool, True = attend
     fills: list[fx.Node] = field(default_factory=list)      # bool, True = masked out
     biases: list[tuple[fx.Node, float]] = field(default_factory=list)  # float · factor, added
+    # constant float masks whose entries are 0 or remove the key: candidates for `causal`
+    # (`causal_from_constants` folds them or moves them back to `biases`)
+    const_floats: list[tuple[fx.Node, float]] = field(default_factory=list)
 
     def empty(self) -> bool:
         return not (self.keeps or self.fills or self.biases)
@@ -454,7 +457,7 @@ def _peel_scale(x: Any, facts: GraphFacts) -> tuple[Any, float, list[fx.Node]]:
 
 def _op_name(node: fx.Node) -> str:
     t = node.target
-    return f"aten.{t.__name__}" if hasattr(t, "__name__") and "aten" in str(t) else str(t)
+    return str(t.overloadpacket) if isinstance(t, torch._ops.OpOverload) else str(t)
 
 
 # masks ----------------------------------------------------------------------------------------
@@ -479,6 +482,9 @@ def _mask_parts(parts: MaskParts, facts: GraphFacts) -> MaskParts | str:
         if keep is not None:
             out.keeps.extend(_conjuncts(keep))
             continue
+        if _mask_like_constant(node, factor, facts):
+            out.const_floats.append((node, factor))
+            continue
         if node in facts.on_param:
             return (f"the attention bias {node.name} depends on parameter "
                     f"'{facts.on_param[node]}' (a learned bias); the block-sparse op treats "
@@ -492,6 +498,19 @@ def _mask_parts(parts: MaskParts, facts: GraphFacts) -> MaskParts | str:
         else:
             out.fills.append(node)
     return out
+
+
+def _mask_like_constant(node: fx.Node, factor: float, facts: GraphFacts) -> bool:
+    """A constant float mask whose entries are 0 or remove the key (after `factor`)."""
+    if not facts.constant(node) or factor <= 0:
+        return False
+    try:
+        val = facts.value(node)
+    except Exception:
+        return False
+    if not isinstance(val, torch.Tensor) or not val.is_floating_point():
+        return False
+    return bool(((val == 0) | (val * factor <= MASK_FILL_MAX)).all())
 
 
 def _where_keep(node: fx.Node, facts: GraphFacts) -> fx.Node | None:
@@ -522,23 +541,35 @@ def _conjuncts(node: fx.Node) -> list[fx.Node]:
 def causal_from_constants(site: Site, facts: GraphFacts) -> str | None:
     """Drop constant all-true conjuncts, and turn constant ones that prove causality into
     `site.causal` (dropped when they are exactly the causal triangle). Returns a note."""
-    consts = [n for n in site.mask.keeps if facts.constant(n)]
-    if not consts:
-        return None
+    mask = site.mask
+    floats = dict(mask.const_floats)
+    mask.const_floats = []
+    try:
+        return _fold_constants(site, facts, floats)
+    finally:  # constant float masks not folded stay exact additive masks
+        mask.biases += list(floats.items())
+
+
+def _fold_constants(site: Site, facts: GraphFacts, floats: dict[fx.Node, float]) -> str | None:
+    mask = site.mask
+    consts = [n for n in mask.keeps if facts.constant(n)]
     try:
         values = {n: facts.value(n) for n in consts}
+        values.update({n: facts.value(n) == 0 for n in floats})
     except Exception as e:  # a constant we cannot evaluate stays an element mask
         return f"constant mask not evaluated ({type(e).__name__})"
     if any(not isinstance(v, torch.Tensor) or v.dtype != torch.bool for v in values.values()):
         return None
-    ones = [n for n in consts if bool(values[n].all())]
-    site.mask.keeps = [n for n in site.mask.keeps if n not in ones]
-    consts = [n for n in consts if n not in ones]
+    ones = [n for n in values if bool(values[n].all())]
+    mask.keeps = [n for n in mask.keeps if n not in ones]
+    for n in ones:
+        floats.pop(n, None)
+    rest = [n for n in values if n not in ones]
     L, S = site.q_len, site.kv_len
-    if not consts or L != S:
+    if not rest or L != S:
         return None
     total = torch.ones(L, S, dtype=torch.bool)
-    for n in consts:
+    for n in rest:
         v = values[n]
         if v.dim() < 2:
             return None
@@ -551,7 +582,9 @@ def causal_from_constants(site: Site, facts: GraphFacts) -> str | None:
         return None
     site.causal = True
     if bool((total == tril).all()):
-        site.mask.keeps = [n for n in site.mask.keeps if n not in consts]
+        mask.keeps = [n for n in mask.keeps if n not in rest]
+        for n in rest:
+            floats.pop(n, None)
         return "constant causal mask folded into causal=True"
     return "constant mask within the causal triangle: causal=True plus the element mask"
 
