@@ -50,7 +50,7 @@ def build_static(name: str, opts: Mapping[str, Any], q_len: int, kv_len: int, he
         bad = [n for n in names if n not in STATIC_LAYOUTS or n == "mixture"]
         if bad:
             raise OptionError(f"mixture entry '{bad[0]}' is not a static layout; choose from "
-                              f"{', '.join(l for l in STATIC_LAYOUTS if l != 'mixture')}")
+                              f"{', '.join(n for n in STATIC_LAYOUTS if n != 'mixture')}")
         per = [build_static(names[h % len(names)], {**opts, "seed": opts.get("seed", 0) + h},
                             q_len, kv_len, 1, causal, device) for h in range(heads)]
         return stack_heads(per)

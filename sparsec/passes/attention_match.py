@@ -24,12 +24,12 @@ import torch
 from torch import fx
 
 from ..program import module_path
+from .attention_masks import (MASK_FILL_MAX, GraphFacts, MaskParts, fold_constant_masks,
+                              mask_from_tensor, normalize_mask)
 
-__all__ = ["Site", "Skip", "MaskParts", "find_sites", "GraphFacts", "MASK_FILL_MAX"]
+__all__ = ["Site", "Skip", "find_sites", "unrepeat_kv"]
 
 aten = torch.ops.aten
-# A fill or additive value at most this (or −inf) removes a key from the softmax in float32.
-MASK_FILL_MAX = -1e4
 
 _SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
 _MATMUL = {aten.matmul.default, aten.bmm.default}
@@ -38,10 +38,6 @@ _CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.clone
 _MUL = {aten.mul.Tensor, aten.mul.Scalar}
 _DIV = {aten.div.Tensor, aten.div.Scalar}
 _ADD = {aten.add.Tensor}
-_AND = {aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default}
-_NOT = {aten.bitwise_not.default, aten.logical_not.default}
-_BOOL_PASS = {aten.expand.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
-              aten.clone.default, aten.contiguous.default, aten.alias.default}
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 # Nodes that only check a value (torch.export inserts them after casts): not real users.
 _CHECKS = {aten._assert_tensor_metadata.default}
@@ -53,26 +49,6 @@ def _users(node: fx.Node) -> list[fx.Node]:
 
 def _checks(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.target in _CHECKS]
-
-
-@dataclass
-class MaskParts:
-    """An element mask as conjuncts: attend iff all `keeps`, no `fills`, plus added `biases`."""
-
-    keeps: list[fx.Node] = field(default_factory=list)      # bool, True = attend
-    fills: list[fx.Node] = field(default_factory=list)      # bool, True = masked out
-    biases: list[tuple[fx.Node, float]] = field(default_factory=list)  # float · factor, added
-    # constant float masks whose entries are 0 or remove the key: candidates for `causal`
-    # (`causal_from_constants` folds them or moves them back to `biases`)
-    const_floats: list[tuple[fx.Node, float]] = field(default_factory=list)
-
-    def empty(self) -> bool:
-        return not (self.keeps or self.fills or self.biases)
-
-    def describe(self) -> str:
-        parts = [f"keep {n.name}" for n in self.keeps] + [f"not {n.name}" for n in self.fills]
-        parts += [f"add {n.name}" for n, _ in self.biases]
-        return ", ".join(parts) or "none"
 
 
 @dataclass
@@ -111,72 +87,6 @@ class Skip:
     @property
     def name(self) -> str:
         return module_path(self.node) or self.node.name
-
-
-# facts about the graph ----------------------------------------------------------------------
-class GraphFacts:
-    """Which nodes depend on inputs or parameters, and values of the constant ones."""
-
-    def __init__(self, gm: fx.GraphModule):
-        self.gm = gm
-        params = {n for n, _ in gm.named_parameters()}
-        self.on_input: set[fx.Node] = set()
-        self.on_param: dict[fx.Node, str] = {}
-        for n in gm.graph.nodes:
-            if n.op == "placeholder" or n.op == "call_module":
-                self.on_input.add(n)
-            if n.op == "get_attr" and n.target in params:
-                self.on_param[n] = n.target
-            for a in n.all_input_nodes:
-                if a in self.on_input:
-                    self.on_input.add(n)
-                if a in self.on_param and n not in self.on_param:
-                    self.on_param[n] = self.on_param[a]
-        self._values: dict[fx.Node, Any] = {}
-
-    def constant(self, node: Any) -> bool:
-        return not isinstance(node, fx.Node) or (node not in self.on_input and
-                                                 node not in self.on_param)
-
-    def value(self, node: Any) -> Any:
-        """Evaluate a constant node (no input or parameter behind it)."""
-        if not isinstance(node, fx.Node):
-            return node
-        if node in self._values:
-            return self._values[node]
-        if node.op == "get_attr":
-            out = _get_attr(self.gm, node.target)
-        elif node.op == "call_function":
-            args = fx.node.map_arg(node.args, self.value)
-            kwargs = fx.node.map_arg(node.kwargs, self.value)
-            with torch.no_grad():
-                out = node.target(*args, **kwargs)
-        else:
-            raise ValueError(f"cannot evaluate {node.op} node {node.name}")
-        self._values[node] = out
-        return out
-
-    def scalar(self, arg: Any) -> float | None:
-        """The value of a constant scalar (a number or a one-element constant tensor)."""
-        if isinstance(arg, (int, float)) and not isinstance(arg, bool):
-            return float(arg)
-        if isinstance(arg, fx.Node) and self.constant(arg):
-            try:
-                val = self.value(arg)
-            except Exception:
-                return None
-            if isinstance(val, torch.Tensor) and val.numel() == 1 and val.is_floating_point():
-                return float(val)
-            if isinstance(val, (int, float)):
-                return float(val)
-        return None
-
-
-def _get_attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _val(node: Any) -> torch.Tensor | None:
@@ -237,7 +147,7 @@ def _match_sdpa(node: fx.Node, facts: GraphFacts) -> Site | Skip:
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     mask = MaskParts()
     if attn_mask is not None:
-        mask = _mask_from_tensor(attn_mask, facts)
+        mask = mask_from_tensor(attn_mask, facts)
         if isinstance(mask, str):
             return Skip(node, mask)
     site = Site(node, "sdpa", q, k, v, scale, is_causal, mask, b, h, _val(k).shape[1], L, S,
@@ -283,7 +193,7 @@ def _match_manual(softmax: fx.Node, facts: GraphFacts) -> Site | Skip:
     q, k_node, k_transposed, q_scale, peeled = qk
     scale *= q_scale
     three_d = _val(q).dim() == 3
-    mask = _mask_parts(mask, facts)
+    mask = normalize_mask(mask, facts)
     if isinstance(mask, str):
         return Skip(softmax, mask)
     qv, kv, vv = _val(q), _val(k_node), _val(v)
@@ -460,135 +370,6 @@ def _op_name(node: fx.Node) -> str:
     return str(t.overloadpacket) if isinstance(t, torch._ops.OpOverload) else str(t)
 
 
-# masks ----------------------------------------------------------------------------------------
-def _mask_from_tensor(mask: fx.Node, facts: GraphFacts) -> MaskParts | str:
-    val = _val(mask)
-    if val is None:
-        return "attn_mask has no traced shape"
-    parts = MaskParts()
-    if val.dtype == torch.bool:
-        parts.keeps.append(mask)
-    else:
-        parts.biases.append((mask, 1.0))
-    return _mask_parts(parts, facts)
-
-
-def _mask_parts(parts: MaskParts, facts: GraphFacts) -> MaskParts | str:
-    """Normalize: float masks of the form where(keep, 0, −big) become keeps, NOTs flip fills
-    into keeps, ANDs split into conjuncts; learned biases are refused."""
-    out = MaskParts()
-    for node, factor in parts.biases:
-        keep = _where_keep(node, facts)
-        if keep is not None:
-            out.keeps.extend(_conjuncts(keep))
-            continue
-        if _mask_like_constant(node, factor, facts):
-            out.const_floats.append((node, factor))
-            continue
-        if node in facts.on_param:
-            return (f"the attention bias {node.name} depends on parameter "
-                    f"'{facts.on_param[node]}' (a learned bias); the block-sparse op treats "
-                    "masks as constants")
-        out.biases.append((node, factor))
-    for node in parts.keeps:
-        out.keeps.extend(_conjuncts(node))
-    for node in parts.fills:
-        if node.target in _NOT:
-            out.keeps.extend(_conjuncts(node.args[0]))
-        else:
-            out.fills.append(node)
-    return out
-
-
-def _mask_like_constant(node: fx.Node, factor: float, facts: GraphFacts) -> bool:
-    """A constant float mask whose entries are 0 or remove the key (after `factor`)."""
-    if not facts.constant(node) or factor <= 0:
-        return False
-    try:
-        val = facts.value(node)
-    except Exception:
-        return False
-    if not isinstance(val, torch.Tensor) or not val.is_floating_point():
-        return False
-    return bool(((val == 0) | (val * factor <= MASK_FILL_MAX)).all())
-
-
-def _where_keep(node: fx.Node, facts: GraphFacts) -> fx.Node | None:
-    """cond if node is where(cond, 0, v ≤ MASK_FILL_MAX), else None."""
-    while node.target in _BOOL_PASS and node.target is not aten.expand.default and \
-            _val(node) is not None and _val(node).is_floating_point():
-        node = node.args[0]
-    if node.target not in (aten.where.self, aten.where.ScalarOther):
-        return None
-    zero, fill = facts.scalar(node.args[1]), facts.scalar(node.args[2])
-    if zero == 0.0 and fill is not None and fill <= MASK_FILL_MAX:
-        return node.args[0]
-    return None
-
-
-def _conjuncts(node: fx.Node) -> list[fx.Node]:
-    """Split a bool mask through AND (and shape/bool-cast no-ops) into its factors."""
-    val = _val(node)
-    if node.target in _AND:
-        return _conjuncts(node.args[0]) + _conjuncts(node.args[1])
-    if node.target in _BOOL_PASS and val is not None and val.dtype == torch.bool and \
-            isinstance(node.args[0], fx.Node) and _val(node.args[0]) is not None and \
-            _val(node.args[0]).dtype == torch.bool:
-        return _conjuncts(node.args[0])
-    return [node]
-
-
-def causal_from_constants(site: Site, facts: GraphFacts) -> str | None:
-    """Drop constant all-true conjuncts, and turn constant ones that prove causality into
-    `site.causal` (dropped when they are exactly the causal triangle). Returns a note."""
-    mask = site.mask
-    floats = dict(mask.const_floats)
-    mask.const_floats = []
-    try:
-        return _fold_constants(site, facts, floats)
-    finally:  # constant float masks not folded stay exact additive masks
-        mask.biases += list(floats.items())
-
-
-def _fold_constants(site: Site, facts: GraphFacts, floats: dict[fx.Node, float]) -> str | None:
-    mask = site.mask
-    consts = [n for n in mask.keeps if facts.constant(n)]
-    try:
-        values = {n: facts.value(n) for n in consts}
-        values.update({n: facts.value(n) == 0 for n in floats})
-    except Exception as e:  # a constant we cannot evaluate stays an element mask
-        return f"constant mask not evaluated ({type(e).__name__})"
-    if any(not isinstance(v, torch.Tensor) or v.dtype != torch.bool for v in values.values()):
-        return None
-    ones = [n for n in values if bool(values[n].all())]
-    mask.keeps = [n for n in mask.keeps if n not in ones]
-    for n in ones:
-        floats.pop(n, None)
-    rest = [n for n in values if n not in ones]
-    L, S = site.q_len, site.kv_len
-    if not rest or L != S:
-        return None
-    total = torch.ones(L, S, dtype=torch.bool)
-    for n in rest:
-        v = values[n]
-        if v.dim() < 2:
-            return None
-        v2 = v.expand(*v.shape[:-2], L, S).reshape(-1, L, S)
-        if not bool((v2 == v2[:1]).all()):
-            return None  # differs across batch/heads: leave it as an element mask
-        total = total & v2[0]
-    tril = torch.ones(L, S, dtype=torch.bool).tril()
-    if bool((total & ~tril).any()):
-        return None
-    site.causal = True
-    if bool((total == tril).all()):
-        mask.keeps = [n for n in mask.keeps if n not in rest]
-        for n in rest:
-            floats.pop(n, None)
-        return "constant causal mask folded into causal=True"
-    return "constant mask within the causal triangle: causal=True plus the element mask"
-
-
 # GQA ------------------------------------------------------------------------------------------
 def unrepeat_kv(x: fx.Node, groups: int) -> tuple[fx.Node, str] | None:
     """The [B, Hkv, S, D] tensor that x repeats `groups` times per head (h → h // groups)."""
@@ -635,7 +416,7 @@ def _finish(site: Site, facts: GraphFacts) -> Site | Skip:
                     break
         elif groups > 1:
             site.gqa = "enable_gqa"
-    causal_from_constants(site, facts)
+    site.causal = fold_constant_masks(site.mask, facts, site.q_len, site.kv_len) or site.causal
     return site
 
 

@@ -131,8 +131,8 @@ def erase_unused(graph: fx.Graph, nodes: Sequence[fx.Node]) -> int:
     seen: set[fx.Node] = set()
     while todo:
         n = todo.pop(0)
-        if n in seen or getattr(n, "_erased", False) or n.graph is not graph or n.users or n.op not in ("call_function",
-                                                                         "get_attr"):
+        gone = n in seen or getattr(n, "_erased", False) or n.graph is not graph
+        if gone or n.users or n.op not in ("call_function", "get_attr"):
             continue
         if n.op == "call_function" and n not in chosen and n.is_impure():
             continue
