@@ -15,6 +15,8 @@ from .backends import Compiled, LowerOptions, lower
 from .errors import (BadInputError, OptionError, ParityError, PassError, PreconditionError,
                      RecipeError, SparsecError, TraceError, VerificationError)
 from .frontend import load_model_file, trace, trace_file
+from .layouts import BlockLayout
+from .ops.block_sparse_attention import block_sparse_attention
 from .passes.base import Pass, PassResult, get_pass, option, register, registered_passes
 from .pipeline import run_passes
 from .program import ModelSource, PassRecord, Program, Prop, module_path, node_info
@@ -26,6 +28,7 @@ __all__ = [
     "Program", "PassRecord", "ModelSource", "Prop", "module_path", "node_info",
     "Pass", "PassResult", "option", "register", "get_pass", "registered_passes",
     "Compiled", "LowerOptions",
+    "BlockLayout", "block_sparse_attention",
     "load_recipe", "parse_recipe", "parse_pass_arg", "dump_recipe",
     "SparsecError", "BadInputError", "TraceError", "RecipeError", "OptionError",
     "PreconditionError", "PassError", "VerificationError", "ParityError",

@@ -200,7 +200,7 @@ def layout_cmd(model_file: Path | None, out: Path, verbose: bool, **kw: Any) -> 
 @click.option("--pass", "pass_args", multiple=True, metavar="NAME[:k=v,...]",
               help="A pass to run after the recipe's (repeatable).")
 @click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=float, default=5e-3, show_default=True)
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True,
               help="safetensors file for the trained gates (use it as the pass's `gates`).")
 @verbose_option

@@ -169,7 +169,7 @@ def gate_distillation_loss(program: Program, inputs: tuple) -> torch.Tensor:
 
 
 def train_gates(program: Program, batches: Iterable[tuple] | None = None, steps: int = 100,
-                lr: float = 1e-3, log: Any = None) -> list[float]:
+                lr: float = 5e-3, log: Any = None) -> list[float]:
     """Train the learned gates of `program` in place by distillation; base weights stay
     frozen. `batches` yields tuples whose first items are the model inputs (default: the
     model file's batches(), else the example inputs). Returns the loss per step."""

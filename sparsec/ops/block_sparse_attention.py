@@ -8,7 +8,8 @@ q [B, Hq, L, D]; k [B, Hkv, S, D] and v [B, Hkv, S, Dv] with Hq a multiple of Hk
 h reads key/value head h // (Hq / Hkv)); the four layout tensors of a `BlockLayout` (batch and
 head dims of size B or 1, Hq or 1); `attn_mask` None, bool (True = attend) or float (added),
 broadcastable to [B, Hq, L, S]. Returns out [B, Hq, L, Dv] in q's dtype and the logsumexp
-lse [B, Hq, L] (float32; float64 for float64 inputs), which is not differentiable. Semantics
+lse [B, Hq, L] (float32; float64 for float64 inputs), which is not differentiable. All outputs
+(and the backward's dq, dk, dv) are contiguous, whatever the inputs' strides. Semantics
 are in `sparsec.ops.attention_reference`. Gradients flow to q, k and v (never to the mask)
 through `sparsec::block_sparse_attention_backward`, itself an op, so a joint graph shows it.
 
@@ -90,7 +91,8 @@ def attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
 @attention_backward_op.register_fake
 def _backward_fake(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
                    full_kv_indices, attn_mask, scale, causal, block_q, block_kv):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # the gradients are contiguous whatever q, k, v's strides (kernels must match this)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _setup_context(ctx, inputs, output) -> None:

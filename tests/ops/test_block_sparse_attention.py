@@ -183,6 +183,17 @@ def test_ops_pass_opcheck():
                                                   *args[3:]))
 
 
+def test_strided_inputs_give_contiguous_outputs_as_the_fake_says():
+    q, k, v, _, layout, _ = _inputs(CASES[1])
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not qt.is_contiguous()
+    args = (qt, kt, vt, *layout.tensors(), None, 0.3, True, 16, 16)
+    torch.library.opcheck(attention_op, args)
+    out, lse = attention_op(*args)
+    torch.library.opcheck(attention_backward_op, (torch.randn_like(out), qt, kt, vt, out, lse,
+                                                  *args[3:]))
+
+
 def test_backward_is_an_op_in_the_joint_graph():
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_function
