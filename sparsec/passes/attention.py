@@ -177,7 +177,8 @@ class BlockSparseAttention(Pass):
             fn = reference_replacement(self, site)
         else:
             fn = self._replacement(site)
-        out = insert_traced(gm, fn, inputs, before=site.node, meta_from=site.node)
+        out = insert_traced(gm, fn, inputs, before=site.node, meta_from=site.node,
+                            tag={"inserted_by": self.name})
         site.node.replace_all_uses_with(out)
         erase_unused(gm.graph, site.dead or [site.node])
         if not reference:

@@ -105,8 +105,8 @@ def find_sites(gm: fx.GraphModule) -> list[Site | Skip]:
     facts = GraphFacts(gm)
     out: list[Site | Skip] = []
     for node in list(gm.graph.nodes):
-        if node.op != "call_function":
-            continue
+        if node.op != "call_function" or node.meta.get("sparsec", {}).get("inserted_by"):
+            continue  # (a learned gate's softmax is not an attention to rewrite)
         if node.target is aten.scaled_dot_product_attention.default:
             out.append(_match_sdpa(node, facts))
         elif node.target in _SOFTMAX and _looks_like_attention(node):

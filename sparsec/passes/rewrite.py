@@ -77,11 +77,13 @@ def _first_non_placeholder(graph: fx.Graph, fallback: fx.Node) -> fx.Node:
 
 
 def insert_traced(gm: fx.GraphModule, fn: Callable[..., Any], inputs: Sequence[fx.Node],
-                  before: fx.Node, meta_from: fx.Node | None = None) -> Any:
+                  before: fx.Node, meta_from: fx.Node | None = None,
+                  tag: dict[str, Any] | None = None) -> Any:
     """Trace `fn(*values of inputs)` and insert its nodes before `before`.
 
     Returns the node (or tuple/list of nodes, mirroring fn's output) that holds fn's result.
-    Constants fn creates become buffers named `_sparsec_const_N` on `gm`.
+    Constants fn creates become buffers named `_sparsec_const_N` on `gm`. `tag` is merged into
+    every new node's `meta["sparsec"]` (so a pass can tell its own nodes from the model's).
     """
     mode = fake_mode_of(gm)
     fakes = [_fake(n, mode) for n in inputs]
@@ -108,6 +110,8 @@ def insert_traced(gm: fx.GraphModule, fn: Callable[..., Any], inputs: Sequence[f
                 continue
             new = gm.graph.node_copy(n, lambda x: env[x])
             new.meta.update(meta)
+            if tag:
+                new.meta.setdefault("sparsec", {}).update(tag)
             if "val" in n.meta:
                 new.meta["val"] = n.meta["val"]
             env[n] = new

@@ -114,7 +114,7 @@ def test_sliding_window_equals_dense_attention_with_element_mask(tiny_long, monk
 ], ids=lambda o: o["layout"])
 def test_every_layout_verifies_against_its_reference(tiny_long, options):
     _, _, program = tiny_long
-    r = check_pass(BlockSparseAttention(block=16, **options), program, idempotent=False)
+    r = check_pass(BlockSparseAttention(block=16, **options), program)
     rep = r.program.state["report"]["attention"]
     assert rep["sites_rewritten"] == 2
     assert r.program.history[-1].verify["reference"].startswith("dense attention under")
