@@ -230,3 +230,27 @@ def test_gathered_path_reads_only_kept_blocks():
     assert not torch.isnan(out[:, :, 48:]).any()
     torch.testing.assert_close(out[:, :, 48:], block_sparse_attention(q, k, v, lay, scale=0.3)
                                [:, :, 48:])
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_and_never_syncs():
+    """On a GPU: the op (kernel or fallback) equals the float64 CPU oracle, and dynamic
+    selection + attention run with CUDA's sync debug mode set to error."""
+    from sparsec.ops.block_select import block_scores_op, select_blocks_op
+
+    q, k, v, keep, layout, mask = _inputs(CASES[2])
+    want = oracle(q, k, v, keep, layout.block_q, layout.block_kv, True, mask, 0.3)
+    dev = torch.device("cuda")
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        out = block_sparse_attention(q.to(dev, dtype), k.to(dev, dtype), v.to(dev, dtype),
+                                     layout.to(dev), attn_mask=mask.to(dev), scale=0.3)
+        torch.testing.assert_close(out.double().cpu(), want, rtol=tol, atol=tol)
+    qc, kc, vc = q.to(dev, torch.float16), k.to(dev, torch.float16), v.to(dev, torch.float16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        probs = block_scores_op(qc, kc, 0.3, True, 16, 16)
+        lay = select_blocks_op(probs, q.shape[2], k.shape[2], True, 16, 16, 2, 0.0, 16, 16)
+        attention_op(qc, kc, vc, *lay, None, 0.3, True, 16, 16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
