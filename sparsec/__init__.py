@@ -24,6 +24,8 @@ from .errors import (
                      VerificationError,
 )
 from .frontend import load_model_file, trace, trace_file
+from .layouts import BlockLayout
+from .ops.block_sparse_attention import block_sparse_attention
 from .passes.base import Pass, PassResult, get_pass, option, register, registered_passes
 from .pipeline import run_passes
 from .program import ModelSource, PassRecord, Program, Prop, module_path, node_info
@@ -35,6 +37,7 @@ __all__ = [
     "Program", "PassRecord", "ModelSource", "Prop", "module_path", "node_info",
     "Pass", "PassResult", "option", "register", "get_pass", "registered_passes",
     "Compiled", "LowerOptions",
+    "BlockLayout", "block_sparse_attention",
     "load_recipe", "parse_recipe", "parse_pass_arg", "dump_recipe",
     "SparsecError", "BadInputError", "TraceError", "RecipeError", "OptionError",
     "PreconditionError", "PassError", "VerificationError", "ParityError",

@@ -14,7 +14,7 @@ from typing import Callable
 __all__ = ["onnx_translation", "onnx_translations", "OP_MODULES"]
 
 # Op modules imported (and so registered) with sparsec.ops.
-OP_MODULES: tuple[str, ...] = ()
+OP_MODULES: tuple[str, ...] = ("block_sparse_attention", "block_select")
 
 _ONNX: dict[object, Callable] = {}
 
