@@ -15,7 +15,7 @@ def _loss(out, batch):
 
 
 @examples(8)
-@given(model=sst.models(max_layers=3), passes=sst.recipes(max_passes=4))
+@given(model=sst.models(max_layers=3, lengths=(16, 40)), passes=sst.recipes(max_passes=4))
 def test_random_recipes_on_random_models(model, passes):
     program = trace(model, sst.inputs_for(model))
     program.source = ModelSource(name="random", loss=_loss)

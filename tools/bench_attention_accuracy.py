@@ -35,6 +35,7 @@ from sparsec._util import atomic_write_text  # noqa: E402
 from sparsec.layouts.learned import train_gates  # noqa: E402
 from sparsec.passes.attention import BlockSparseAttention  # noqa: E402
 
+
 def sweep(L: int, block: int) -> list[tuple[str, dict]]:
     """(family, options) pairs, each family from sparse to dense-ish; lengths scale with L."""
     def w(frac: float) -> int:
@@ -60,8 +61,20 @@ def sweep(L: int, block: int) -> list[tuple[str, dict]]:
 
 def prose(tokenizer, n: int, length: int, offset: int) -> list[str]:
     """n texts of at least `length` tokens from standard-library docstrings (English prose)."""
-    import argparse as a, collections, email, json as j, logging, pathlib, unittest, \
-        urllib.request, subprocess, typing, dataclasses, threading, asyncio, re  # noqa: E401
+    import argparse as a  # noqa: E401
+    import asyncio
+    import collections
+    import dataclasses
+    import email
+    import json as j
+    import logging
+    import pathlib
+    import re
+    import subprocess
+    import threading
+    import typing
+    import unittest
+    import urllib.request
     mods = [a, collections, email, j, logging, pathlib, unittest, urllib.request, subprocess,
             typing, dataclasses, threading, asyncio, re]
     docs = []

@@ -21,8 +21,13 @@ import math
 import torch
 from torch import Tensor
 
-from ..layouts.dynamic import (pooled_block_scores, select_from_scores, select_vertical_slash,
-                               selection_widths, vertical_slash_widths)
+from ..layouts.dynamic import (
+    pooled_block_scores,
+    select_from_scores,
+    select_vertical_slash,
+    selection_widths,
+    vertical_slash_widths,
+)
 
 __all__ = ["block_scores_op", "select_blocks_op", "select_vertical_slash_op"]
 

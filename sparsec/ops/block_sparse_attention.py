@@ -28,8 +28,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .attention_reference import (block_sparse_attention_backward_ref,
-                                  block_sparse_attention_gathered, work_dtype)
+from .attention_reference import (
+    block_sparse_attention_backward_ref,
+    block_sparse_attention_gathered,
+    work_dtype,
+)
 
 __all__ = ["block_sparse_attention", "attention_op", "attention_backward_op", "kernel_module"]
 

@@ -88,6 +88,27 @@ class BlockSparseAttention(Pass):
         if self.layout == "topk" and self.topk < 1:
             raise OptionError(f"option '{self.name}.topk' must be ≥ 1 for layout \"topk\"")
 
+    @classmethod
+    def hypothesis_options(cls):
+        """Consistent option sets for `sparsec.testing.strategies.recipes()` (short sequences:
+        blocks of 16 or 32, lengths of a few blocks)."""
+        from hypothesis import strategies as st
+
+        statics = sorted(n for n in STATIC_LAYOUTS if n != "mixture")
+        return st.fixed_dictionaries({
+            "layout": st.sampled_from(LAYOUTS),
+            "block": st.sampled_from((16, 32)),
+            "window": st.sampled_from((0, 16, 32, 64)),
+            "sink": st.sampled_from((0, 16, 32)),
+            "stride": st.sampled_from((16, 32, 64)),
+            "dilation": st.integers(1, 3),
+            "global_tokens": st.sampled_from((0, 16)),
+            "random_blocks": st.integers(0, 2),
+            "topk": st.integers(1, 4),
+            "threshold": st.floats(0.05, 1.0),
+            "mixture": st.lists(st.sampled_from(statics), min_size=1, max_size=3).map(tuple),
+        })
+
     # pass interface -------------------------------------------------------------------------
     def run(self, program: Program) -> PassResult:
         found = find_sites(program.gm)

@@ -24,8 +24,14 @@ import torch
 from torch import fx
 
 from ..program import module_path
-from .attention_masks import (MASK_FILL_MAX, GraphFacts, MaskParts, fold_constant_masks,
-                              mask_from_tensor, normalize_mask)
+from .attention_masks import (
+    MASK_FILL_MAX,
+    GraphFacts,
+    MaskParts,
+    fold_constant_masks,
+    mask_from_tensor,
+    normalize_mask,
+)
 
 __all__ = ["Site", "Skip", "find_sites", "unrepeat_kv"]
 

@@ -40,11 +40,12 @@ def layer_specs(draw, dim: int, attention: bool = True) -> LayerSpec:
 
 @st.composite
 def model_specs(draw, *, max_layers: int = 4, attention: bool = True,
-                dtypes: tuple[str, ...] = ("float32",)) -> ModelSpec:
+                dtypes: tuple[str, ...] = ("float32",), lengths: tuple[int, int] = (1, 12)
+                ) -> ModelSpec:
     dim = draw(st.sampled_from([8, 16, 32]))
     layers = draw(st.lists(layer_specs(dim, attention), min_size=1, max_size=max_layers))
     return ModelSpec(dim=dim, layers=tuple(layers), batch=draw(st.integers(1, 3)),
-                     length=draw(st.integers(1, 12)), dtype=draw(st.sampled_from(dtypes)),
+                     length=draw(st.integers(*lengths)), dtype=draw(st.sampled_from(dtypes)),
                      seed=draw(st.integers(0, 2**16)))
 
 

@@ -10,11 +10,16 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from sparsec.layouts import BlockLayout
 from sparsec.layouts.block_layout import block_geometry
-from sparsec.layouts.dynamic import (forced_blocks, pool_blocks, pooled_block_scores,
-                                     select_from_scores, select_keep, select_vertical_slash,
-                                     vertical_slash_keep)
-from sparsec.ops.block_select import (block_scores_op, select_blocks_op,
-                                      select_vertical_slash_op)
+from sparsec.layouts.dynamic import (
+    forced_blocks,
+    pool_blocks,
+    pooled_block_scores,
+    select_from_scores,
+    select_keep,
+    select_vertical_slash,
+    vertical_slash_keep,
+)
+from sparsec.ops.block_select import block_scores_op, select_blocks_op, select_vertical_slash_op
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -8,10 +8,15 @@ import pytest
 import torch
 
 from sparsec.layouts import BlockLayout, sliding_window
-from sparsec.ops.attention_reference import (block_sparse_attention_gathered,
-                                             block_sparse_attention_ref)
-from sparsec.ops.block_sparse_attention import (attention_backward_op, attention_op,
-                                                block_sparse_attention)
+from sparsec.ops.attention_reference import (
+    block_sparse_attention_gathered,
+    block_sparse_attention_ref,
+)
+from sparsec.ops.block_sparse_attention import (
+    attention_backward_op,
+    attention_op,
+    block_sparse_attention,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
