@@ -199,7 +199,8 @@ def floors(cfg, batch, seq) -> dict:
         "full": {"flops": full, "dW_flops": 2 * t * (p_lin + head)},
         "lora": {"flops": fwd + dx + 3 * 2 * t * lora_b, "dW_flops": 2 * t * lora_b},
         "structured": {"flops": fwd + dx + 2 * t * lora_b, "dW_flops": 2 * t * lora_b},
-        "delta": {"flops": fwd + dx + 2 * t * int(0.01 * p_lin), "dW_flops": 2 * t * int(0.01 * p_lin)},
+        "delta": {"flops": fwd + dx + 2 * t * int(0.01 * p_lin),
+                  "dW_flops": 2 * t * int(0.01 * p_lin)},
         "freeze": {"flops": fwd + 2 * t * (per_layer + head) + 2 * t * per_layer,
                    "dW_flops": 2 * t * per_layer},
     }
