@@ -12,9 +12,20 @@ __version__ = "0.1.0"
 
 from .api import compile
 from .backends import Compiled, LowerOptions, lower
-from .errors import (BadInputError, OptionError, ParityError, PassError, PreconditionError,
-                     RecipeError, SparsecError, TraceError, VerificationError)
+from .errors import (
+                     BadInputError,
+                     OptionError,
+                     ParityError,
+                     PassError,
+                     PreconditionError,
+                     RecipeError,
+                     SparsecError,
+                     TraceError,
+                     VerificationError,
+)
 from .frontend import load_model_file, trace, trace_file
+from .layouts import BlockLayout
+from .ops.block_sparse_attention import block_sparse_attention
 from .passes.base import Pass, PassResult, get_pass, option, register, registered_passes
 from .pipeline import run_passes
 from .program import ModelSource, PassRecord, Program, Prop, module_path, node_info
@@ -29,6 +40,7 @@ __all__ = [
     "Program", "PassRecord", "ModelSource", "Prop", "module_path", "node_info",
     "Pass", "PassResult", "option", "register", "get_pass", "registered_passes",
     "Compiled", "LowerOptions",
+    "BlockLayout", "block_sparse_attention",
     "load_recipe", "parse_recipe", "parse_pass_arg", "dump_recipe",
     "Trainer", "train_model", "Deltas", "extract_deltas", "save_deltas", "load_deltas",
     "apply_deltas", "merge_deltas", "unmerge_deltas", "compose_deltas",

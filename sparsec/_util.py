@@ -44,7 +44,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -57,7 +57,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
+    mask = os.umask(0)
     os.umask(mask)
     return mask
 

@@ -120,6 +120,10 @@ def staged_output(out_dir: str | Path, *, force: bool = False) -> Iterator[Path]
     try:
         yield staging
         _swap_in(staging, final)
+    except OSError as e:  # disk full, permissions, quota: the user's environment
+        shutil.rmtree(staging, ignore_errors=True)
+        raise BadInputError(f"{final}: writing the output failed ({e.strerror or e}); nothing "
+                            "was written: free space or choose another -o") from e
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -1,4 +1,4 @@
-"""The `sparsec` command line: compile, train, passes, explain.
+"""The `sparsec` command line: compile, train, passes, explain, layout, train-gates.
 
 Exit codes: 0 ok, 2 bad input (model, recipe, options, files), 1 internal error. Errors print
 one line; `-v` adds the traceback.
@@ -174,7 +174,7 @@ def passes_cmd(verbose: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .passes.base import registered_passes, stage_of
+    from .passes.base import PLUGIN_ERRORS, registered_passes, stage_of
 
     table = Table()
     for col in ("name", "stage", "requires", "establishes", "summary"):
@@ -182,7 +182,10 @@ def passes_cmd(verbose: bool) -> None:
     for name, cls in registered_passes().items():
         table.add_row(name, stage_of(cls), ", ".join(sorted(cls.requires)),
                       ", ".join(sorted(cls.establishes)) or "-", cls.summary)
-    Console(width=max(120, Console().width)).print(table)
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    for name, err in PLUGIN_ERRORS.items():
+        console.print(f"warning: {name}: {err}", style="yellow")
 
 
 @cli.command("explain")
@@ -234,6 +237,67 @@ class _status:
     def __exit__(self, *exc: Any) -> None:
         if self.ctx is not None:
             self.ctx.__exit__(*exc)
+
+
+@cli.command("layout")
+@click.argument("model_file", metavar="[MODEL.py]", required=False, type=click.Path(path_type=Path))
+@click.option("--layout", "layout", default="sliding-window", show_default=True,
+              help="Layout name (see `sparsec explain block-sparse-attention`).")
+@click.option("--seq-len", type=int, help="Query length (static layouts without MODEL.py).")
+@click.option("--kv-len", type=int, help="Key length (default: --seq-len).")
+@click.option("--block", type=int, default=64, show_default=True)
+@click.option("--window", type=int, default=256, show_default=True)
+@click.option("--sink", type=int, default=64, show_default=True)
+@click.option("--stride", type=int, default=256, show_default=True)
+@click.option("--dilation", type=int, default=2, show_default=True)
+@click.option("--global-tokens", type=int, default=64, show_default=True)
+@click.option("--random-blocks", type=int, default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--topk", type=int, default=8, show_default=True)
+@click.option("--threshold", type=float, default=0.9, show_default=True)
+@click.option("--vertical", type=int, default=64, show_default=True)
+@click.option("--slash", type=int, default=64, show_default=True)
+@click.option("--mixture", default="", help="Comma-separated static layouts for heads.")
+@click.option("--heads", type=int, default=1, show_default=True,
+              help="Heads to build (bigbird, mixture) when no MODEL.py is given.")
+@click.option("--causal/--no-causal", default=True, show_default=True)
+@click.option("--site", type=int, default=0, show_default=True,
+              help="With MODEL.py: which rewritten attention site to plot.")
+@click.option("--head", "plot_heads", default="0", show_default=True,
+              help="Comma-separated heads to plot.")
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True,
+              help="PNG file to write.")
+@verbose_option
+@handle_errors
+def layout_cmd(model_file: Path | None, out: Path, verbose: bool, **kw: Any) -> None:
+    """Draw a block layout as a heatmap PNG (static, or as chosen on MODEL.py's inputs)."""
+    from .layouts.cli import draw_layout
+
+    click.echo(draw_layout(model_file, out, **kw))
+
+
+@cli.command("train-gates")
+@click.argument("model_file", metavar="MODEL.py", type=click.Path(path_type=Path))
+@click.option("--recipe", "recipe", type=click.Path(path_type=Path),
+              help="Recipe with block-sparse-attention, layout = \"learned\".")
+@click.option("--pass", "pass_args", multiple=True, metavar="NAME[:k=v,...]",
+              help="A pass to run after the recipe's (repeatable).")
+@click.option("--steps", type=int, default=100, show_default=True)
+@click.option("--lr", type=float, default=5e-3, show_default=True)
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True,
+              help="safetensors file for the trained gates (use it as the pass's `gates`).")
+@verbose_option
+@handle_errors
+def train_gates_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...],
+                    steps: int, lr: float, out: Path, verbose: bool) -> None:
+    """Train learned attention gates by distillation (base weights frozen)."""
+    from .layouts.cli import train_gates_file
+
+    def log(step: int, loss: float) -> None:
+        if verbose or step % 10 == 0:
+            click.echo(f"step {step}: loss {loss:.5f}", err=True)
+
+    click.echo(train_gates_file(model_file, recipe, pass_args, steps, lr, out, log))
 
 
 def main(argv: list[str] | None = None) -> None:

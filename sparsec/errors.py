@@ -52,7 +52,8 @@ class PreconditionError(BadInputError):
         parts = []
         for prop in sorted(self.missing):
             who = providers.get(prop) or []
-            fix = f"run {' or '.join(repr(p) for p in who)} before it" if who else "no pass establishes it"
+            fix = (f"run {' or '.join(repr(p) for p in who)} before it" if who
+                   else "no pass establishes it")
             parts.append(f"'{prop}' ({fix})")
         super().__init__(f"pass '{pass_name}' requires {', '.join(parts)}")
 

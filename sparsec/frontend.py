@@ -147,7 +147,8 @@ def trace_file(path: str | Path) -> Program:
     return trace(model, inputs, source=source)
 
 
-def _export(model: torch.nn.Module, inputs: tuple, path: str | None) -> torch.export.ExportedProgram:
+def _export(model: torch.nn.Module, inputs: tuple,
+            path: str | None) -> torch.export.ExportedProgram:
     try:
         with quiet():
             return torch.export.export(model, inputs, strict=False)

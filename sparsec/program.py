@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import warnings
@@ -80,6 +81,37 @@ class Program:
     def __call__(self, *inputs: Any) -> Any:
         return self.gm(*inputs)
 
+    def run_checked(self, *inputs: Any) -> Any:
+        """What verification compares: the outputs, and for a training-step program also the
+        trainable parameters after the step. State the step writes is restored afterwards,
+        so checking never trains the model."""
+        joint = self.state.get("joint")
+        if joint is None:
+            with torch.no_grad():
+                return _detached(self.gm(*inputs))
+        with self.preserving_state():
+            out = _detached(self.gm(*inputs))
+            updated = {n: self.get_tensor(n).detach().clone() for n in joint.trainable}
+        return out, updated
+
+    @contextlib.contextmanager
+    def preserving_state(self) -> Iterator[None]:
+        """Restore every tensor a training step writes (parameters, optimizer state) on exit."""
+        joint = self.state.get("joint")
+        names = joint.mutable() if joint is not None else []
+        saved = {n: self.get_tensor(n).detach().clone() for n in names}
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, t in saved.items():
+                    self.get_tensor(n).copy_(t)
+
+    def forward_module(self) -> fx.GraphModule:
+        """The inference graph: `gm` for a forward program, the forward graph of a step."""
+        joint = self.state.get("joint")
+        return joint.forward if joint is not None else self.gm
+
     def copy(self) -> "Program":
         """A deep copy (graph, parameters, state); the model source is shared."""
         memo = {id(self.source): self.source}
@@ -124,6 +156,12 @@ class Program:
     def summary(self) -> dict[str, Any]:
         return {"props": sorted(self.props), "params": self.param_counts(),
                 "nodes": len(self.gm.graph.nodes), "passes": [r.name for r in self.history]}
+
+
+def _detached(out: Any) -> Any:
+    from torch.utils import _pytree as pytree
+
+    return pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, out)
 
 
 def module_path(node: fx.Node) -> str:

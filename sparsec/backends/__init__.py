@@ -13,7 +13,8 @@ __all__ = ["BACKENDS", "lower", "Compiled", "LowerOptions"]
 BACKENDS = ("eager", "onnx", "triton")
 
 
-def lower(program: Program, backend: str = "eager", options: LowerOptions | None = None) -> Compiled:
+def lower(program: Program, backend: str = "eager",
+          options: LowerOptions | None = None) -> Compiled:
     """Lower `program` with the named backend."""
     if backend not in BACKENDS:
         raise BadInputError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")

@@ -37,6 +37,7 @@ class Compiled:
     notes: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)  # the full report, once built
     trainer: Any = field(default=None, repr=False)  # a sparsec.train.Trainer, made on first use
+    keepalive: Any = field(default=None, repr=False)  # e.g. a TemporaryDirectory holding artifacts
 
     def __call__(self, *inputs: Any) -> Any:
         return self.fn(*inputs)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from ..program import Program
+from ..program import Program, Prop
 from .base import Compiled, LowerOptions
 
 __all__ = ["lower"]
 
 
 def lower(program: Program, options: LowerOptions | None = None) -> Compiled:
-    return Compiled(program=program, backend="eager", fn=program.gm)
+    options = options or LowerOptions()
+    compiled = Compiled(program=program, backend="eager", fn=program.gm)
+    if Prop.JOINT_GRAPH in program.props and options.verify:
+        from ..joint import step_report
+
+        compiled.report.update(step_report(program))
+    return compiled

@@ -31,7 +31,8 @@ PARITY_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2, to
 
 def lower(program: Program, options: LowerOptions | None = None) -> Compiled:
     options = options or LowerOptions()
-    out_dir = Path(options.out_dir) if options.out_dir else Path(tempfile.mkdtemp(prefix="sparsec-"))
+    tmp = None if options.out_dir else tempfile.TemporaryDirectory(prefix="sparsec-onnx-")
+    out_dir = Path(options.out_dir or tmp.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
     # Sparse fine-tuning ops deploy merged into dense weights: the base architecture, no extras.
@@ -47,8 +48,10 @@ def lower(program: Program, options: LowerOptions | None = None) -> Compiled:
     data = path.with_name(path.name + ".data")
     if data.exists():
         artifacts[data.name] = data
-    return Compiled(program=program, backend="onnx", fn=runner, report={"onnx": section},
-                    artifacts=artifacts)
+    compiled = Compiled(program=program, backend="onnx", fn=runner, report={"onnx": section},
+                        artifacts=artifacts)
+    compiled.keepalive = tmp  # the temporary directory lives as long as the Compiled
+    return compiled
 
 
 def export_onnx(program: Program, path: Path, *, opset: int | None = None) -> int:

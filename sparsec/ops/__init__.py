@@ -14,7 +14,8 @@ from typing import Callable
 __all__ = ["onnx_translation", "onnx_translations", "OP_MODULES", "load_ops"]
 
 # Op modules imported (and so registered) with sparsec.ops.
-OP_MODULES: tuple[str, ...] = ("sparse_delta", "structured", "nm")
+OP_MODULES: tuple[str, ...] = ("block_sparse_attention", "block_select", "sparse_delta",
+                               "structured", "nm")
 
 _ONNX: dict[object, Callable] = {}
 

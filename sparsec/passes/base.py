@@ -27,6 +27,7 @@ __all__ = [
     "providers_of",
     "stage_of",
     "ENTRY_POINT_GROUP",
+    "PLUGIN_ERRORS",
 ]
 
 ENTRY_POINT_GROUP = "sparsec.passes"
@@ -169,6 +170,9 @@ def option_specs(cls: type[Pass]) -> list[dict[str, Any]]:
 # registry ----------------------------------------------------------------------------------
 _REGISTRY: dict[str, type[Pass]] = {}
 _ENTRY_POINTS_LOADED = False
+# Plugins that failed to load, by entry-point name: reported, not fatal, so one broken plugin
+# does not stop every compile.
+PLUGIN_ERRORS: dict[str, str] = {}
 
 
 def register(cls: type[Pass]) -> type[Pass]:
@@ -181,7 +185,8 @@ def register(cls: type[Pass]) -> type[Pass]:
         raise TypeError(f"{cls.__name__} must be a @dataclass(frozen=True)")
     known = _REGISTRY.get(cls.name)
     if known is not None and known.__qualname__ != cls.__qualname__:
-        raise TypeError(f"pass name '{cls.name}' is taken by {known.__module__}.{known.__qualname__}")
+        taken = f"{known.__module__}.{known.__qualname__}"
+        raise TypeError(f"pass name '{cls.name}' is taken by {taken}")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -194,10 +199,10 @@ def _load_entry_points() -> None:
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
-        except Exception as e:  # a broken plugin must not take sparsec down with it
-            raise RecipeError(f"plugin entry point '{ep.name}' ({ep.value}) failed to load: {e}") from e
-        if inspect.isclass(obj) and issubclass(obj, Pass) and obj.name not in _REGISTRY:
-            register(obj)
+            if inspect.isclass(obj) and issubclass(obj, Pass) and obj.name not in _REGISTRY:
+                register(obj)
+        except Exception as e:
+            PLUGIN_ERRORS[ep.name] = f"plugin {ep.value} failed to load: {type(e).__name__}: {e}"
 
 
 def registered_passes() -> dict[str, type[Pass]]:
@@ -210,6 +215,8 @@ def registered_passes() -> dict[str, type[Pass]]:
 
 def get_pass(name: str) -> type[Pass]:
     passes = registered_passes()
+    if name in PLUGIN_ERRORS:
+        raise RecipeError(f"pass '{name}' is unavailable: {PLUGIN_ERRORS[name]}")
     if name not in passes:
         import difflib
 

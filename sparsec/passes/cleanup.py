@@ -5,8 +5,6 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-from torch import fx
-
 from ..program import Program
 from .base import Pass, PassResult, option, register
 
@@ -44,6 +42,13 @@ class Freeze(Pass):
     name = "freeze"
     summary = "freeze parameters (all, or all but the `trainable` globs)"
     trainable: tuple[str, ...] = option((), "glob patterns of parameter names that stay trainable")
+
+    @classmethod
+    def hypothesis_options(cls):
+        from hypothesis import strategies as st
+
+        globs = st.sampled_from([("*",), ("*.weight",), ("*.bias",), ("blocks.0.*",)])
+        return st.fixed_dictionaries({"trainable": globs})
 
     def run(self, program: Program) -> PassResult:
         changed = kept = 0

@@ -11,7 +11,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-__all__ = ["PROFILES"]
+__all__ = ["PROFILES", "examples"]
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
 PROFILES = {
@@ -24,6 +24,16 @@ PROFILES = {
 
 for _name, _kw in PROFILES.items():
     settings.register_profile(_name, **_kw)
+
+# How many examples an expensive test draws per profile, relative to the `n` it asks for.
+_SCALE = {"dev": 1, "ci": 1, "nightly": 10}
+
+
+def examples(n: int) -> settings:
+    """Settings for a test whose examples are expensive (each compiles a graph): `n` examples
+    under `dev`/`ci`, ten times as many under `nightly`."""
+    profile = os.environ.get("HYPOTHESIS_PROFILE", "dev")
+    return settings(max_examples=n * _SCALE.get(profile, 1))
 
 
 def pytest_configure(config) -> None:

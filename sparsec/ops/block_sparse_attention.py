@@ -1,0 +1,145 @@
+"""`sparsec::block_sparse_attention` and its backward op.
+
+    out, lse = torch.ops.sparsec.block_sparse_attention(
+        q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+        attn_mask, scale, causal, block_q, block_kv)
+
+q [B, Hq, L, D]; k [B, Hkv, S, D] and v [B, Hkv, S, Dv] with Hq a multiple of Hkv (query head
+h reads key/value head h // (Hq / Hkv)); the four layout tensors of a `BlockLayout` (batch and
+head dims of size B or 1, Hq or 1); `attn_mask` None, bool (True = attend) or float (added),
+broadcastable to [B, Hq, L, S]. Returns out [B, Hq, L, Dv] in q's dtype and the logsumexp
+lse [B, Hq, L] (float32; float64 for float64 inputs), which is not differentiable. All outputs
+(and the backward's dq, dk, dv) are contiguous, whatever the inputs' strides. Semantics
+are in `sparsec.ops.attention_reference`. Gradients flow to q, k and v (never to the mask)
+through `sparsec::block_sparse_attention_backward`, itself an op, so a joint graph shows it.
+
+Dispatch: on CUDA with a Triton kernel module `sparsec.kernels.block_sparse_attention`
+present, its `block_sparse_attention` / `block_sparse_attention_backward` launchers (same
+arguments as the ops) run; otherwise the forward runs the gathered-block path (only kept blocks
+are computed) and the backward the reference formulas.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .attention_reference import (
+    block_sparse_attention_backward_ref,
+    block_sparse_attention_gathered,
+    work_dtype,
+)
+
+__all__ = ["block_sparse_attention", "attention_op", "attention_backward_op", "kernel_module"]
+
+_KERNEL_MODULE = "sparsec.kernels.block_sparse_attention"
+
+
+def kernel_module():
+    """The Triton kernel module if it is installed and usable, else None."""
+    try:
+        mod = importlib.import_module(_KERNEL_MODULE)
+    except ImportError:
+        return None
+    return mod if getattr(mod, "HAS_TRITON", False) else None
+
+
+def _kernel(q: Tensor, name: str):
+    if not q.is_cuda:
+        return None
+    mod = kernel_module()
+    return getattr(mod, name, None) if mod is not None else None
+
+
+@torch.library.custom_op("sparsec::block_sparse_attention", mutates_args=())
+def attention_op(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
+                 full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
+                 attn_mask: Optional[Tensor], scale: float, causal: bool, block_q: int,
+                 block_kv: int) -> tuple[Tensor, Tensor]:
+    args = (q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+            attn_mask, scale, causal, block_q, block_kv)
+    kernel = _kernel(q, "block_sparse_attention")
+    if kernel is not None:
+        return kernel(*args)
+    return block_sparse_attention_gathered(*args)
+
+
+@attention_op.register_fake
+def _attention_fake(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                    attn_mask, scale, causal, block_q, block_kv):
+    _check_shapes(q, k, v, kv_num_blocks, block_q)
+    b, h, L, _ = q.shape
+    out = q.new_empty(b, h, L, v.shape[-1])
+    return out, q.new_empty(b, h, L, dtype=work_dtype(q.dtype))
+
+
+@torch.library.custom_op("sparsec::block_sparse_attention_backward", mutates_args=())
+def attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                          lse: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
+                          full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
+                          attn_mask: Optional[Tensor], scale: float, causal: bool,
+                          block_q: int, block_kv: int) -> tuple[Tensor, Tensor, Tensor]:
+    args = (grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
+            full_kv_indices, attn_mask, scale, causal, block_q, block_kv)
+    kernel = _kernel(q, "block_sparse_attention_backward")
+    if kernel is not None:
+        return kernel(*args)
+    return block_sparse_attention_backward_ref(*args)
+
+
+@attention_backward_op.register_fake
+def _backward_fake(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
+                   full_kv_indices, attn_mask, scale, causal, block_q, block_kv):
+    # the gradients are contiguous whatever q, k, v's strides (kernels must match this)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    (q, k, v, num, idx, fnum, fidx, mask, scale, causal, block_q, block_kv) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, num, idx, fnum, fidx, mask)
+    ctx.options = (scale, causal, block_q, block_kv)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, num, idx, fnum, fidx, mask = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, num, idx,
+                                       fnum, fidx, mask, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, num: Tensor, block_q: int) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("block_sparse_attention takes 4-D q, k, v [batch, heads, length, dim]")
+    if q.shape[1] % k.shape[1] or k.shape[1] != v.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads "
+                         f"({k.shape[1]}, {v.shape[1]})")
+    if num.shape[-1] != math.ceil(q.shape[2] / block_q):
+        raise ValueError(f"layout has {num.shape[-1]} query blocks; q has "
+                         f"{math.ceil(q.shape[2] / block_q)} of {block_q}")
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *,
+                           attn_mask: Tensor | None = None, scale: float | None = None,
+                           return_lse: bool = False):
+    """Attention of q, k, v under a `BlockLayout` (and an optional element `attn_mask`).
+
+    `scale` defaults to 1/sqrt(head dim), as in `scaled_dot_product_attention`.
+    """
+    if (q.shape[-2], k.shape[-2]) != (layout.q_len, layout.kv_len):
+        raise ValueError(f"layout is for lengths ({layout.q_len}, {layout.kv_len}); q and k "
+                         f"have ({q.shape[-2]}, {k.shape[-2]})")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, lse = attention_op(q, k, v, *layout.tensors(), attn_mask, scale, layout.causal,
+                            layout.block_q, layout.block_kv)
+    return (out, lse) if return_lse else out

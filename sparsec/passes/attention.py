@@ -1,0 +1,390 @@
+"""The `block-sparse-attention` pass: attention in the forward graph → one block-sparse op.
+
+Every attention the matcher (`attention_match`) finds is replaced by
+`sparsec::block_sparse_attention` over a layout: static layouts are registered as int32
+buffers (shared by sites of the same geometry); dynamic ones are computed in the graph by the
+selection ops from the site's q and k; learned ones by a gate whose parameters are registered
+on the program. The report gets an `attention` section.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+from ..errors import OptionError
+from ..layouts import learned as learned_gates
+from ..layouts.block_layout import BLOCK_SIZES, BlockLayout
+from ..layouts.spec import LAYOUT_OPTIONS, LAYOUTS, STATIC_LAYOUTS, build_static, is_static
+from ..ops import block_select, block_sparse_attention  # noqa: F401  (register the ops)
+from ..program import Program, Prop, node_info
+from .attention_match import Site, Skip, find_sites
+from .attention_reference_graph import reference_replacement
+from .base import Pass, PassResult, option, register
+from .rewrite import add_constant, erase_unused, insert_traced
+
+__all__ = ["BlockSparseAttention"]
+
+_PREFIX = "sparsec_attention"
+
+
+@register
+@dataclass(frozen=True)
+class BlockSparseAttention(Pass):
+    """Rewrite every attention of the forward graph into `sparsec::block_sparse_attention`.
+
+    Matches `scaled_dot_product_attention` and hand-written softmax attention (matmul →
+    scale → mask → softmax → matmul), folds repeated keys/values back to their heads (GQA)
+    and constant causal masks into causal=True; other masks (padding) stay element masks on
+    top of the layout. Lengths (window, sink, stride, global_tokens) are in tokens and are
+    rounded to blocks. Static layouts: dense, sliding-window, strided, dilated, bigbird,
+    mixture; dynamic ones (computed from q and k on the device): topk, threshold,
+    vertical-slash; learned: a per-site gate (train it with `sparsec train-gates`).
+    Verification compares with dense attention under each layout's mask (`dense` is checked
+    against the model itself).
+    """
+
+    name = "block-sparse-attention"
+    summary = "rewrite attention into block-sparse form over a layout"
+    establishes = frozenset({Prop.BLOCK_SPARSE_ATTENTION})
+    exportable = False  # until the ONNX translation of the op lands
+
+    layout: str = option("sliding-window", "which layout", choices=LAYOUTS)
+    block: int = option(64, "block size in tokens (queries and keys)", choices=BLOCK_SIZES)
+    window: int = option(256, "local window in tokens (also the local part of dynamic "
+                              "layouts)", min=0)
+    sink: int = option(64, "first tokens every query sees (attention sinks)", min=0)
+    stride: int = option(256, "strided: a summary key block every `stride` tokens", min=1)
+    dilation: int = option(2, "dilated: keep every n-th key block inside the window", min=1)
+    global_tokens: int = option(64, "bigbird: global tokens (rows and columns)", min=0)
+    random_blocks: int = option(2, "bigbird: random key blocks per query block", min=0)
+    seed: int = option(0, "seed of bigbird's random blocks")
+    topk: int = option(8, "topk/learned: key blocks chosen per query block besides sink and "
+                          "window; threshold: the cap (0 = none)", min=0)
+    threshold: float = option(0.9, "threshold: attention mass to keep per query block",
+                              min=0.0, max=1.0)
+    vertical: int = option(64, "vertical-slash: key columns (tokens) kept", min=0)
+    slash: int = option(64, "vertical-slash: diagonals kept", min=0)
+    mixture: tuple[str, ...] = option((), "mixture: static layouts that heads cycle through")
+    gate_dim: int = option(0, "learned: gate width (0 = head dim)", min=0)
+    gates: str | None = option(None, "learned: safetensors file of trained gates")
+    sites: tuple[str, ...] = option((), "globs of module paths to rewrite (default: all)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layout == "mixture":
+            bad = [n for n in self.mixture if n not in STATIC_LAYOUTS or n == "mixture"]
+            if not self.mixture or bad:
+                raise OptionError(f"option '{self.name}.mixture' must list static layouts "
+                                  "for layout = \"mixture\", e.g. [\"sliding-window\", "
+                                  "\"dense\"]")
+        if self.layout == "threshold" and self.threshold <= 0:
+            raise OptionError(f"option '{self.name}.threshold' must be > 0 for layout "
+                              "\"threshold\"")
+        if self.layout == "topk" and self.topk < 1:
+            raise OptionError(f"option '{self.name}.topk' must be ≥ 1 for layout \"topk\"")
+
+    @classmethod
+    def hypothesis_options(cls):
+        """Consistent option sets for `sparsec.testing.strategies.recipes()` (short sequences:
+        blocks of 16 or 32, lengths of a few blocks)."""
+        from hypothesis import strategies as st
+
+        statics = sorted(n for n in STATIC_LAYOUTS if n != "mixture")
+        return st.fixed_dictionaries({
+            "layout": st.sampled_from(LAYOUTS),
+            "block": st.sampled_from((16, 32)),
+            "window": st.sampled_from((0, 16, 32, 64)),
+            "sink": st.sampled_from((0, 16, 32)),
+            "stride": st.sampled_from((16, 32, 64)),
+            "dilation": st.integers(1, 3),
+            "global_tokens": st.sampled_from((0, 16)),
+            "random_blocks": st.integers(0, 2),
+            "topk": st.integers(1, 4),
+            "threshold": st.floats(0.05, 1.0),
+            "mixture": st.lists(st.sampled_from(statics), min_size=1, max_size=3).map(tuple),
+        })
+
+    # pass interface -------------------------------------------------------------------------
+    def run(self, program: Program) -> PassResult:
+        found = find_sites(program.gm)
+        sites, skipped = self._select(found)
+        rewritten: list[dict[str, Any]] = []
+        gm = program.gm
+        for index, site in enumerate(sites):
+            self._check_lengths(site)
+            out, info = self._rewrite(gm, site, index, reference=False)
+            rewritten.append(info)
+        gm.graph.lint()
+        gm.recompile()
+        density = self._density(program, rewritten)
+        section = {"layout": self.layout, "block": self.block,
+                   "options": {k: getattr(self, k) for k in LAYOUT_OPTIONS[self.layout]},
+                   "sites_found": len(found), "sites_rewritten": len(sites),
+                   "skipped": [{"node": s.node.name, "module": s.name, "reason": s.reason}
+                               for s in skipped],
+                   "density": density, "sites": rewritten}
+        report = program.state.setdefault("report", {})
+        if sites or "attention" not in report:
+            report["attention"] = section
+        stats = {"sites_found": len(found), "sites_rewritten": len(sites),
+                 "skipped": len(skipped)}
+        if density["value"] is not None:
+            stats["density"] = round(density["value"], 4)
+        return PassResult(modified=bool(sites), stats=stats)
+
+    def reference(self, program: Program) -> Callable[..., Any] | None:
+        if self.layout == "dense":
+            return None  # keep-all must reproduce the model itself
+        ref = program.copy()
+        sites, _ = self._select(find_sites(ref.gm))
+        for index, site in enumerate(sites):
+            self._check_lengths(site)
+            self._rewrite(ref.gm, site, index, reference=True)
+        ref.gm.graph.lint()
+        ref.gm.recompile()
+        fn = ref.gm
+        fn.reference_name = "dense attention under each layout's element mask"
+        return fn
+
+    # matching ------------------------------------------------------------------------------
+    def _select(self, found: list[Site | Skip]) -> tuple[list[Site], list[Skip]]:
+        sites, skipped = [], []
+        for item in found:
+            if isinstance(item, Skip):
+                skipped.append(item)
+            elif self.sites and not any(fnmatch.fnmatchcase(item.name, g) for g in self.sites):
+                skipped.append(Skip(item.node, "not selected by the `sites` option"))
+            else:
+                sites.append(item)
+        return sites, skipped
+
+    def _check_lengths(self, site: Site) -> None:
+        shortest = min(site.q_len, site.kv_len)
+        if self.block > shortest:
+            fits = [b for b in BLOCK_SIZES if b <= shortest]
+            fix = f"choose block ≤ {shortest} ({', '.join(map(str, fits))})" if fits else \
+                "attention this short gains nothing from block sparsity; leave it out with " \
+                "the `sites` option"
+            raise OptionError(f"option '{self.name}.block' is {self.block} but attention "
+                              f"'{site.name}' has length {shortest}; {fix}")
+
+    # rewriting -----------------------------------------------------------------------------
+    def _rewrite(self, gm: fx.GraphModule, site: Site, index: int,
+                 reference: bool) -> tuple[fx.Node, dict[str, Any]]:
+        info = {"node": site.node.name, "module": site.name, "kind": site.kind,
+                "q_len": site.q_len, "kv_len": site.kv_len, "heads": site.heads,
+                "kv_heads": site.kv_heads, "causal": site.causal, "gqa": site.gqa,
+                "mask": site.mask.describe(), "scale": site.scale}
+        heads = site.heads
+        extra: list[fx.Node] = []
+        layout: BlockLayout | None = None
+        if is_static(self.layout):
+            layout = self._static_layout(site, heads)
+            extra = (self._layout_nodes(gm, layout, site) if not reference else
+                     [add_constant(gm, f"{_PREFIX}.reference_mask_{index}",
+                                   layout.to_element_mask(), site.node)])
+            info["density"] = layout.density()
+        elif self.layout == "learned":
+            extra = self._gate_nodes(gm, site, index)
+            info["gate_params"] = [n.target for n in extra]
+        inputs = [site.q, site.k, site.v, *extra, *site.mask.keeps, *site.mask.fills,
+                  *[n for n, _ in site.mask.biases]]
+        if reference:
+            fn = reference_replacement(self, site)
+        else:
+            fn = self._replacement(site)
+        out = insert_traced(gm, fn, inputs, before=site.node, meta_from=site.node,
+                            tag={"inserted_by": self.name})
+        site.node.replace_all_uses_with(out)
+        erase_unused(gm.graph, site.dead or [site.node])
+        if not reference:
+            self._annotate(gm, out, site, info)
+        return out, info
+
+    def _static_layout(self, site: Site, heads: int) -> BlockLayout:
+        opts = {k: getattr(self, k) for k in ("block", "window", "sink", "stride", "dilation",
+                                              "global_tokens", "random_blocks", "seed",
+                                              "mixture")}
+        return build_static(self.layout, opts, site.q_len, site.kv_len,
+                            heads if self.layout in ("bigbird", "mixture") else 1, site.causal)
+
+    def _layout_nodes(self, gm: fx.GraphModule, layout: BlockLayout, site: Site
+                      ) -> list[fx.Node]:
+        key = (f"{self.layout}_{layout.q_len}x{layout.kv_len}_h{layout.heads}_b{self.block}"
+               f"{'_causal' if layout.causal else ''}").replace("-", "_")
+        names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+        return [add_constant(gm, f"{_PREFIX}.{key}.{n}", t, site.node)
+                for n, t in zip(names, layout.tensors())]
+
+    def _gate_nodes(self, gm: fx.GraphModule, site: Site, index: int) -> list[fx.Node]:
+        wq, wk = learned_gates.init_gate(site.heads, site.kv_heads, site.head_dim,
+                                         self.gate_dim, seed=index)
+        stem = f"{_PREFIX}.gates.{_safe(site.name)}"
+        if self.gates:
+            loaded = learned_gates.load_gates(self.gates)
+            for name, t in (("wq", wq), ("wk", wk)):
+                got = loaded.get(f"{stem}.{name}")
+                if got is None or got.shape != t.shape:
+                    raise OptionError(f"gates file {self.gates} has no {stem}.{name} of shape "
+                                      f"{tuple(t.shape)}; train gates for this model and "
+                                      "options with `sparsec train-gates`")
+            wq, wk = loaded[f"{stem}.wq"], loaded[f"{stem}.wk"]
+        dtype = site.q.meta["val"].dtype
+        return [add_constant(gm, f"{stem}.wq", wq.to(dtype), site.node, parameter=True),
+                add_constant(gm, f"{stem}.wk", wk.to(dtype), site.node, parameter=True)]
+
+    def _replacement(self, site: Site) -> Callable[..., torch.Tensor]:
+        """A torch function of (q, k, v, layout or gate tensors, mask parts) → out."""
+        o = self
+        nk, nf = len(site.mask.keeps), len(site.mask.fills)
+        factors = [f for _, f in site.mask.biases]
+        bsa, dtype = torch.ops.sparsec.block_sparse_attention, site.node.meta["val"].dtype
+        n_layout = {"learned": 2}.get(o.layout, 4 if is_static(o.layout) else 0)
+
+        def fn(q, k, v, *rest):
+            lay, rest = list(rest[:n_layout]), rest[n_layout:]
+            q, k, v = _shape_inputs(site, q, k, v)
+            mask = _build_mask(site, rest[:nk], rest[nk:nk + nf], rest[nk + nf:], factors)
+            if o.layout in ("topk", "threshold"):
+                probs = torch.ops.sparsec.block_scores(q, k, site.scale, site.causal, o.block,
+                                                       o.block)
+                lay = _select(o, probs, site)
+            elif o.layout == "vertical-slash":
+                lay = torch.ops.sparsec.select_blocks_vertical_slash(
+                    q, k, site.scale, site.causal, o.block, o.vertical, o.slash, o.sink,
+                    o.window)
+            elif o.layout == "learned":
+                logits = learned_gates.gate_logits(q, k, lay[0], lay[1], site.scale,
+                                                   site.causal, o.block, o.block)
+                lay = _select(o, torch.softmax(logits, dim=-1), site)
+            out = bsa(q, k, v, *lay, mask, site.scale, site.causal, o.block, o.block)[0]
+            return _shape_output(site, out, dtype)
+        return fn
+
+    def _annotate(self, gm: fx.GraphModule, out: fx.Node, site: Site,
+                  info: dict[str, Any]) -> None:
+        """Tag the new op node (and the gate's logits) for reports, plots and training."""
+        op = _producer(out, torch.ops.sparsec.block_sparse_attention.default)
+        if op is None:
+            return
+        meta = {"layout": self.layout, "site": site.name, "block": self.block}
+        if self.layout == "learned":
+            meta["gate_params"] = info["gate_params"]
+            logits = _producer(op.args[3], torch.ops.aten.masked_fill.Scalar, depth=40,
+                               follow_all=True)
+            meta["gate_logits"] = logits.name if logits is not None else None
+        node_info(op)["attention"] = meta
+        info["op_node"] = op.name
+
+    def _density(self, program: Program, rewritten: list[dict[str, Any]]) -> dict[str, Any]:
+        if not rewritten:
+            return {"value": None, "of": None}
+        grids = {"causal" if r["causal"] else "full" for r in rewritten}
+        of = grids.pop() if len(grids) == 1 else "causal or full (per site's causality)"
+        if is_static(self.layout):
+            values, how = [r["density"] for r in rewritten], "from the layout"
+        else:
+            values, how = _measure_density(program, rewritten), "measured on the example inputs"
+            for r, v in zip(rewritten, values):
+                r["density"] = v
+        return {"value": sum(values) / len(values), "of": f"{of} block grid", "how": how,
+                "averaged": "over sites, batch and heads"}
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name) or "site"
+
+
+def _select(o: BlockSparseAttention, probs: torch.Tensor, site: Site):
+    threshold = o.threshold if o.layout == "threshold" else 0.0
+    return torch.ops.sparsec.select_blocks(probs, site.q_len, site.kv_len, site.causal, o.block,
+                                           o.block, o.topk, threshold, o.sink, o.window)
+
+
+def _shape_inputs(site: Site, q, k, v):
+    if site.k_transposed:
+        k = k.transpose(-1, -2)
+    if site.three_d:
+        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    return q, k, v
+
+
+def _shape_output(site: Site, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if site.three_d:
+        out = out.squeeze(1)
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def _build_mask(site: Site, keeps, fills, biases, factors) -> torch.Tensor | None:
+    """The element mask in SDPA form (bool keep, float bias, or a float with −inf)."""
+    keep = None
+    for m in keeps:
+        keep = m if keep is None else keep & m
+    for m in fills:
+        keep = ~m if keep is None else keep & ~m
+    bias = None
+    for m, f in zip(biases, factors):
+        term = m if f == 1.0 else m * f
+        bias = term if bias is None else bias + term
+    if keep is not None and site.three_d and keep.dim() == 3:
+        keep = keep.unsqueeze(1)
+    if bias is not None and site.three_d and bias.dim() == 3:
+        bias = bias.unsqueeze(1)
+    if bias is None:
+        return keep
+    if keep is None:
+        return bias
+    return bias.masked_fill(~keep, float("-inf"))
+
+
+def _producer(node: Any, target: Any, depth: int = 8, follow_all: bool = False) -> fx.Node | None:
+    """The nearest ancestor of `node` (itself included) with `target`."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if not isinstance(n, fx.Node):
+                continue
+            if n.target is target:
+                return n
+            nxt.extend(n.all_input_nodes if follow_all else n.all_input_nodes[:1])
+        frontier = nxt
+    return None
+
+
+def _measure_density(program: Program, rewritten: list[dict[str, Any]]) -> list[float]:
+    """Run the program on its example inputs and read each site's selected layout."""
+    from torch.utils import _pytree as pytree
+
+    gm = program.gm
+    ops = {n.name: n for n in gm.graph.nodes if n.target is
+           torch.ops.sparsec.block_sparse_attention.default}
+    wanted = {ops[r["op_node"]] for r in rewritten if r.get("op_node") in ops}
+    seen: dict[fx.Node, tuple] = {}
+
+    class _Spy(fx.Interpreter):
+        def run_node(self, n):
+            if n in wanted:
+                args, _ = self.fetch_args_kwargs_from_env(n)
+                seen[n] = args
+            return super().run_node(n)
+
+    with torch.no_grad():
+        _Spy(gm).run(*pytree.tree_leaves(program.example_inputs))
+    out = []
+    for r in rewritten:
+        args = seen.get(ops.get(r.get("op_node")))
+        if args is None:
+            out.append(float("nan"))
+            continue
+        q, k = args[0], args[1]
+        lay = BlockLayout(*[t.to(torch.int32) for t in args[3:7]], q.shape[-2], k.shape[-2],
+                          args[10], args[11], args[9])
+        out.append(lay.density())
+    return out
+

@@ -1,0 +1,243 @@
+"""Attention masks in the graph: split into conjuncts, constants evaluated, causality proven.
+
+An element mask is kept as `MaskParts`: attend iff every `keeps` node is True and no `fills`
+node is, with `biases` added to the scores. Float masks of the form where(keep, 0, −big) become
+keeps; NOTs turn fills into keeps; ANDs split into their factors. Conjuncts that depend on no
+input and no parameter are evaluated: all-true ones are dropped, and ones that prove the
+attention causal become `causal=True` (dropped when they are exactly the causal triangle).
+Whatever depends on the inputs (a padding mask) stays, for the op to apply on top of a layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+__all__ = ["MaskParts", "GraphFacts", "mask_from_tensor", "normalize_mask",
+           "fold_constant_masks", "MASK_FILL_MAX"]
+
+aten = torch.ops.aten
+# A fill or additive value at most this (or −inf) removes a key from the softmax in float32.
+MASK_FILL_MAX = -1e4
+_AND = {aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default}
+_NOT = {aten.bitwise_not.default, aten.logical_not.default}
+_BOOL_PASS = {aten.expand.default, aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default,
+              aten.clone.default, aten.contiguous.default, aten.alias.default}
+
+
+def _val(node: Any) -> torch.Tensor | None:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+@dataclass
+class MaskParts:
+    """An element mask as conjuncts: attend iff all `keeps`, no `fills`, plus added `biases`."""
+
+    keeps: list[fx.Node] = field(default_factory=list)      # bool, True = attend
+    fills: list[fx.Node] = field(default_factory=list)      # bool, True = masked out
+    biases: list[tuple[fx.Node, float]] = field(default_factory=list)  # float · factor, added
+    # constant float masks whose entries are 0 or remove the key: candidates for `causal`
+    # (`causal_from_constants` folds them or moves them back to `biases`)
+    const_floats: list[tuple[fx.Node, float]] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.keeps or self.fills or self.biases)
+
+    def describe(self) -> str:
+        parts = [f"keep {n.name}" for n in self.keeps] + [f"not {n.name}" for n in self.fills]
+        parts += [f"add {n.name}" for n, _ in self.biases]
+        return ", ".join(parts) or "none"
+
+
+# facts about the graph ----------------------------------------------------------------------
+class GraphFacts:
+    """Which nodes depend on inputs or parameters, and values of the constant ones."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        params = {n for n, _ in gm.named_parameters()}
+        self.on_input: set[fx.Node] = set()
+        self.on_param: dict[fx.Node, str] = {}
+        for n in gm.graph.nodes:
+            if n.op == "placeholder" or n.op == "call_module":
+                self.on_input.add(n)
+            if n.op == "get_attr" and n.target in params:
+                self.on_param[n] = n.target
+            for a in n.all_input_nodes:
+                if a in self.on_input:
+                    self.on_input.add(n)
+                if a in self.on_param and n not in self.on_param:
+                    self.on_param[n] = self.on_param[a]
+        self._values: dict[fx.Node, Any] = {}
+
+    def constant(self, node: Any) -> bool:
+        return not isinstance(node, fx.Node) or (node not in self.on_input and
+                                                 node not in self.on_param)
+
+    def value(self, node: Any) -> Any:
+        """Evaluate a constant node (no input or parameter behind it)."""
+        if not isinstance(node, fx.Node):
+            return node
+        if node in self._values:
+            return self._values[node]
+        if node.op == "get_attr":
+            out = _get_attr(self.gm, node.target)
+        elif node.op == "call_function":
+            args = fx.node.map_arg(node.args, self.value)
+            kwargs = fx.node.map_arg(node.kwargs, self.value)
+            with torch.no_grad():
+                out = node.target(*args, **kwargs)
+        else:
+            raise ValueError(f"cannot evaluate {node.op} node {node.name}")
+        self._values[node] = out
+        return out
+
+    def scalar(self, arg: Any) -> float | None:
+        """The value of a constant scalar (a number or a one-element constant tensor)."""
+        if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            return float(arg)
+        if isinstance(arg, fx.Node) and self.constant(arg):
+            try:
+                val = self.value(arg)
+            except Exception:
+                return None
+            if isinstance(val, torch.Tensor) and val.numel() == 1 and val.is_floating_point():
+                return float(val)
+            if isinstance(val, (int, float)):
+                return float(val)
+        return None
+
+
+def _get_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# normalizing -------------------------------------------------------------------------------
+def mask_from_tensor(mask: fx.Node, facts: GraphFacts) -> MaskParts | str:
+    val = _val(mask)
+    if val is None:
+        return "attn_mask has no traced shape"
+    parts = MaskParts()
+    if val.dtype == torch.bool:
+        parts.keeps.append(mask)
+    else:
+        parts.biases.append((mask, 1.0))
+    return normalize_mask(parts, facts)
+
+
+def normalize_mask(parts: MaskParts, facts: GraphFacts) -> MaskParts | str:
+    """Normalize: float masks of the form where(keep, 0, −big) become keeps, NOTs flip fills
+    into keeps, ANDs split into conjuncts; learned biases are refused."""
+    out = MaskParts()
+    for node, factor in parts.biases:
+        keep = _where_keep(node, facts)
+        if keep is not None:
+            out.keeps.extend(_conjuncts(keep))
+            continue
+        if _mask_like_constant(node, factor, facts):
+            out.const_floats.append((node, factor))
+            continue
+        if node in facts.on_param:
+            return (f"the attention bias {node.name} depends on parameter "
+                    f"'{facts.on_param[node]}' (a learned bias); the block-sparse op treats "
+                    "masks as constants")
+        out.biases.append((node, factor))
+    for node in parts.keeps:
+        out.keeps.extend(_conjuncts(node))
+    for node in parts.fills:
+        if node.target in _NOT:
+            out.keeps.extend(_conjuncts(node.args[0]))
+        else:
+            out.fills.append(node)
+    return out
+
+
+def _mask_like_constant(node: fx.Node, factor: float, facts: GraphFacts) -> bool:
+    """A constant float mask whose entries are 0 or remove the key (after `factor`)."""
+    if not facts.constant(node) or factor <= 0:
+        return False
+    try:
+        val = facts.value(node)
+    except Exception:
+        return False
+    if not isinstance(val, torch.Tensor) or not val.is_floating_point():
+        return False
+    return bool(((val == 0) | (val * factor <= MASK_FILL_MAX)).all())
+
+
+def _where_keep(node: fx.Node, facts: GraphFacts) -> fx.Node | None:
+    """cond if node is where(cond, 0, v ≤ MASK_FILL_MAX), else None."""
+    while node.target in _BOOL_PASS and node.target is not aten.expand.default and \
+            _val(node) is not None and _val(node).is_floating_point():
+        node = node.args[0]
+    if node.target not in (aten.where.self, aten.where.ScalarOther):
+        return None
+    zero, fill = facts.scalar(node.args[1]), facts.scalar(node.args[2])
+    if zero == 0.0 and fill is not None and fill <= MASK_FILL_MAX:
+        return node.args[0]
+    return None
+
+
+def _conjuncts(node: fx.Node) -> list[fx.Node]:
+    """Split a bool mask through AND (and shape/bool-cast no-ops) into its factors."""
+    val = _val(node)
+    if node.target in _AND:
+        return _conjuncts(node.args[0]) + _conjuncts(node.args[1])
+    if node.target in _BOOL_PASS and val is not None and val.dtype == torch.bool and \
+            isinstance(node.args[0], fx.Node) and _val(node.args[0]) is not None and \
+            _val(node.args[0]).dtype == torch.bool:
+        return _conjuncts(node.args[0])
+    return [node]
+
+
+def fold_constant_masks(mask: MaskParts, facts: GraphFacts, q_len: int, kv_len: int) -> bool:
+    """Drop constant all-true conjuncts; return True when the constant ones prove causality
+    (they are dropped too when they are exactly the causal triangle)."""
+    floats = dict(mask.const_floats)
+    mask.const_floats = []
+    try:
+        return _fold_constants(mask, facts, floats, q_len, kv_len)
+    finally:  # constant float masks not folded stay exact additive masks
+        mask.biases += list(floats.items())
+
+
+def _fold_constants(mask: MaskParts, facts: GraphFacts, floats: dict[fx.Node, float],
+                    L: int, S: int) -> bool:
+    consts = [n for n in mask.keeps if facts.constant(n)]
+    try:
+        values = {n: facts.value(n) for n in consts}
+        values.update({n: facts.value(n) == 0 for n in floats})
+    except Exception:  # a constant we cannot evaluate stays an element mask
+        return False
+    if any(not isinstance(v, torch.Tensor) or v.dtype != torch.bool for v in values.values()):
+        return False
+    ones = [n for n in values if bool(values[n].all())]
+    mask.keeps = [n for n in mask.keeps if n not in ones]
+    for n in ones:
+        floats.pop(n, None)
+    rest = [n for n in values if n not in ones]
+    if not rest or L != S:
+        return False
+    total = torch.ones(L, S, dtype=torch.bool)
+    for n in rest:
+        v = values[n]
+        if v.dim() < 2:
+            return False
+        v2 = v.expand(*v.shape[:-2], L, S).reshape(-1, L, S)
+        if not bool((v2 == v2[:1]).all()):
+            return False  # differs across batch/heads: leave it as an element mask
+        total = total & v2[0]
+    tril = torch.ones(L, S, dtype=torch.bool).tril()
+    if bool((total & ~tril).any()):
+        return False
+    if bool((total == tril).all()):  # exactly causal: causal=True says it all
+        mask.keeps = [n for n in mask.keeps if n not in rest]
+        for n in rest:
+            floats.pop(n, None)
+    return True

@@ -1,0 +1,431 @@
+"""Find attention in an ATen forward graph: `Site`s to rewrite and `Skip`s with their reason.
+
+Two forms are matched:
+
+- `aten.scaled_dot_product_attention` (attn_mask, is_causal, scale, enable_gqa);
+- hand-written attention: matmul/bmm(q, kᵀ) → scale (mul/div by a constant, on the scores or
+  on q) → mask (add, masked_fill, where) → softmax over the last dim → casts / eval dropout →
+  matmul/bmm(·, v), as GPT-2, BERT and older Hugging Face models write it.
+
+Keys and values repeated for grouped-query attention (repeat_interleave on the head dim, or
+unsqueeze → expand → reshape as Hugging Face's `repeat_kv`) are traced back to their key/value
+heads. Masks are split into conjuncts: the parts that depend on no input are evaluated, and a
+constant causal part becomes `causal=True`; the rest (a padding mask, say) stays an element
+mask the op applies on top of the layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..program import module_path
+from .attention_masks import (
+    MASK_FILL_MAX,
+    GraphFacts,
+    MaskParts,
+    fold_constant_masks,
+    mask_from_tensor,
+    normalize_mask,
+)
+
+__all__ = ["Site", "Skip", "find_sites", "unrepeat_kv"]
+
+aten = torch.ops.aten
+
+_SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+_MATMUL = {aten.matmul.default, aten.bmm.default}
+_CASTS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.clone.default,
+          aten.contiguous.default, aten.alias.default, aten.type_as.default, aten.to.device}
+_MUL = {aten.mul.Tensor, aten.mul.Scalar}
+_DIV = {aten.div.Tensor, aten.div.Scalar}
+_ADD = {aten.add.Tensor}
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+# Nodes that only check a value (torch.export inserts them after casts): not real users.
+_CHECKS = {aten._assert_tensor_metadata.default}
+
+
+def _users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if u.target not in _CHECKS]
+
+
+def _checks(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if u.target in _CHECKS]
+
+
+@dataclass
+class Site:
+    """One attention to rewrite: out = attention(q, k, v) under `mask` (and `causal`)."""
+
+    node: fx.Node                 # the node whose value the op replaces
+    kind: str                     # "sdpa" | "manual"
+    q: fx.Node
+    k: fx.Node                    # [B, Hkv, S, D] (or kᵀ when `k_transposed`)
+    v: fx.Node
+    scale: float
+    causal: bool
+    mask: MaskParts
+    batch: int
+    heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    three_d: bool = False         # bmm form: [B·H, L, D], heads folded into the batch
+    k_transposed: bool = False    # `k` holds kᵀ: the replacement transposes it back
+    gqa: str | None = None        # how k/v were repeated, if they were
+    dead: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return module_path(self.node) or self.node.name
+
+
+@dataclass
+class Skip:
+    node: fx.Node
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return module_path(self.node) or self.node.name
+
+
+def _val(node: Any) -> torch.Tensor | None:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+# entry --------------------------------------------------------------------------------------
+def find_sites(gm: fx.GraphModule) -> list[Site | Skip]:
+    """Every attention candidate of the graph, in graph order."""
+    facts = GraphFacts(gm)
+    out: list[Site | Skip] = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.meta.get("sparsec", {}).get("inserted_by"):
+            continue  # (a learned gate's softmax is not an attention to rewrite)
+        if node.target is aten.scaled_dot_product_attention.default:
+            out.append(_match_sdpa(node, facts))
+        elif node.target in _SOFTMAX and _looks_like_attention(node):
+            out.append(_match_manual(node, facts))
+    return out
+
+
+def _looks_like_attention(softmax: fx.Node) -> bool:
+    """A softmax is an attention candidate if a matmul feeds it or consumes it."""
+    x, steps = softmax.args[0], 0
+    while isinstance(x, fx.Node) and steps < 8:
+        if x.target in _MATMUL:
+            return True
+        x, steps = (x.args[0] if x.args else None), steps + 1
+    users, steps = _users(softmax), 0
+    while len(users) == 1 and steps < 4:
+        if users[0].target in _MATMUL:
+            return True
+        users, steps = _users(users[0]), steps + 1
+    return False
+
+
+# scaled_dot_product_attention ---------------------------------------------------------------
+def _match_sdpa(node: fx.Node, facts: GraphFacts) -> Site | Skip:
+    q, k, v = node.args[:3]
+    attn_mask = _arg(node, 3, "attn_mask")
+    dropout_p = _arg(node, 4, "dropout_p", 0.0)
+    is_causal = bool(_arg(node, 5, "is_causal", False))
+    scale = node.kwargs.get("scale", _arg(node, 6, "scale"))
+    enable_gqa = bool(node.kwargs.get("enable_gqa", False))
+    if dropout_p:
+        return Skip(node, f"dropout_p={dropout_p} (training-mode dropout): the block-sparse op "
+                          "has no dropout; trace the model in eval mode")
+    shapes = _shapes(node, q, k, v)
+    if isinstance(shapes, str):
+        return Skip(node, shapes)
+    b, h, L, d, S = shapes
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    mask = MaskParts()
+    if attn_mask is not None:
+        mask = mask_from_tensor(attn_mask, facts)
+        if isinstance(mask, str):
+            return Skip(node, mask)
+    site = Site(node, "sdpa", q, k, v, scale, is_causal, mask, b, h, _val(k).shape[1], L, S,
+                d, gqa="enable_gqa" if enable_gqa and _val(k).shape[1] != h else None)
+    return _finish(site, facts)
+
+
+def _shapes(node: fx.Node, q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int] | str:
+    vals = [_val(x) for x in (q, k, v)]
+    if any(not isinstance(t, torch.Tensor) for t in vals):
+        return "q, k or v has no traced shape (node.meta['val'])"
+    qv, kv, vv = vals
+    if qv.dim() != 4 or kv.dim() != 4 or vv.dim() != 4:
+        return f"q/k/v are {qv.dim()}-D; attention with [batch, heads, length, dim] is matched"
+    if not (qv.shape[0] == kv.shape[0] == vv.shape[0]):
+        return "q, k and v have different batch sizes (broadcast batch is not supported)"
+    if kv.shape[1] != vv.shape[1] or qv.shape[1] % kv.shape[1]:
+        return f"{qv.shape[1]} query heads do not group onto {kv.shape[1]} key/value heads"
+    if not qv.is_floating_point():
+        return f"q is {qv.dtype}"
+    return qv.shape[0], qv.shape[1], qv.shape[2], qv.shape[3], kv.shape[2]
+
+
+# hand-written attention -------------------------------------------------------------------
+def _match_manual(softmax: fx.Node, facts: GraphFacts) -> Site | Skip:
+    dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")
+    scores_val = _val(softmax)
+    if scores_val is None:
+        return Skip(softmax, "softmax has no traced shape")
+    if dim not in (-1, scores_val.dim() - 1):
+        return Skip(softmax, f"softmax over dim {dim}, not the key dim (last)")
+    after = _walk_probabilities(softmax)
+    if isinstance(after, str):
+        return Skip(softmax, after)
+    out_mm, v, tail = after
+    before = _walk_scores(softmax, facts)
+    if isinstance(before, str):
+        return Skip(softmax, before)
+    mm, scale, mask, chain = before
+    qk = _split_qk(mm, facts)
+    if isinstance(qk, str):
+        return Skip(softmax, qk)
+    q, k_node, k_transposed, q_scale, peeled = qk
+    scale *= q_scale
+    three_d = _val(q).dim() == 3
+    mask = normalize_mask(mask, facts)
+    if isinstance(mask, str):
+        return Skip(softmax, mask)
+    qv, kv, vv = _val(q), _val(k_node), _val(v)
+    if qv.dim() not in (3, 4) or vv.dim() != qv.dim():
+        return Skip(softmax, f"q is {qv.dim()}-D; 3-D (bmm) and 4-D attention are matched")
+    L, d = qv.shape[-2], qv.shape[-1]
+    S = kv.shape[-1] if k_transposed else kv.shape[-2]
+    if three_d:
+        b, h, hkv = qv.shape[0], 1, 1
+    else:
+        b, h, hkv = qv.shape[0], qv.shape[1], kv.shape[1]
+    if tuple(_val(mm).shape[-2:]) != (L, S) or vv.shape[-2] != S:
+        return Skip(softmax, "scores are not [.., q_len, kv_len] of q and k")
+    dead = [out_mm, *reversed(tail), softmax, *chain, mm, *peeled]
+    dead = [c for n in dead for c in (*_checks(n), n)]  # assertions go before their subject
+    site = Site(out_mm, "manual", q, k_node, v, scale, False, mask, b, h, hkv, L, S, d,
+                three_d=three_d, k_transposed=k_transposed, dead=dead)
+    return _finish(site, facts)
+
+
+def _walk_probabilities(softmax: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | str:
+    """From the softmax forward to matmul(p, v): (matmul, v, the nodes between)."""
+    x, tail = softmax, []
+    while True:
+        users = _users(x)
+        if len(users) != 1:
+            who = ", ".join(u.name for u in users) or "nothing"
+            return (f"the attention probabilities ({x.name}) are used by {who}, not only by "
+                    "the value product (e.g. output_attentions=True)")
+        u = users[0]
+        if u.target in _MATMUL:
+            if u.args[0] is not x:
+                return "the probabilities are the right operand of the value product"
+            return u, u.args[1], tail
+        if u.target is aten.dropout.default:
+            p, train = _arg(u, 1, "p", 0.0), _arg(u, 2, "train", False)
+            if train and p:
+                return f"dropout p={p} in training mode on the attention probabilities"
+        elif u.target not in _CASTS:
+            return f"{_op_name(u)} between softmax and the value product is not supported"
+        tail.append(u)
+        x = u
+
+
+def _walk_scores(softmax: fx.Node, facts: GraphFacts):
+    """From the softmax back to matmul(q, kᵀ): (matmul, scale, mask ops, chain) or a reason."""
+    x, chain = softmax.args[0], []
+    scale, ops = 1.0, []
+    while True:
+        if not isinstance(x, fx.Node):
+            return "softmax input is not a tensor computed in the graph"
+        if x.target in _MATMUL:
+            break
+        if len(_users(x)) != 1:
+            return f"the attention scores ({x.name}) are also used by another node"
+        chain.append(x)
+        t = x.target
+        if t in _MUL or t in _DIV:
+            inner, c = _split_const(x, facts, allow_right_only=t in _DIV)
+            if inner is None:
+                return f"scores are {'multiplied' if t in _MUL else 'divided'} by a " \
+                       "non-constant tensor"
+            ops.append(("scale", c if t in _MUL else 1.0 / c))
+            x = inner
+        elif t in _ADD:
+            if len(x.args) > 2 and x.args[2] != 1 or x.kwargs.get("alpha", 1) != 1:
+                return "add with alpha ≠ 1 on the scores"
+            inner, other = _pick_chain(x)
+            if inner is None:
+                return f"cannot tell the scores from the mask in {x.name}"
+            ops.append(("bias", other))
+            x = inner
+        elif t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
+            value = facts.scalar(x.args[2])
+            if value is None or not value <= MASK_FILL_MAX:
+                return f"masked_fill with {x.args[2]!r}, which does not remove keys " \
+                       f"(needs −inf or ≤ {MASK_FILL_MAX:g})"
+            ops.append(("fill", x.args[1]))
+            x = x.args[0]
+        elif t in (aten.where.self, aten.where.ScalarOther):
+            value = facts.scalar(x.args[2])
+            if value is None or not value <= MASK_FILL_MAX:
+                return "where() on the scores with a fill value that does not remove keys"
+            ops.append(("keep", x.args[0]))
+            x = x.args[1]
+        elif t in _CASTS:
+            x = x.args[0]
+        else:
+            return f"{_op_name(x)} between QKᵀ and softmax (a score modification the " \
+                   "block-sparse op cannot express)"
+    # apply the ops in forward order: later scales also scale earlier biases
+    mask, biases = MaskParts(), []
+    for kind, arg in reversed(ops):
+        if kind == "scale":
+            scale *= arg
+            biases = [(n, f * arg) for n, f in biases]
+        elif kind == "bias":
+            biases.append((arg, 1.0))
+        elif kind == "fill":
+            mask.fills.append(arg)
+        else:
+            mask.keeps.append(arg)
+    mask.biases = biases
+    return x, scale, mask, chain
+
+
+def _split_const(node: fx.Node, facts: GraphFacts, allow_right_only: bool):
+    a, b = node.args[0], node.args[1]
+    cb = facts.scalar(b)
+    if cb is not None and isinstance(a, fx.Node):
+        return a, cb
+    if not allow_right_only:
+        ca = facts.scalar(a)
+        if ca is not None and isinstance(b, fx.Node):
+            return b, ca
+    return None, None
+
+
+def _pick_chain(add: fx.Node) -> tuple[fx.Node | None, Any]:
+    """Which operand of an add carries the scores (it reaches the QKᵀ matmul)."""
+    a, b = add.args[0], add.args[1]
+    hits = [x for x in (a, b) if isinstance(x, fx.Node) and _reaches_matmul(x)]
+    if len(hits) != 1:
+        return None, None
+    return (a, b) if hits[0] is a else (b, a)
+
+
+def _reaches_matmul(x: fx.Node, depth: int = 12) -> bool:
+    while isinstance(x, fx.Node) and depth > 0:
+        if x.target in _MATMUL:
+            return True
+        if len(_users(x)) != 1 or not x.args:
+            return False
+        x, depth = x.args[0], depth - 1
+    return False
+
+
+def _split_qk(mm: fx.Node, facts: GraphFacts):
+    """(q, k or kᵀ, whether it is kᵀ, scale folded from q/k, nodes peeled) or a reason."""
+    if len(_users(mm)) != 1:
+        return "the raw scores are used elsewhere"
+    a, bt = mm.args[0], mm.args[1]
+    scale, peeled = 1.0, []
+    a, s, p = _peel_scale(a, facts)
+    scale, peeled = scale * s, peeled + p
+    nd = _val(bt).dim() if _val(bt) is not None else 0
+    k, transposed = bt, True
+    if bt.target is aten.transpose.int and len(_users(bt)) == 1 and \
+            {d % nd for d in bt.args[1:3]} == {nd - 1, nd - 2}:
+        k, transposed = bt.args[0], False
+        peeled.append(bt)
+    elif bt.target is aten.permute.default and len(_users(bt)) == 1 and \
+            list(bt.args[1]) in (list(range(nd - 2)) + [nd - 1, nd - 2],):
+        k, transposed = bt.args[0], False
+        peeled.append(bt)
+    k, s, p = _peel_scale(k, facts)
+    scale, peeled = scale * s, peeled + p
+    if not isinstance(a, fx.Node) or _val(a) is None or _val(k) is None:
+        return "q or k has no traced shape"
+    return a, k, transposed, scale, peeled
+
+
+def _peel_scale(x: Any, facts: GraphFacts) -> tuple[Any, float, list[fx.Node]]:
+    """q·c or q/c with a constant c and no other user: (q, c, [node])."""
+    if isinstance(x, fx.Node) and len(_users(x)) == 1 and (x.target in _MUL or x.target in _DIV):
+        inner, c = _split_const(x, facts, allow_right_only=x.target in _DIV)
+        if inner is not None and c:
+            return inner, (c if x.target in _MUL else 1.0 / c), [x]
+    return x, 1.0, []
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    return str(t.overloadpacket) if isinstance(t, torch._ops.OpOverload) else str(t)
+
+
+# GQA ------------------------------------------------------------------------------------------
+def unrepeat_kv(x: fx.Node, groups: int) -> tuple[fx.Node, str] | None:
+    """The [B, Hkv, S, D] tensor that x repeats `groups` times per head (h → h // groups)."""
+    if groups <= 1:
+        return None
+    val = _val(x)
+    if x.target is aten.repeat_interleave.self_int:
+        reps = x.args[1]
+        dim = x.args[2] if len(x.args) > 2 else x.kwargs.get("dim")
+        if reps == groups and dim is not None and dim % 4 == 1:
+            return x.args[0], "repeat_interleave"
+        return None
+    if x.target not in _VIEWS:
+        return None
+    e = x.args[0]
+    while isinstance(e, fx.Node) and e.target in (aten.clone.default, aten.contiguous.default):
+        e = e.args[0]
+    if not isinstance(e, fx.Node) or e.target is not aten.expand.default:
+        return None
+    u = e.args[0]
+    if not isinstance(u, fx.Node) or u.target is not aten.unsqueeze.default or \
+            u.args[1] % 5 != 2:
+        return None
+    base = u.args[0]
+    bv, ev = _val(base), _val(e)
+    if bv is None or ev is None or bv.dim() != 4 or val is None:
+        return None
+    b, hkv, s, d = bv.shape
+    if tuple(ev.shape) != (b, hkv, groups, s, d) or tuple(val.shape) != (b, hkv * groups, s, d):
+        return None
+    return base, "expand"
+
+
+def _finish(site: Site, facts: GraphFacts) -> Site | Skip:
+    """Fold GQA repeats back to key/value heads and constant causal masks into `causal`."""
+    if not site.three_d and not site.k_transposed and site.gqa is None:
+        groups = site.heads // max(site.kv_heads, 1)
+        if site.kv_heads == site.heads:  # maybe repeated up to the query heads
+            for g in _divisors_desc(site.heads):
+                rk, rv = unrepeat_kv(site.k, g), unrepeat_kv(site.v, g)
+                if rk and rv and rk[1] == rv[1]:
+                    site.k, site.v, site.gqa = rk[0], rv[0], rk[1]
+                    site.kv_heads = site.heads // g
+                    break
+        elif groups > 1:
+            site.gqa = "enable_gqa"
+    site.causal = fold_constant_masks(site.mask, facts, site.q_len, site.kv_len) or site.causal
+    return site
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [g for g in range(n, 1, -1) if n % g == 0]
+

@@ -1,0 +1,100 @@
+"""The stated reference of `block-sparse-attention`: each rewritten site computed as dense
+`scaled_dot_product_attention` under the layout's element mask.
+
+This path shares nothing with the op's implementation: the static layout arrives as a dense
+element mask (`BlockLayout.to_element_mask`), dynamic selections as dense block masks
+(`select_keep`, `vertical_slash_keep`) expanded to elements here, and the attention itself is
+torch's own SDPA. Query rows with no visible key give 0, as the op defines.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from ..layouts import learned as learned_gates
+from ..layouts.dynamic import pooled_block_scores, select_keep, vertical_slash_keep
+from ..layouts.spec import is_static
+from .attention_match import Site
+
+if TYPE_CHECKING:
+    from .attention import BlockSparseAttention
+
+__all__ = ["reference_replacement", "blocks_to_elements", "dense_masked_attention"]
+
+
+def blocks_to_elements(keep: torch.Tensor, q_len: int, kv_len: int, block_q: int,
+                       block_kv: int, causal: bool) -> torch.Tensor:
+    """bool [B, H, NQ, NKV] block mask → bool [B, H, q_len, kv_len] element mask."""
+    rows = torch.arange(q_len, device=keep.device) // block_q
+    cols = torch.arange(kv_len, device=keep.device) // block_kv
+    mask = keep.index_select(-2, rows).index_select(-1, cols)
+    if causal:
+        mask = mask & torch.ones(q_len, kv_len, dtype=torch.bool, device=keep.device).tril()
+    return mask
+
+
+def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           allowed: torch.Tensor, mask: torch.Tensor | None,
+                           scale: float) -> torch.Tensor:
+    """SDPA of q [B, Hq, L, D] over k, v [B, Hkv, S, D] where `allowed` (and `mask`) permit;
+    rows that see nothing give 0."""
+    heads = q.shape[1]
+    kk = k.repeat_interleave(heads // k.shape[1], dim=1)
+    vv = v.repeat_interleave(heads // v.shape[1], dim=1)
+    bias = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            bias = mask
+    row_any = allowed.any(-1, keepdim=True)
+    safe = allowed | ~row_any  # SDPA would return NaN for a row with no key
+    attn = safe if bias is None else bias.masked_fill(~safe, float("-inf"))
+    out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=attn,
+                                                           scale=scale)
+    return out.masked_fill(~row_any, 0.0).nan_to_num(0.0)
+
+
+def reference_replacement(o: "BlockSparseAttention", site: Site) -> Callable[..., torch.Tensor]:
+    """A torch function of the same inputs as the pass's replacement, computing the
+    reference (static layouts arrive as one dense element-mask input)."""
+    from .attention import _build_mask, _shape_inputs, _shape_output
+
+    nk, nf = len(site.mask.keeps), len(site.mask.fills)
+    factors = [f for _, f in site.mask.biases]
+    dtype = site.node.meta["val"].dtype
+    n_layout = 1 if is_static(o.layout) else (2 if o.layout == "learned" else 0)
+    L, S, block = site.q_len, site.kv_len, o.block
+
+    def fn(q, k, v, *rest):
+        lay, rest = rest[:n_layout], rest[n_layout:]
+        q, k, v = _shape_inputs(site, q, k, v)
+        mask = _build_mask(site, rest[:nk], rest[nk:nk + nf], rest[nk + nf:], factors)
+        if is_static(o.layout):
+            allowed = lay[0]
+        else:
+            keep = _dynamic_keep(o, site, q, k, lay)
+            allowed = blocks_to_elements(keep, L, S, block, block, site.causal)
+        out = dense_masked_attention(q, k, v, allowed, mask, site.scale)
+        return _shape_output(site, out, dtype)
+    return fn
+
+
+def _dynamic_keep(o: "BlockSparseAttention", site: Site, q, k, lay) -> torch.Tensor:
+    L, S, block = site.q_len, site.kv_len, o.block
+    if o.layout == "vertical-slash":
+        return vertical_slash_keep(q, k, site.scale, site.causal, block, o.vertical, o.slash,
+                                   o.sink, o.window)
+    if o.layout == "learned":
+        logits = learned_gates.gate_logits(q, k, lay[0], lay[1], site.scale, site.causal,
+                                           block, block)
+        probs = torch.softmax(logits, dim=-1)
+        threshold = 0.0
+    else:
+        probs = pooled_block_scores(q, k, site.scale, site.causal, block, block)
+        threshold = o.threshold if o.layout == "threshold" else 0.0
+    return select_keep(probs, L, S, block, block, site.causal, o.topk, threshold, o.sink,
+                       o.window)
+

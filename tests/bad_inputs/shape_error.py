@@ -1,0 +1,9 @@
+import torch
+
+
+def model():
+    return torch.nn.Linear(4, 4)
+
+
+def example_inputs():
+    return (torch.randn(2, 5),)
