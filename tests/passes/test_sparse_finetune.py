@@ -171,3 +171,14 @@ def test_functional_linear_on_a_root_parameter(method):
     r = check_pass(SparseFinetune(method=method, targets=("*",), density=0.25), _Functional(),
                    (torch.randn(3, 8),))
     assert len(finetune_nodes(r.program)) == 1
+
+
+def test_joint_graph_and_prune_backward_see_the_sparse_ops(tiny_llama_program):
+    """Stage 2 traces the sparse ops' own backward ops, and the pipeline verifies the step."""
+    from sparsec.api import resolve_passes
+
+    p = run_passes(tiny_llama_program,
+                   resolve_passes(None, ["sparse-finetune", "joint-graph", "prune-backward"]))
+    targets = {str(n.target) for n in p.gm.graph.nodes if n.op == "call_function"}
+    assert {"sparsec.sampled_grad.default", "sparsec.sparse_delta_grad_input.default"} <= targets
+    assert p.history[-1].stats["frozen_grads_removed"] > 0
