@@ -12,6 +12,16 @@ __version__ = "0.1.0"
 
 from .api import compile
 from .backends import Compiled, LowerOptions, lower
+from .deltas import (
+                     Deltas,
+                     apply_deltas,
+                     compose_deltas,
+                     extract_deltas,
+                     load_deltas,
+                     merge_deltas,
+                     save_deltas,
+                     unmerge_deltas,
+)
 from .errors import (
                      BadInputError,
                      OptionError,
@@ -30,8 +40,6 @@ from .passes.base import Pass, PassResult, get_pass, option, register, registere
 from .pipeline import run_passes
 from .program import ModelSource, PassRecord, Program, Prop, module_path, node_info
 from .recipe import dump_recipe, load_recipe, parse_pass_arg, parse_recipe
-from .deltas import (Deltas, apply_deltas, compose_deltas, extract_deltas, load_deltas,
-                     merge_deltas, save_deltas, unmerge_deltas)
 from .train import Trainer, train_model
 
 __all__ = [

@@ -8,8 +8,15 @@ import torch
 
 import sparsec
 from sparsec import BadInputError, run_passes
-from sparsec.deltas import (apply_deltas, compose_deltas, extract_deltas, load_deltas,
-                            merge_deltas, save_deltas, unmerge_deltas)
+from sparsec.deltas import (
+    apply_deltas,
+    compose_deltas,
+    extract_deltas,
+    load_deltas,
+    merge_deltas,
+    save_deltas,
+    unmerge_deltas,
+)
 from sparsec.passes.sparse_finetune import SparseFinetune
 from sparsec.train import Trainer, train_model
 

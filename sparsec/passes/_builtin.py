@@ -1,6 +1,5 @@
 """Importing this module registers every built-in pass."""
 
-from . import (attention, cleanup, joint_graph, merge_sparse, prune_backward,  # noqa: F401
-               sparse_finetune)
+from . import attention, cleanup, joint_graph, merge_sparse, prune_backward, sparse_finetune  # noqa: F401
 
 __all__: list[str] = []

@@ -3,7 +3,6 @@ import torch
 
 import sparsec.ops.sparse_delta as sd
 
-
 OPS = torch.ops.sparsec
 
 

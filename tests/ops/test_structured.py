@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-
 OPS = torch.ops.sparsec
 
 
