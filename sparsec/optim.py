@@ -1,7 +1,7 @@
 """Optimizers written as in-place tensor code that traces into a joint graph.
 
-The update follows `torch.optim.AdamW`'s capturable formulation (the step count is a tensor,
-so one traced graph serves every step); the eager reference is `torch.optim.AdamW` itself.
+The update follows `torch.optim.AdamW`'s formula with the step count as a tensor, so one traced
+graph serves every step; the eager reference is `torch.optim.AdamW` itself.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ def update_(param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tens
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     bias_correction1 = 1 - torch.pow(beta1, step)
     bias_correction2 = 1 - torch.pow(beta2, step)
-    step_size_neg = (lr / bias_correction1).neg()
-    denom = (exp_avg_sq.sqrt() / (bias_correction2.sqrt() * step_size_neg)).add_(
-        config.eps / step_size_neg)
-    param.addcdiv_(exp_avg, denom)
+    denom = (exp_avg_sq.sqrt() / bias_correction2.sqrt()).add_(config.eps)
+    # torch.optim.AdamW's formula with the step size as a tensor (torch's capturable variant
+    # divides by the step size instead, which breaks at lr = 0)
+    param.addcdiv_(exp_avg * (-lr / bias_correction1), denom)
 
 
 def _sgd_(param, grad, state, step, config) -> None:

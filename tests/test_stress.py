@@ -10,6 +10,10 @@ from sparsec.testing import strategies as sst
 from sparsec.testing.pytest_plugin import examples
 
 
+# What a drawn model may legitimately lack: layers to fine-tune, something left to train.
+REFUSALS = ("nothing is trainable", "match no linear layer", "no linear layer inside")
+
+
 def _loss(out, batch):
     return (out.float() ** 2).mean()
 
@@ -21,7 +25,7 @@ def test_random_recipes_on_random_models(model, passes):
     program.source = ModelSource(name="random", loss=_loss)
     try:
         out = run_passes(program, passes, verify=True)
-    except BadInputError as e:  # a clean refusal is right when nothing is left to train
-        assert "nothing is trainable" in str(e), e
+    except BadInputError as e:  # a clean refusal is right when the model lacks what a pass needs
+        assert any(reason in str(e) for reason in REFUSALS), e
         return
     assert [r.name for r in out.history] == [p.name for p in passes]

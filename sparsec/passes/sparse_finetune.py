@@ -112,6 +112,28 @@ class SparseFinetune(Pass):
             raise OptionError(f"option 'sparse-finetune.n' is {self.n} > m={self.m}; N:M needs "
                               "n <= m")
 
+    @classmethod
+    def hypothesis_options(cls):
+        """Consistent option sets for `sparsec.testing.strategies.recipes()`."""
+        from hypothesis import strategies as st
+
+        def for_method(method: str):
+            selects = {"delta": ("magnitude", "random", "principal"),
+                       "structured": ("norm", "magnitude", "random"), "nm": ("magnitude",)}
+            nm = st.sampled_from([(1, 2), (2, 4), (1, 4)])
+            return st.fixed_dictionaries({
+                "method": st.just(method),
+                "density": st.sampled_from((0.01, 0.1, 0.5)),
+                "select": st.sampled_from(selects[method]),
+                "targets": st.sampled_from(((), ("*",), ("blocks.0.*",))),
+                "rank": st.integers(1, 4),
+                "seed": st.integers(0, 9),
+                "nm": nm,
+            }).map(lambda d: {**{k: v for k, v in d.items() if k != "nm"},
+                              "n": d["nm"][0], "m": d["nm"][1]})
+
+        return st.sampled_from(("delta", "structured", "nm")).flatmap(for_method)
+
     # running ---------------------------------------------------------------------------------
     def run(self, program: Program) -> PassResult:
         targets, skipped = find_targets(program, self.targets)
