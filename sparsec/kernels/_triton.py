@@ -1,0 +1,73 @@
+"""Triton under a guard, and the switches every kernel module shares.
+
+Kernel modules do `from ._triton import HAS_TRITON, triton, tl`. Without Triton installed,
+`triton.jit`/`triton.autotune` are no-op decorators and `tl.constexpr` a plain object, so the
+modules still import (their references work; their launchers are never called: the ops check
+`HAS_TRITON`).
+
+- `interpreting()`: TRITON_INTERPRET=1 was set when Triton built the kernels; launchers then
+  accept CPU tensors and skip autotuning (the interpreter runs each program in numpy).
+- `autotune_enabled()`: SPARSEC_AUTOTUNE=0 pins every kernel to its heuristic tile choice
+  (tests use it: one compile per shape instead of one per candidate tile).
+"""
+
+import os
+
+__all__ = ["HAS_TRITON", "triton", "tl", "interpreting", "autotune_enabled", "cdiv",
+           "next_pow2", "on_cuda"]
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where Triton is absent
+    HAS_TRITON = False
+
+    class _Shim:
+        """Stands in for `triton` and `triton.language` so kernel modules import."""
+
+        constexpr = object
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def autotune(*_, **__):
+            return lambda f: f
+
+        @staticmethod
+        def heuristics(*_, **__):
+            return lambda f: f
+
+        class Config:
+            def __init__(self, *args, **kwargs):
+                self.kwargs, self.num_warps, self.num_stages = (args[0] if args else {}), 4, 3
+
+    triton = tl = _Shim()
+
+# Read once, at import: Triton decides interpretation when the @triton.jit decorators run.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreting() -> bool:
+    return _INTERPRET
+
+
+def autotune_enabled() -> bool:
+    return not _INTERPRET and os.environ.get("SPARSEC_AUTOTUNE", "1") != "0"
+
+
+def on_cuda(*tensors) -> bool:
+    """True if the kernels may run on these tensors: CUDA tensors, or any under the
+    interpreter."""
+    return HAS_TRITON and (all(t.is_cuda for t in tensors) or _INTERPRET)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
