@@ -134,6 +134,22 @@ def _attention(args):
                                                                   r["kernel"] == "attn_dq")]
 
 
+def _selection(args):
+    from sparsec.kernels import block_select as sel
+
+    sel._usable = lambda *t: True
+    dtype = getattr(torch, args.dtype)
+    L = 32768
+    q = torch.empty(1, 32, L, args.head_dim, dtype=dtype, device="meta")
+    for name in ("_pool_kernel", "_scores_kernel", "_select_kernel"):
+        setattr(sel, name, _Compile(getattr(sel, name), name.strip("_").replace("_kernel", "")))
+    sel.block_scores(q, q, 0.1, True, args.block, args.block)
+    n = L // args.block
+    scores = torch.empty(1, 32, n, n, device="meta")
+    sel._kinds = lambda *a: torch.empty(n, n, dtype=torch.int8, device="meta")
+    sel.select_blocks(scores, L, L, True, args.block, args.block, 8, 0.9, 128, 1024)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90)
@@ -144,6 +160,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     triton.runtime.driver.set_active(_FakeDriver(args.arch))
     _attention(args)
+    _selection(args)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, head dim "
           f"{args.head_dim}, block {args.block}")
     print(f"{'kernel':16} {'BLOCK_M':>7} {'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'regs':>4} "
