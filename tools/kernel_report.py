@@ -150,6 +150,22 @@ def _selection(args):
     sel.select_blocks(scores, L, L, True, args.block, args.block, 8, 0.9, 128, 1024)
 
 
+def _sparse_delta(args):
+    from sparsec.kernels import sparse_delta as sd
+
+    sd._usable = lambda *t: True
+    dtype = getattr(torch, args.dtype)
+    T, out_f, in_f = 8192, 4096, 4096
+    g = torch.empty(T, out_f, dtype=dtype, device="meta")
+    x = torch.empty(T, in_f, dtype=dtype, device="meta")
+    for name in ("_transpose_kernel", "_sampled_kernel"):
+        setattr(sd, name, _Compile(getattr(sd, name), name.strip("_").replace("_kernel", "")))
+    for density in (0.001, 0.01):
+        k = int(density * out_f * in_f)
+        idx = torch.empty(k, dtype=torch.int64, device="meta")
+        sd.sampled_grad_sampled(g, x, idx, in_f)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90)
@@ -161,6 +177,7 @@ def main(argv=None) -> int:
     triton.runtime.driver.set_active(_FakeDriver(args.arch))
     _attention(args)
     _selection(args)
+    _sparse_delta(args)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, head dim "
           f"{args.head_dim}, block {args.block}")
     print(f"{'kernel':16} {'BLOCK_M':>7} {'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'regs':>4} "
