@@ -166,6 +166,18 @@ def _sparse_delta(args):
         sd.sampled_grad_sampled(g, x, idx, in_f)
 
 
+def _nm(args):
+    from sparsec.kernels import nm_mask as nm
+
+    nm._usable = lambda *a: True
+    nm._nm_kernel = _Compile(nm._nm_kernel, "nm")
+    w = torch.empty(4096, 4096, dtype=getattr(torch, args.dtype), device="meta")
+    for n, m in ((2, 4), (4, 8), (8, 32)):
+        nm.nm_mask(w, n, m)
+    nm.nm_apply(w, 2, 4)
+    nm.nm_srste_(torch.empty_like(w), w, 1e-3, n=2, m=4)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90)
@@ -178,6 +190,7 @@ def main(argv=None) -> int:
     _attention(args)
     _selection(args)
     _sparse_delta(args)
+    _nm(args)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, head dim "
           f"{args.head_dim}, block {args.block}")
     print(f"{'kernel':16} {'BLOCK_M':>7} {'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'regs':>4} "
