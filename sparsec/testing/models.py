@@ -15,11 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerSpec", "ModelSpec", "RandomModel", "build_model", "inputs_for", "ATTENTION_FORMS"]
+__all__ = ["LayerSpec", "ModelSpec", "RandomModel", "build_model", "inputs_for", "ATTENTION_FORMS",
+           "NOT_ATTENTION_FORMS"]
 
 # Attention forms: which op sequence the model writes. "sdpa*" use
 # F.scaled_dot_product_attention; "manual*" write matmul → scale → mask → softmax → matmul.
 ATTENTION_FORMS = ("sdpa", "sdpa_causal", "sdpa_mask", "manual", "manual_causal", "manual_div")
+# Look-alikes the attention pass must leave alone: softmax over the query axis, and a
+# softmax whose scores go through a nonlinearity first.
+NOT_ATTENTION_FORMS = ("softmax_over_queries", "tanh_scores")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class ModelSpec:
     length: int = 8
     dtype: str = "float32"
     seed: int = 0
+    vocab: int = 0  # > 0: inputs are token ids through an embedding
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
@@ -117,6 +122,10 @@ class _Attention(nn.Module):
 
     def _attend(self, q, k, v, n: int) -> torch.Tensor:
         causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        if self.form == "softmax_over_queries":
+            return (q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)).softmax(dim=-2) @ v
+        if self.form == "tanh_scores":
+            return torch.tanh(q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         if self.form == "sdpa":
             return F.scaled_dot_product_attention(q, k, v)
         if self.form == "sdpa_causal":
@@ -133,12 +142,24 @@ class _Attention(nn.Module):
         return scores.softmax(dim=-1) @ v
 
 
+class _Conv1x1(nn.Module):
+    """A pointwise convolution over the length axis (what conv-mixer and some ViTs use)."""
+
+    def __init__(self, dim: int, bias: bool):
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
 class RandomModel(nn.Module):
     """A model built from a `ModelSpec`; see the module docstring."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
+        self.embed = nn.Embedding(spec.vocab, spec.dim) if spec.vocab else None
         blocks = [_build_layer(spec.dim, layer) for layer in spec.layers]
         self.blocks = nn.ModuleList(blocks)
         g = torch.Generator().manual_seed(spec.seed)
@@ -152,6 +173,8 @@ class RandomModel(nn.Module):
         self.to(getattr(torch, spec.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed(x)
         for block in self.blocks:
             x = block(x)
         return x
@@ -163,7 +186,8 @@ class RandomModel(nn.Module):
         return (
             "from sparsec.testing.models import LayerSpec, ModelSpec, build_model, inputs_for\n"
             f"spec = ModelSpec(dim={s.dim}, batch={s.batch}, length={s.length}, "
-            f"dtype={s.dtype!r}, seed={s.seed}, layers=(\n        {layers},\n    ))\n"
+            f"dtype={s.dtype!r}, seed={s.seed}, vocab={s.vocab}, layers=(\n"
+            f"        {layers},\n    ))\n"
             "model = build_model(spec)\ninputs = inputs_for(model)\n")
 
 
@@ -171,6 +195,8 @@ def _build_layer(dim: int, layer: LayerSpec) -> nn.Module:
     a = dict(layer.args)
     if layer.kind == "linear":
         return nn.Linear(dim, dim, bias=a.get("bias", True))
+    if layer.kind == "conv1x1":
+        return _Conv1x1(dim, a.get("bias", True))
     if layer.kind == "norm":
         return _Norm(dim, a.get("type", "layer"))
     if layer.kind == "act":
@@ -191,5 +217,7 @@ def inputs_for(model: RandomModel, seed: int = 0) -> tuple[torch.Tensor]:
     """Example inputs that fit `model`: (batch, length, dim) in its dtype, from `seed`."""
     s = model.spec
     g = torch.Generator().manual_seed(seed + 1000)
+    if s.vocab:
+        return (torch.randint(0, s.vocab, (s.batch, s.length), generator=g),)
     x = torch.randn(s.batch, s.length, s.dim, generator=g)
     return (x.to(getattr(torch, s.dtype)),)

@@ -12,17 +12,26 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from .models import ATTENTION_FORMS, LayerSpec, ModelSpec, RandomModel, build_model, inputs_for
+from .models import (
+    ATTENTION_FORMS,
+    NOT_ATTENTION_FORMS,
+    LayerSpec,
+    ModelSpec,
+    RandomModel,
+    build_model,
+    inputs_for,
+)
 
-__all__ = ["layer_specs", "model_specs", "models", "inputs_for", "recipes", "pass_options"]
+__all__ = ["layer_specs", "model_specs", "models", "inputs_for", "recipes", "pass_options",
+           "layouts"]
 
 
 @st.composite
-def layer_specs(draw, dim: int, attention: bool = True) -> LayerSpec:
-    kinds = ["linear", "norm", "act", "mlp"] + (["attention"] if attention else [])
+def layer_specs(draw, dim: int, attention: bool = True, look_alikes: bool = True) -> LayerSpec:
+    kinds = ["linear", "conv1x1", "norm", "act", "mlp"] + (["attention"] if attention else [])
     kind = draw(st.sampled_from(kinds))
-    if kind == "linear":
-        return LayerSpec("linear", (("bias", draw(st.booleans())),))
+    if kind in ("linear", "conv1x1"):
+        return LayerSpec(kind, (("bias", draw(st.booleans())),))
     if kind == "norm":
         return LayerSpec("norm", (("type", draw(st.sampled_from(["layer", "rms"]))),))
     if kind == "act":
@@ -33,20 +42,26 @@ def layer_specs(draw, dim: int, attention: bool = True) -> LayerSpec:
                                  ("hidden", hidden)))
     heads = draw(st.sampled_from([h for h in (1, 2, 4) if dim % h == 0]))
     kv_heads = draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0]))
-    return LayerSpec("attention", (("form", draw(st.sampled_from(ATTENTION_FORMS))),
+    forms = ATTENTION_FORMS + (NOT_ATTENTION_FORMS if look_alikes else ())
+    return LayerSpec("attention", (("form", draw(st.sampled_from(forms))),
                                    ("gqa", draw(st.sampled_from(["expand", "repeat_interleave"]))),
                                    ("heads", heads), ("kv_heads", kv_heads)))
 
 
 @st.composite
-def model_specs(draw, *, max_layers: int = 4, attention: bool = True,
-                dtypes: tuple[str, ...] = ("float32",), lengths: tuple[int, int] = (1, 12)
-                ) -> ModelSpec:
+def model_specs(draw, *, max_layers: int = 4, attention: bool = True, look_alikes: bool = True,
+                dtypes: tuple[str, ...] = ("float32",), lengths: tuple[int, int] = (1, 12),
+                embeddings: bool = True) -> ModelSpec:
+    """Specs of random models. `look_alikes` adds softmax blocks that are not attention (the
+    attention pass must leave them alone); `embeddings` lets the model start from token ids."""
     dim = draw(st.sampled_from([8, 16, 32]))
-    layers = draw(st.lists(layer_specs(dim, attention), min_size=1, max_size=max_layers))
+    layers = draw(st.lists(layer_specs(dim, attention, look_alikes), min_size=1,
+                           max_size=max_layers))
+    dtype = draw(st.sampled_from(dtypes))
+    vocab = draw(st.sampled_from([0, 0, 50])) if embeddings and dtype == "float32" else 0
     return ModelSpec(dim=dim, layers=tuple(layers), batch=draw(st.integers(1, 3)),
-                     length=draw(st.integers(*lengths)), dtype=draw(st.sampled_from(dtypes)),
-                     seed=draw(st.integers(0, 2**16)))
+                     length=draw(st.integers(*lengths)), dtype=dtype,
+                     seed=draw(st.integers(0, 2**16)), vocab=vocab)
 
 
 def models(**kwargs) -> st.SearchStrategy[RandomModel]:
@@ -108,3 +123,35 @@ def recipes(draw, *, max_passes: int = 4, stages: tuple[str, ...] = ("forward", 
         passes.append(cls(**draw(pass_options(cls))))
         props = (props - set(cls.invalidates)) | set(cls.establishes)
     return passes
+
+
+# layouts ---------------------------------------------------------------------------------------
+@st.composite
+def layouts(draw, *, max_len: int = 160, heads: int = 2):
+    """Block layouts of every static family (and per-head mixtures of them) for awkward
+    lengths: not divisible by the block, one block, kv longer than q."""
+    from .. import layouts as L
+
+    block = draw(st.sampled_from((16, 32)))
+    q_len = draw(st.integers(1, max_len))
+    kv_len = draw(st.sampled_from((q_len, q_len + draw(st.integers(1, 40)))))
+    causal = draw(st.booleans()) and kv_len == q_len
+    kw = dict(block=block, causal=causal)
+    tok = st.sampled_from((0, 16, 32, 64))
+    builders = {
+        "dense": lambda: L.dense(q_len, kv_len, **kw),
+        "sliding-window": lambda: L.sliding_window(q_len, kv_len, window=draw(tok),
+                                                   sink=draw(tok), **kw),
+        "strided": lambda: L.strided(q_len, kv_len, stride=draw(st.sampled_from((16, 32, 64))),
+                                     window=draw(tok), **kw),
+        "dilated": lambda: L.dilated(q_len, kv_len, window=draw(tok),
+                                     dilation=draw(st.integers(1, 3)), **kw),
+        "bigbird": lambda: L.bigbird(q_len, kv_len, window=draw(tok),
+                                     global_tokens=draw(st.sampled_from((0, 16))),
+                                     random_blocks=draw(st.integers(0, 2)),
+                                     seed=draw(st.integers(0, 9)), **kw),
+    }
+    names = sorted(builders)
+    if draw(st.booleans()):
+        return builders[draw(st.sampled_from(names))]()
+    return L.per_head([builders[draw(st.sampled_from(names))]() for _ in range(heads)])

@@ -240,7 +240,8 @@ def test_unsupported_patterns_are_skipped_with_a_reason(style, reason):
 @st.composite
 def attention_models(draw):
     dim = draw(st.sampled_from([16, 32]))
-    attention = sst.layer_specs(dim, attention=True).filter(lambda spec: spec.kind == "attention")
+    attention = sst.layer_specs(dim, attention=True, look_alikes=False).filter(
+        lambda spec: spec.kind == "attention")
     layers = [draw(attention)]
     layers += draw(st.lists(sst.layer_specs(dim, attention=False), max_size=2))
     spec = ModelSpec(dim=dim, layers=tuple(layers), batch=draw(st.integers(1, 2)),
