@@ -6,6 +6,7 @@ import weakref
 
 import torch
 
+from . import _triton
 from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
 
 __all__ = ["empty", "kernel_supports", "layout_args", "mask_args", "transposed_layout",
@@ -29,6 +30,8 @@ def kernel_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: 
     reference path)."""
     if not HAS_TRITON:
         return "triton is not installed"
+    if _triton.FORCE_REFERENCE:
+        return "kernels switched off (references_only)"
     if not (q.is_cuda or interpreting()):
         return "tensors are not on a CUDA device"
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:

@@ -14,7 +14,7 @@ modules still import (their references work; their launchers are never called: t
 import os
 
 __all__ = ["HAS_TRITON", "triton", "tl", "interpreting", "autotune_enabled", "cdiv",
-           "next_pow2", "on_cuda"]
+           "next_pow2", "on_cuda", "enabled", "FORCE_REFERENCE"]
 
 try:
     import triton
@@ -51,6 +51,15 @@ except ImportError:  # pragma: no cover - exercised only where Triton is absent
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Set by sparsec.kernels.references_only(): launchers then run their references.
+FORCE_REFERENCE = False
+
+
+def enabled() -> bool:
+    """Triton is installed and the kernels are not switched off."""
+    return HAS_TRITON and not FORCE_REFERENCE
+
+
 def interpreting() -> bool:
     return _INTERPRET
 
@@ -62,7 +71,7 @@ def autotune_enabled() -> bool:
 def on_cuda(*tensors) -> bool:
     """True if the kernels may run on these tensors: CUDA tensors, or any under the
     interpreter."""
-    return HAS_TRITON and (all(t.is_cuda for t in tensors) or _INTERPRET)
+    return enabled() and (all(t.is_cuda for t in tensors) or _INTERPRET)
 
 
 def cdiv(a: int, b: int) -> int:

@@ -32,7 +32,7 @@ from ..layouts.dynamic import (
 )
 from . import _attention_common as _ac
 from ._attention_common import head_block
-from ._triton import HAS_TRITON, cdiv, interpreting, next_pow2, tl, triton
+from ._triton import HAS_TRITON, cdiv, next_pow2, on_cuda, tl, triton
 
 __all__ = ["HAS_TRITON", "block_scores_ref", "select_blocks_ref", "block_scores",
            "select_blocks", "MAX_KV_BLOCKS"]
@@ -177,7 +177,7 @@ def _write_list(num_ptr, idx_ptr, sel, j, W, WPAD: tl.constexpr):
 
 # launchers --------------------------------------------------------------------------------
 def _usable(*tensors) -> bool:
-    return HAS_TRITON and (all(t.is_cuda for t in tensors) or interpreting())
+    return on_cuda(*tensors)
 
 
 def _pool(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ the reference.
 
 import torch
 
-from ._triton import HAS_TRITON, cdiv, interpreting, tl, triton
+from ._triton import HAS_TRITON, cdiv, on_cuda, tl, triton
 
 __all__ = ["HAS_TRITON", "nm_mask_ref", "srste_ref", "nm_mask", "nm_apply", "nm_srste_",
            "register"]
@@ -72,7 +72,7 @@ def _nm_kernel(W, MaskIn, Dst, MaskOut, R, C, swr, swc, decay,
 def _usable(weight: torch.Tensor, m: int | None) -> bool:
     """The kernel takes 2-D float16/bfloat16/float32 weights on CUDA (or any under the
     interpreter); computing a mask needs m a power of two in [2, 32] (m None: mask given)."""
-    ok = (HAS_TRITON and (weight.is_cuda or interpreting()) and weight.dim() == 2 and
+    ok = (on_cuda(weight) and weight.dim() == 2 and
           weight.dtype in (torch.float16, torch.bfloat16, torch.float32))
     return ok and (m is None or (m & (m - 1) == 0 and 2 <= m <= 32))
 

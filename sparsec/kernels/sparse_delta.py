@@ -29,7 +29,7 @@ import os
 import torch
 
 from ._attention_common import mma
-from ._triton import HAS_TRITON, cdiv, interpreting, next_pow2, tl, triton
+from ._triton import HAS_TRITON, cdiv, next_pow2, on_cuda, tl, triton
 
 __all__ = ["HAS_TRITON", "sparse_delta_ref", "sampled_grad_ref", "sampled_grad",
            "sampled_grad_sampled", "sampled_grad_dense", "choose_method", "transpose",
@@ -114,7 +114,7 @@ def _sampled_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo,
 
 # launchers --------------------------------------------------------------------------------
 def _usable(*tensors) -> bool:
-    return HAS_TRITON and (all(t.is_cuda for t in tensors) or interpreting())
+    return on_cuda(*tensors)
 
 
 def transpose(x: torch.Tensor) -> torch.Tensor:
@@ -223,10 +223,11 @@ def choose_method(grad, x, indices, in_features) -> str:
 def sampled_grad(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
                  in_features: int) -> torch.Tensor:
     """`sparsec::sampled_grad` on CUDA: the faster of the sampled kernel and dense dW + gather
-    for this shape and density; dtypes the kernel does not take use the dense path."""
+    for this shape and density; dtypes the kernel does not take (and `references_only()`)
+    run the reference."""
     if grad.dtype not in (torch.float16, torch.bfloat16, torch.float32) or \
             x.dtype != grad.dtype or not _usable(grad, x, indices):
-        return sampled_grad_dense(grad, x, indices, in_features).to(grad.dtype)
+        return sampled_grad_ref(grad, x, indices, in_features).to(grad.dtype)
     if choose_method(grad, x, indices, in_features) == "dense":
         return sampled_grad_dense(grad, x, indices, in_features)
     return sampled_grad_sampled(grad, x, indices, in_features)
