@@ -72,7 +72,7 @@ def _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_listed, idx_ptr, id
                     ok = ok & (offs_n[None, :] <= offs_m[:, None])
             if MASK_KIND != 0:
                 in_range = (offs_m[:, None] < L) & (offs_n[None, :] < S)
-                mv = tl.load(mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn,
+                mv = tl.load(mask_base + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn,
                              mask=in_range, other=0)
                 if MASK_KIND == 1:
                     allowed = mv != 0

@@ -80,7 +80,7 @@ def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, sta
             st = mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32)
             st = st * qk_scale                                  # [BLOCK_N, BLOCK_M]
             if MASK_KIND == 2:
-                mv = tl.load(mask_base + offs_m[None, :] * smm + offs_n[:, None] * smn,
+                mv = tl.load(mask_base + offs_m[None, :].to(tl.int64) * smm + offs_n[:, None] * smn,
                              mask=(offs_m[None, :] < L) & (offs_n[:, None] < S), other=0)
                 st = st + mv.to(tl.float32) * 1.4426950408889634
             pt = tl.math.exp2(st - lse2[None, :])
@@ -90,7 +90,7 @@ def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, sta
                     ok = ok & (offs_n[:, None] <= offs_m[None, :])
                 pt = tl.where(ok, pt, 0.0)
             if MASK_KIND == 1:
-                mv = tl.load(mask_base + offs_m[None, :] * smm + offs_n[:, None] * smn,
+                mv = tl.load(mask_base + offs_m[None, :].to(tl.int64) * smm + offs_n[:, None] * smn,
                              mask=(offs_m[None, :] < L) & (offs_n[:, None] < S), other=0)
                 pt = tl.where(mv != 0, pt, 0.0)
             delta = tl.load(delta_row + offs_m, mask=offs_m < L, other=0.0)
@@ -178,7 +178,7 @@ def _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, n_listed, idx_pt
             s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32)
             s = s * qk_scale
             if MASK_KIND == 2:
-                mv = tl.load(mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn,
+                mv = tl.load(mask_base + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn,
                              mask=(offs_m[:, None] < L) & (offs_n[None, :] < S), other=0)
                 s = s + mv.to(tl.float32) * 1.4426950408889634
             p = tl.math.exp2(s - lse2[:, None])
@@ -188,7 +188,7 @@ def _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, n_listed, idx_pt
                     ok = ok & (offs_n[None, :] <= offs_m[:, None])
                 p = tl.where(ok, p, 0.0)
             if MASK_KIND == 1:
-                mv = tl.load(mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn,
+                mv = tl.load(mask_base + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn,
                              mask=(offs_m[:, None] < L) & (offs_n[None, :] < S), other=0)
                 p = tl.where(mv != 0, p, 0.0)
             dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32)

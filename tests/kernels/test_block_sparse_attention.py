@@ -196,3 +196,34 @@ def test_gpu_op_dispatches_to_the_kernel_with_autograd():
                                       1 / 8, True, 64, 64)[0]
     assert rel_err(out, want) < TOL[torch.bfloat16]
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_autotuned_launch_path(monkeypatch):
+    """The autotuned launches (grid from the chosen tile, pruning by the layout blocks) on
+    the interpreter, with a stand-in timer that runs every surviving candidate once."""
+    from sparsec.kernels import block_sparse_attention_bwd as B
+
+    calls = []
+
+    def fake_bench(fn, quantiles=None):
+        fn()
+        calls.append(1)
+        return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+    def tuned(kernel, configs, prune):
+        return triton.autotune(configs=configs, key=["D", "BLOCK_Q", "BLOCK_KV", "L_KEY"],
+                               prune_configs_by={"early_config_prune": prune},
+                               do_bench=fake_bench)(kernel)
+    small = [cfg(16, 16), cfg(32, 16), cfg(64, 64)]  # (64, 64) does not divide 32: pruned
+    monkeypatch.setattr(K, "_bsa_fwd_tuned", tuned(K._bsa_fwd_kernel, small, K._prune_fwd),
+                        raising=False)
+    monkeypatch.setattr(B, "_dkdv_tuned", tuned(B._bwd_dkdv_kernel, small, B._prune),
+                        raising=False)
+    monkeypatch.setattr(B, "_dq_tuned", tuned(B._bwd_dq_kernel, small, B._prune),
+                        raising=False)
+    monkeypatch.setattr(K, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(B, "autotune_enabled", lambda: True)
+    q, k, v, lay, _ = make(1, 2, 1, 64, 64, 16, 16, 32, 16, True, torch.float32, None, (1, 1),
+                           0.8, seed=9)
+    check(q, k, v, lay, None, True, 0.25)
+    assert len(calls) == 3 * 2  # two surviving candidates for each of the three kernels
