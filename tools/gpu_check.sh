@@ -6,10 +6,12 @@
 #
 # Needs a CUDA GPU with torch and triton (written for an H100, torch 2.11, triton 3.6; no
 # internet needed). Writes to $OUT (default ./gpu_check_out): gpu_tests.log,
-# bench_attention.log/.json, bench_sparse_delta.log/.json, summary.txt. Each step has a time
-# limit (3 + 4 + 1 minutes at most); a failing step does not stop the later ones (each
-# benchmark checks its own results before timing), but the script exits 1 and says which step
-# failed. The summary tables are printed last.
+# bench_attention.log/.json, bench_sparse_delta.log/.json, summary.txt (and
+# bench_triton_backend.log/.json if time is left). Each step has a time limit (3 + 4 + 1
+# minutes; the optional backend step 1.5, started only before minute 6), so the whole run
+# stays under 8 minutes. A failing step does not stop the later ones (each benchmark checks
+# its own results before timing), but the script exits 1 and says which step failed. The
+# summary tables are printed last.
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 2
@@ -65,6 +67,12 @@ step "bench_attention" 240 bench_attention.log \
   "$PY" tools/bench_attention.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"}
 step "bench_sparse_delta" 60 bench_sparse_delta.log \
   "$PY" tools/bench_sparse_delta.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"}
+# optional: the backend end to end (dense parts eager vs torch.compile), if time is left
+if [ $(( $(date +%s) - START )) -lt 360 ] && [ "${QUICK:-0}" != "1" ]; then
+  step "bench_triton_backend" 90 bench_triton_backend.log "$PY" tools/bench_triton_backend.py
+else
+  echo "== bench_triton_backend skipped (time) =="
+fi
 
 {
   echo
@@ -76,6 +84,10 @@ step "bench_sparse_delta" 60 bench_sparse_delta.log \
   sed -n '/, torch .*, triton .*: batch/,$p' "$OUT/bench_attention.log" | tail -n 40
   echo "-- sparse delta (ms):"
   sed -n '/, torch .*, triton .*: weight/,$p' "$OUT/bench_sparse_delta.log" | tail -n 30
+  if [ -f "$OUT/bench_triton_backend.log" ]; then
+    echo "-- triton backend (forward ms):"
+    sed -n '/: Llama dim/,$p' "$OUT/bench_triton_backend.log" | tail -n 6
+  fi
   if [ ${#FAILED[@]} -gt 0 ]; then
     echo "-- FAILED steps: ${FAILED[*]}"
   else
