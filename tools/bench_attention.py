@@ -90,9 +90,12 @@ def flex_block_mask(layout: BlockLayout, L: int, heads: int):
         return (F.pad(t, (0, n - t.shape[-1])) if pad else t).contiguous()
 
     num, idx, fnum, fidx = layout.tensors()
-    return BlockMask.from_kv_blocks(full(num), full(idx, True), full(fnum), full(fidx, True),
-                                    BLOCK_SIZE=BLOCK, mask_mod=lambda b, h, q, kv: q >= kv,
-                                    seq_lengths=(L, L))
+    args = (full(num), full(idx, True), full(fnum), full(fidx, True))
+    kwargs = dict(BLOCK_SIZE=BLOCK, mask_mod=lambda b, h, q, kv: q >= kv)
+    try:
+        return BlockMask.from_kv_blocks(*args, **kwargs, seq_lengths=(L, L))
+    except TypeError:  # torch versions without seq_lengths: L is a multiple of BLOCK anyway
+        return BlockMask.from_kv_blocks(*args, **kwargs)
 
 
 # checks -----------------------------------------------------------------------------------
