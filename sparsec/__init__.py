@@ -30,6 +30,9 @@ from .passes.base import Pass, PassResult, get_pass, option, register, registere
 from .pipeline import run_passes
 from .program import ModelSource, PassRecord, Program, Prop, module_path, node_info
 from .recipe import dump_recipe, load_recipe, parse_pass_arg, parse_recipe
+from .deltas import (Deltas, apply_deltas, compose_deltas, extract_deltas, load_deltas,
+                     merge_deltas, save_deltas, unmerge_deltas)
+from .train import Trainer, train_model
 
 __all__ = [
     "__version__",
@@ -39,6 +42,8 @@ __all__ = [
     "Compiled", "LowerOptions",
     "BlockLayout", "block_sparse_attention",
     "load_recipe", "parse_recipe", "parse_pass_arg", "dump_recipe",
+    "Trainer", "train_model", "Deltas", "extract_deltas", "save_deltas", "load_deltas",
+    "apply_deltas", "merge_deltas", "unmerge_deltas", "compose_deltas",
     "SparsecError", "BadInputError", "TraceError", "RecipeError", "OptionError",
     "PreconditionError", "PassError", "VerificationError", "ParityError",
 ]

@@ -28,11 +28,14 @@ def compile(model: torch.nn.Module | Program | str | Path, example_inputs: Any =
             passes: Sequence[Pass | str] = (), recipe: str | Path | None = None,
             backend: str = "eager", out_dir: str | Path | None = None, verify: bool = True,
             dump_dir: str | Path | None = None, force: bool = False,
-            backend_options: dict[str, Any] | None = None) -> Compiled:
+            backend_options: dict[str, Any] | None = None,
+            deltas: str | Path | None = None) -> Compiled:
     """Trace (unless given a Program), run the recipe's passes then `passes`, and lower.
 
     `model` may be an `nn.Module` (with `example_inputs`), a traced `Program`, or the path of a
-    `model.py`. With `out_dir`, artifacts and report.json are written there atomically.
+    `model.py`. With `out_dir`, artifacts and report.json are written there atomically. With
+    `deltas` (a file from `sparsec train`), the trained deltas are put into the program's sparse
+    fine-tuning ops before lowering; the onnx backend exports them merged into dense weights.
     """
     pass_list = resolve_passes(recipe, passes)
     if isinstance(model, Program):
@@ -46,6 +49,8 @@ def compile(model: torch.nn.Module | Program | str | Path, example_inputs: Any =
     if out_dir is not None and Path(out_dir).exists() and not force:  # fail before the work
         raise BadInputError(f"{out_dir}: output directory exists; pass --force to replace it")
     program = run_passes(program, pass_list, verify=verify, dump_dir=dump_dir)
+    if deltas is not None:
+        _load_deltas(program, deltas)
     options = LowerOptions(verify=verify, extra=backend_options or {})
     if out_dir is None:
         compiled = lower(program, backend, options)
@@ -58,6 +63,15 @@ def compile(model: torch.nn.Module | Program | str | Path, example_inputs: Any =
     final = Path(out_dir)
     compiled.artifacts = {k: final / v.name for k, v in compiled.artifacts.items()}
     return compiled
+
+
+def _load_deltas(program: Program, path: str | Path) -> None:
+    from .deltas import apply_deltas, load_deltas
+
+    d = load_deltas(path, base=program)
+    apply_deltas(program, d)
+    program.state.setdefault("report", {})["deltas"] = {
+        "file": str(path), "targets": len(d.targets), "methods": d.methods, "info": d.info}
 
 
 def resolve_passes(recipe: str | Path | None, passes: Sequence[Pass | str]) -> list[Pass]:

@@ -1,4 +1,4 @@
-"""The `sparsec` command line: compile, passes, explain, layout, train-gates.
+"""The `sparsec` command line: compile, train, passes, explain, layout, train-gates.
 
 Exit codes: 0 ok, 2 bad input (model, recipe, options, files), 1 internal error. Errors print
 one line; `-v` adds the traceback.
@@ -68,11 +68,13 @@ def cli() -> None:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every pass's numerics on the example inputs.")
 @click.option("--opset", type=int, help="ONNX opset (onnx backend).")
+@click.option("--deltas", "deltas", type=click.Path(path_type=Path),
+              help="Trained deltas (from `sparsec train`) to deploy; onnx merges them.")
 @verbose_option
 @handle_errors
 def compile_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...], backend: str,
                 out_dir: Path | None, force: bool, dump_dir: Path | None, verify: bool,
-                opset: int | None, verbose: bool) -> None:
+                opset: int | None, deltas: Path | None, verbose: bool) -> None:
     """Trace MODEL.py, run the passes and lower it with a backend."""
     from .api import compile as compile_model
     from .report import render_summary
@@ -80,10 +82,88 @@ def compile_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...
     with _status(f"compiling {model_file.name}", verbose):
         compiled = compile_model(model_file, recipe=recipe, passes=pass_args, backend=backend,
                                  out_dir=out_dir, verify=verify, dump_dir=dump_dir, force=force,
-                                 backend_options={"opset": opset} if opset else None)
+                                 backend_options={"opset": opset} if opset else None,
+                                 deltas=deltas)
     render_summary(compiled.summary)
     if out_dir is not None:
         click.echo(f"output: {out_dir}/")
+
+
+@cli.command("train")
+@click.argument("model_file", metavar="MODEL.py", type=click.Path(path_type=Path))
+@click.option("--recipe", "recipe", type=click.Path(path_type=Path), help="TOML recipe of passes.")
+@click.option("--pass", "pass_args", multiple=True, metavar="NAME[:k=v,...]",
+              help="A pass to run after the recipe's (repeatable).")
+@click.option("--steps", type=click.IntRange(min=1), required=True, help="Optimizer steps.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path),
+              help="Write deltas.safetensors, recipe.toml and report.json here.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
+              show_default=True, help="AdamW learning rate.")
+@click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also save deltas every K steps (0: only at the end).")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check every pass's numerics on the example inputs.")
+@verbose_option
+@handle_errors
+def train_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...], steps: int,
+              out_dir: Path | None, lr: float, save_every: int, force: bool, verify: bool,
+              verbose: bool) -> None:
+    """Compile MODEL.py with sparse fine-tuning and train it on its batches()."""
+    from .train import train_model
+
+    with _TrainProgress(steps) as progress:
+        run = train_model(model_file, steps=steps, recipe=recipe, passes=pass_args,
+                          out_dir=out_dir, lr=lr, save_every=save_every, force=force,
+                          verify=verify, on_step=progress.update)
+    t = run.report["train"]
+    click.echo(f"trained {t['steps']} steps: loss {t['loss_first']:.4f} -> {t['loss_last']:.4f}, "
+               f"{t['tokens_per_s']:,.0f} tokens/s, peak memory "
+               f"{t['peak_memory_bytes'] / 2**20:,.0f} MiB")
+    sf = run.report.get("sparse_finetune", {})
+    if sf:
+        click.echo(f"trainable: {sf['trainable_in_targets']:,} of {sf['targeted_weights']:,} "
+                   f"targeted weights ({sf['density']:.2%})")
+    if out_dir is not None:
+        click.echo(f"output: {out_dir}/ (deltas.safetensors, report.json)")
+
+
+class _TrainProgress:
+    """A rich progress bar with loss, tokens/s and peak memory (plain lines when piped)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.progress, self.task = steps, None, None
+
+    def __enter__(self) -> "_TrainProgress":
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeRemainingColumn)
+
+        console = Console(stderr=True)
+        if console.is_terminal:
+            self.progress = Progress(
+                TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                TextColumn("peak {task.fields[mem]}"), TimeRemainingColumn(), console=console)
+            self.progress.__enter__()
+            self.task = self.progress.add_task("train", total=self.steps, loss="-", tps="-",
+                                               mem="-")
+        return self
+
+    def update(self, step: int, loss: float, stats) -> None:
+        from .train import peak_memory
+
+        if self.progress is None:
+            if step == 1 or step == self.steps or step % max(1, self.steps // 10) == 0:
+                click.echo(f"step {step}/{self.steps} loss {loss:.4f}", err=True)
+            return
+        tps = stats.tokens / stats.seconds if stats.seconds else 0.0
+        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}",
+                             mem=f"{peak_memory()[0] / 2**20:,.0f} MiB")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
 
 
 @cli.command("passes")

@@ -36,7 +36,20 @@ class Compiled:
     artifacts: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)  # the full report, once built
+    trainer: Any = field(default=None, repr=False)  # a sparsec.train.Trainer, made on first use
     keepalive: Any = field(default=None, repr=False)  # e.g. a TemporaryDirectory holding artifacts
 
     def __call__(self, *inputs: Any) -> Any:
         return self.fn(*inputs)
+
+    def train_step(self, batch: Any) -> float:
+        """One AdamW step on `batch` (loss from model.py's `loss`); returns the loss.
+
+        The first call creates a default `sparsec.train.Trainer`; set `trainer` to choose
+        the learning rate and the rest.
+        """
+        if self.trainer is None:
+            from ..train import Trainer
+
+            self.trainer = Trainer.for_compiled(self)
+        return self.trainer.step(batch)

@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from .._util import first_line, quiet
 from ..errors import ParityError, SparsecError
 from ..ops import onnx_translations
+from ..passes.merge_sparse import merged_for_export
 from ..pipeline import compare_outputs
 from ..program import Program
 from .base import Compiled, LowerOptions
@@ -34,9 +35,13 @@ def lower(program: Program, options: LowerOptions | None = None) -> Compiled:
     out_dir = Path(options.out_dir or tmp.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
-    opset = export_onnx(program, path, opset=options.extra.get("opset"))
+    # Sparse fine-tuning ops deploy merged into dense weights: the base architecture, no extras.
+    exported, merged = merged_for_export(program)
+    opset = export_onnx(exported, path, opset=options.extra.get("opset"))
     runner = OnnxRunner(path)
     section: dict[str, Any] = {"file": path.name, "opset": opset}
+    if merged:
+        section["merged_sparse_ops"] = merged
     if options.verify:
         section.update(_parity(program, runner))
     artifacts = {"model.onnx": path}

@@ -11,10 +11,11 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-__all__ = ["onnx_translation", "onnx_translations", "OP_MODULES"]
+__all__ = ["onnx_translation", "onnx_translations", "OP_MODULES", "load_ops"]
 
 # Op modules imported (and so registered) with sparsec.ops.
-OP_MODULES: tuple[str, ...] = ("block_sparse_attention", "block_select")
+OP_MODULES: tuple[str, ...] = ("block_sparse_attention", "block_select", "sparse_delta",
+                               "structured", "nm")
 
 _ONNX: dict[object, Callable] = {}
 
@@ -27,8 +28,16 @@ def onnx_translation(op: object) -> Callable[[Callable], Callable]:
     return deco
 
 
-def onnx_translations() -> dict[object, Callable]:
-    """The custom translation table for `torch.onnx.export(dynamo=True)`."""
+def load_ops() -> None:
+    """Import every op module, registering `torch.ops.sparsec.*` (idempotent)."""
     for name in OP_MODULES:
         importlib.import_module(f"{__name__}.{name}")
+
+
+def onnx_translations() -> dict[object, Callable]:
+    """The custom translation table for `torch.onnx.export(dynamo=True)`."""
+    load_ops()
     return dict(_ONNX)
+
+
+load_ops()

@@ -1,0 +1,129 @@
+import sys
+
+import pytest
+import torch
+
+import sparsec
+from sparsec import BadInputError, run_passes
+from sparsec.passes.sparse_finetune import SparseFinetune
+from sparsec.train import Trainer, batch_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_llama_path):
+    sys.path.insert(0, str(tiny_llama_path.parent))
+    import tiny_llama
+
+    yield tiny_llama
+    sys.path.remove(str(tiny_llama_path.parent))
+
+
+def _program(tiny_llama_program, **opts):
+    return run_passes(tiny_llama_program, [SparseFinetune(**opts)], verify=False)
+
+
+def test_optimizer_state_exists_only_for_trainable_values(tiny_llama_program, tiny_llama):
+    p = _program(tiny_llama_program)
+    trainer = Trainer(p, lr=1e-2)
+    trainer.step(next(tiny_llama.batches(1)))
+    trainable = {id(t) for _, t in p.trainable_parameters()}
+    assert {id(t) for t in trainer.optimizer.state} == trainable
+    for t, s in trainer.optimizer.state.items():
+        assert s["exp_avg"].shape == t.shape and t.dim() == 1  # k values, never m × n
+    assert all(p.grad is None for n, p in p.gm.named_parameters() if n.endswith(".weight"))
+
+
+def test_training_lowers_the_loss_and_leaves_the_base_untouched(tiny_llama_program, tiny_llama):
+    p = _program(tiny_llama_program, select="principal")
+    base = {n: t.clone() for n, t in p.gm.named_parameters() if n.endswith("weight")}
+    trainer = Trainer(p, lr=1e-2)
+    stats = trainer.fit(lambda: tiny_llama.batches(25), 25)
+    first, last = stats.losses[0], sum(stats.losses[-5:]) / 5
+    assert last < first - 0.05, (first, last)
+    for n, t in p.gm.named_parameters():
+        if n in base:
+            assert torch.equal(t, base[n]), n
+    section = stats.to_json()
+    assert section["steps"] == 25 and section["tokens"] == 25 * 2 * 32
+    assert section["tokens_per_s"] > 0 and section["peak_memory_bytes"] > 0
+
+
+def test_compiled_train_step_and_inference_backends(tiny_llama_path, tiny_llama):
+    compiled = sparsec.compile(tiny_llama_path, passes=["sparse-finetune:method=structured"],
+                               verify=False)
+    batch = next(tiny_llama.batches(1))
+    l1 = compiled.train_step(batch)
+    assert isinstance(compiled.trainer, Trainer) and l1 > 0
+    assert compiled.train_step(batch) < l1  # same batch, one AdamW step later
+    compiled.backend = "onnx"
+    compiled.trainer = None
+    with pytest.raises(BadInputError, match="eager backend"):
+        compiled.train_step(batch)
+
+
+def test_nothing_to_train_is_a_clear_error(tiny_llama_program):
+    p = run_passes(tiny_llama_program, [sparsec.get_pass("freeze")()], verify=False)
+    with pytest.raises(BadInputError, match="nothing to train"):
+        Trainer(p)
+
+
+def test_batch_tokens():
+    assert batch_tokens((torch.zeros(2, 7, dtype=torch.long),)) == 14
+    assert batch_tokens((torch.zeros(2, 7, 5),)) == 14
+    assert batch_tokens((torch.zeros(3),)) == 3
+
+
+# prune–regrow ---------------------------------------------------------------------------------
+class _One(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(6, 4, bias=False)])
+
+    def forward(self, x):
+        return self.blocks[0](x)
+
+
+def _regrow_program(every=1, fraction=0.5, density=0.25):
+    torch.manual_seed(0)
+    program = sparsec.trace(_One(), (torch.randn(3, 6),))
+    program.source.loss = lambda out, batch: (out - batch[1]).square().mean()
+    return run_passes(program, [SparseFinetune(density=density, regrow_every=every,
+                                               regrow_fraction=fraction)], verify=False)
+
+
+def test_regrow_moves_optimizer_state_with_the_entries():
+    p = _regrow_program()
+    trainer = Trainer(p, lr=1e-2)
+    (t,) = trainer.regrow_targets
+    k = t.values.numel()  # 6 of 24
+    with torch.no_grad():
+        t.indices.copy_(torch.tensor([0, 3, 5, 8, 13, 20]))
+        t.values.copy_(torch.tensor([0.5, -0.01, 0.3, 0.02, -0.4, 0.001]))
+    state = trainer.optimizer.state[t.values]
+    state["exp_avg"] = torch.arange(1.0, k + 1)
+    state["exp_avg_sq"] = torch.arange(1.0, k + 1) * 10
+    state["step"] = torch.tensor(7.0)
+    grad = torch.zeros(4, 6)
+    grad.view(-1)[[1, 3, 22, 9, 4]] = torch.tensor([9.0, 100.0, -8.0, 7.0, 0.5])  # 3 is active
+    t.grad_sum = grad
+    assert trainer._regrow(t) == 3
+    # kept: the 3 largest |Δ| (indices 0, 5, 13); grown: largest |grad| off the active set: 1, 22, 9
+    assert t.indices.tolist() == [0, 1, 5, 9, 13, 22]
+    assert t.values.tolist() == pytest.approx([0.5, 0.0, 0.3, 0.0, -0.4, 0.0])
+    assert state["exp_avg"].tolist() == [1.0, 0.0, 3.0, 0.0, 5.0, 0.0]
+    assert state["exp_avg_sq"].tolist() == [10.0, 0.0, 30.0, 0.0, 50.0, 0.0]
+    assert float(state["step"]) == 7.0 and t.grad_sum is None
+
+
+def test_regrow_during_training_keeps_the_invariants():
+    p = _regrow_program(every=3, fraction=0.5)
+    trainer = Trainer(p, lr=5e-2, regrow_window=2)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(3, 6, generator=g), torch.randn(3, 4, generator=g)) for _ in range(9)]
+    trainer.fit(batches, 9)
+    (t,) = trainer.regrow_targets
+    assert trainer.stats.regrows == 3 and trainer.stats.regrown_entries == 9
+    idx = t.indices
+    assert idx.numel() == 6 and bool((idx[1:] > idx[:-1]).all())
+    assert not p.gm.get_parameter("blocks.0.weight").requires_grad
+    assert p.gm.get_parameter("blocks.0.weight").grad is None
