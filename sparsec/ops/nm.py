@@ -18,10 +18,12 @@ __all__ = ["nm_linear", "nm_mask", "nm_grad_input", "nm_grad_weight", "nm_mask_r
 
 
 def nm_mask_ref(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Boolean mask with exactly n True in each group of m along the last dim (largest |w|)."""
+    """Boolean mask with exactly n True in each group of m along the last dim (largest |w|;
+    among equal |w| the earlier element wins: a stable sort gives the same mask on every
+    device, where topk's choice among ties is unspecified and differs between CPU and CUDA)."""
     out, inp = weight.shape
     groups = weight.detach().abs().reshape(out, inp // m, m)
-    keep = groups.topk(n, dim=-1).indices
+    keep = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
     return mask.reshape(out, inp)
 
