@@ -6,9 +6,11 @@
 - `sparse_delta`: the sampled dense–dense product for sparse-delta gradients;
 - `nm_mask`: N:M masks and the SR-STE term.
 
-`load_kernels()` imports them and registers the CUDA implementations of the fine-tuning ops;
+The ops find them on CUDA by themselves (attention and selection look their launchers up per
+call; the fine-tuning ops have CUDA registrations that import these modules on first use), so
+importing sparsec never imports Triton. `load_kernels()` imports them all up front;
 `references_only()` makes every launcher run its reference (the triton backend verifies the
-kernels against it); `KERNEL_OPS` says which op runs on which kernel module.
+kernels against it); `KERNEL_OPS` says which op runs on which kernel.
 """
 
 from __future__ import annotations
@@ -36,17 +38,10 @@ _MODULES = ("block_sparse_attention", "block_select", "sparse_delta", "nm_mask")
 
 
 def load_kernels() -> list[str]:
-    """Import every kernel module and register the CUDA implementations of the ops that take
-    registrations (sparse_delta, nm). Returns the modules whose Triton kernels are usable."""
-    usable = []
-    for name in _MODULES:
-        mod = importlib.import_module(f"{__name__}.{name}")
-        register = getattr(mod, "register", None)
-        if register is not None:
-            register()
-        if getattr(mod, "HAS_TRITON", False):
-            usable.append(name)
-    return usable
+    """Import every kernel module (compiling nothing yet); return those whose Triton kernels
+    are usable."""
+    return [name for name in _MODULES
+            if getattr(importlib.import_module(f"{__name__}.{name}"), "HAS_TRITON", False)]
 
 
 def kernels_for(op_names) -> list[str]:

@@ -16,8 +16,7 @@ import torch
 
 from ._triton import HAS_TRITON, cdiv, on_cuda, tl, triton
 
-__all__ = ["HAS_TRITON", "nm_mask_ref", "srste_ref", "nm_mask", "nm_apply", "nm_srste_",
-           "register"]
+__all__ = ["HAS_TRITON", "nm_mask_ref", "srste_ref", "nm_mask", "nm_apply", "nm_srste_"]
 
 
 def nm_mask_ref(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -120,46 +119,3 @@ def nm_srste_(dense: torch.Tensor, weight: torch.Tensor, decay: float, *, n: int
     _launch(weight.detach(), n, max(m, 2), _SRSTE, dst=dense, decay=decay,
             mask_in=None if mask is None else mask.contiguous())
     return dense
-
-
-# registration -----------------------------------------------------------------------------
-def _nm_linear_cuda(x, weight, bias, n, m, decay):
-    from ..ops import nm as ops
-
-    ops._check(weight, n, m)
-    return torch.nn.functional.linear(x, nm_apply(weight, n, m), bias)
-
-
-def _nm_mask_cuda(weight, n, m):
-    from ..ops import nm as ops
-
-    ops._check(weight, n, m)
-    return nm_mask(weight, n, m)
-
-
-def _nm_grad_weight_cuda(grad, x, weight, mask, decay):
-    dense = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-    return nm_srste_(dense.contiguous(), weight, decay, mask=mask)
-
-
-_REGISTERED = False
-
-
-def register() -> bool:
-    """Register the CUDA implementations of `sparsec::nm_mask`, `nm_linear` (mask and product
-    in one pass, then the GEMM) and `nm_grad_weight` (GEMM, then the SR-STE term in one pass);
-    idempotent. False when the ops or Triton are missing."""
-    global _REGISTERED
-    if _REGISTERED:
-        return True
-    if not HAS_TRITON:
-        return False
-    try:
-        from ..ops import nm as ops
-    except ImportError:
-        return False
-    ops.nm_mask.register_kernel("cuda")(_nm_mask_cuda)
-    ops.nm_linear.register_kernel("cuda")(_nm_linear_cuda)
-    ops.nm_grad_weight.register_kernel("cuda")(_nm_grad_weight_cuda)
-    _REGISTERED = True
-    return True

@@ -32,8 +32,7 @@ from ._attention_common import mma
 from ._triton import HAS_TRITON, cdiv, next_pow2, on_cuda, tl, triton
 
 __all__ = ["HAS_TRITON", "sparse_delta_ref", "sampled_grad_ref", "sampled_grad",
-           "sampled_grad_sampled", "sampled_grad_dense", "choose_method", "transpose",
-           "register"]
+           "sampled_grad_sampled", "sampled_grad_dense", "choose_method", "transpose"]
 
 
 # references -------------------------------------------------------------------------------
@@ -231,25 +230,3 @@ def sampled_grad(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
     if choose_method(grad, x, indices, in_features) == "dense":
         return sampled_grad_dense(grad, x, indices, in_features)
     return sampled_grad_sampled(grad, x, indices, in_features)
-
-
-
-# registration -----------------------------------------------------------------------------
-_REGISTERED = False
-
-
-def register() -> bool:
-    """Register the CUDA implementation of `sparsec::sampled_grad` (idempotent). False when
-    the op or Triton is missing."""
-    global _REGISTERED
-    if _REGISTERED:
-        return True
-    if not HAS_TRITON:
-        return False
-    try:
-        from ..ops import sparse_delta as ops
-    except ImportError:
-        return False
-    ops.sampled_grad.register_kernel("cuda")(sampled_grad)
-    _REGISTERED = True
-    return True
