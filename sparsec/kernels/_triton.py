@@ -14,7 +14,7 @@ modules still import (their references work; their launchers are never called: t
 import os
 
 __all__ = ["HAS_TRITON", "triton", "tl", "interpreting", "autotune_enabled", "cdiv",
-           "next_pow2", "on_cuda", "enabled", "FORCE_REFERENCE"]
+           "next_pow2", "on_cuda", "enabled", "no_sync_allowed", "FORCE_REFERENCE"]
 
 try:
     import triton
@@ -65,7 +65,21 @@ def interpreting() -> bool:
 
 
 def autotune_enabled() -> bool:
-    return not _INTERPRET and os.environ.get("SPARSEC_AUTOTUNE", "1") != "0"
+    """Autotune unless switched off, interpreting, or where timing is not allowed: autotuning
+    synchronizes with the device, which CUDA graph capture and torch's sync debug mode
+    ("error"/"warn", set by code that must not sync) forbid; there the heuristic tiles run."""
+    if _INTERPRET or os.environ.get("SPARSEC_AUTOTUNE", "1") == "0":
+        return False
+    return not no_sync_allowed()
+
+
+def no_sync_allowed() -> bool:
+    """True while the current CUDA stream is being captured or sync debugging is on."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_sync_debug_mode() != 0 or torch.cuda.is_current_stream_capturing()
 
 
 def on_cuda(*tensors) -> bool:

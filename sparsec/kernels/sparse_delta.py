@@ -29,7 +29,7 @@ import os
 import torch
 
 from ._attention_common import mma
-from ._triton import HAS_TRITON, cdiv, next_pow2, on_cuda, tl, triton
+from ._triton import HAS_TRITON, cdiv, next_pow2, no_sync_allowed, on_cuda, tl, triton
 
 __all__ = ["HAS_TRITON", "sparse_delta_ref", "sampled_grad_ref", "sampled_grad",
            "sampled_grad_sampled", "sampled_grad_dense", "choose_method", "transpose"]
@@ -211,7 +211,7 @@ def choose_method(grad, x, indices, in_features) -> str:
     g2 = grad.reshape(-1, grad.shape[-1])
     guess = _model(g2.shape[0], g2.shape[1], in_features, indices.numel(),
                    grad.element_size())
-    if not grad.is_cuda or torch.cuda.is_current_stream_capturing():
+    if not grad.is_cuda or no_sync_allowed():  # timing needs device syncs
         return guess
     t_sampled = _time(lambda: sampled_grad_sampled(grad, x, indices, in_features))
     t_dense = _time(lambda: sampled_grad_dense(grad, x, indices, in_features))
