@@ -41,14 +41,24 @@ step() {  # step NAME LIMIT_SECONDS LOG COMMAND...
   echo "== $name done at $(( $(date +%s) - START ))s =="
 }
 
-# preflight: stop here if there is no GPU or the kernels cannot load
+# Python packages the machine lacks travel as wheels in .whl/ (sparsec needs tomli-w, which the
+# GPU image does not have): install them into a private directory first.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/sparsec_site .whl/*.whl || { echo "gpu_check: installing .whl/ failed"; exit 2; }
+  export PYTHONPATH="/tmp/sparsec_site:$PYTHONPATH"
+fi
+
+# preflight: stop here if there is no GPU or sparsec and its kernels cannot load
 "$PY" - <<'EOF' 2>&1 | tee "$OUT/summary.txt"
 import sys
 try:
     import torch
     import triton
+    import sparsec  # noqa: F401
 except ImportError as e:
-    sys.exit(f"gpu_check: preflight failed: {e}")
+    sys.exit(f"gpu_check: preflight failed: {e}. Carry the missing package as a wheel in .whl/ "
+             f"(for tomli-w: pip download --no-deps tomli-w==1.2.0 -d .whl)")
 if not torch.cuda.is_available():
     sys.exit("gpu_check: preflight failed: torch sees no CUDA GPU")
 import sparsec.kernels as k
