@@ -12,10 +12,15 @@ four int32 layout tensors of a `BlockLayout`; `sink` and `window` are in tokens.
 depend on shapes and options only (`sparsec.layouts.dynamic.selection_widths`), so the ops have
 exact fake implementations and never synchronize with the host. The outputs are integers: no
 gradient flows through selection.
+
+Dispatch: on CUDA with the Triton module `sparsec.kernels.block_select` usable, `block_scores`
+and `select_blocks` run its kernels (same semantics); elsewhere the plain-torch functions of
+`sparsec.layouts.dynamic`. Vertical-slash always runs in PyTorch.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -32,6 +37,17 @@ from ..layouts.dynamic import (
 __all__ = ["block_scores_op", "select_blocks_op", "select_vertical_slash_op"]
 
 
+def _kernel(t: Tensor, name: str):
+    """The Triton launcher `name` for tensors on CUDA, if the kernel module is usable."""
+    if not t.is_cuda:
+        return None
+    try:
+        mod = importlib.import_module("sparsec.kernels.block_select")
+    except ImportError:
+        return None
+    return getattr(mod, name) if mod.HAS_TRITON else None
+
+
 def _layout_fake(like: Tensor, b: int, h: int, nq: int, widths: tuple[int, int]):
     wp, wf = widths
     i32 = torch.int32
@@ -42,6 +58,9 @@ def _layout_fake(like: Tensor, b: int, h: int, nq: int, widths: tuple[int, int])
 @torch.library.custom_op("sparsec::block_scores", mutates_args=())
 def block_scores_op(q: Tensor, k: Tensor, scale: float, causal: bool, block_q: int,
                     block_kv: int) -> Tensor:
+    kernel = _kernel(q, "block_scores")
+    if kernel is not None:
+        return kernel(q, k, scale, causal, block_q, block_kv)
     return pooled_block_scores(q, k, scale, causal, block_q, block_kv).float()
 
 
@@ -56,6 +75,10 @@ def _scores_fake(q, k, scale, causal, block_q, block_kv):
 def select_blocks_op(scores: Tensor, q_len: int, kv_len: int, causal: bool, block_q: int,
                      block_kv: int, topk: int, threshold: float, sink: int,
                      window: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    kernel = _kernel(scores, "select_blocks")
+    if kernel is not None:
+        return kernel(scores.detach(), q_len, kv_len, causal, block_q, block_kv, topk,
+                      threshold, sink, window)
     return select_from_scores(scores.detach(), q_len, kv_len, block_q, block_kv, causal, topk,
                               threshold, sink, window)
 

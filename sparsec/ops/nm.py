@@ -10,6 +10,8 @@ After training, W ⊙ nm_mask(W) is exactly N:M.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch.library import custom_op
 
@@ -18,10 +20,12 @@ __all__ = ["nm_linear", "nm_mask", "nm_grad_input", "nm_grad_weight", "nm_mask_r
 
 
 def nm_mask_ref(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Boolean mask with exactly n True in each group of m along the last dim (largest |w|)."""
+    """Boolean mask with exactly n True in each group of m along the last dim (largest |w|;
+    among equal |w| the earlier element wins: a stable sort gives the same mask on every
+    device, where topk's choice among ties is unspecified and differs between CPU and CUDA)."""
     out, inp = weight.shape
     groups = weight.detach().abs().reshape(out, inp // m, m)
-    keep = groups.topk(n, dim=-1).indices
+    keep = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
     return mask.reshape(out, inp)
 
@@ -115,3 +119,37 @@ def _backward(ctx, grad):
 
 
 nm_linear.register_autograd(_backward, setup_context=_setup)
+
+
+# CUDA: the Triton kernels of sparsec.kernels.nm_mask (mask; mask and W ⊙ mask in one pass;
+# SR-STE term in one pass after the GEMM) when Triton is installed, else the references above.
+def _triton_module():
+    try:
+        mod = importlib.import_module("sparsec.kernels.nm_mask")
+    except ImportError:
+        return None
+    return mod if mod.HAS_TRITON else None
+
+
+@nm_mask.register_kernel("cuda")
+def _(weight, n, m):
+    _check(weight, n, m)
+    mod = _triton_module()
+    return mod.nm_mask(weight, n, m) if mod is not None else nm_mask_ref(weight, n, m)
+
+
+@nm_linear.register_kernel("cuda")
+def _(x, weight, bias, n, m, decay):
+    _check(weight, n, m)
+    mod = _triton_module()
+    w = mod.nm_apply(weight, n, m) if mod is not None else apply_nm(weight, n, m)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+@nm_grad_weight.register_kernel("cuda")
+def _(grad, x, weight, mask, decay):
+    dense = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+    mod = _triton_module()
+    if mod is None:
+        return dense + decay * weight * ~mask
+    return mod.nm_srste_(dense.contiguous(), weight, decay, mask=mask)

@@ -7,12 +7,14 @@ computed without the dense m×n gradient. Each backward piece is its own op, so 
 (AOTAutograd) sees `sampled_grad` and `sparse_delta_grad_input` by name and can prune them.
 
 On the CPU, `sampled_grad` runs torch's CSR SDDMM for float32/float64 and the chunked reference
-otherwise. A CUDA kernel registers itself later with `sampled_grad.register_kernel("cuda", fn)`;
-until then CUDA runs the chunked reference.
+otherwise. On CUDA it runs `sparsec.kernels.sparse_delta.sampled_grad` when Triton is
+installed (a Triton sampled product or dense dW + gather, whichever is faster for the shape and
+density, measured once), else the chunked reference.
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
@@ -81,6 +83,24 @@ def sampled_grad(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
 @sampled_grad.register_fake
 def _(grad, x, indices, in_features):
     return grad.new_empty(indices.shape)
+
+
+def _triton_module():
+    """sparsec.kernels.sparse_delta if Triton is installed, else None (looked up per call, so
+    importing sparsec never imports Triton)."""
+    try:
+        mod = importlib.import_module("sparsec.kernels.sparse_delta")
+    except ImportError:
+        return None
+    return mod if mod.HAS_TRITON else None
+
+
+@sampled_grad.register_kernel("cuda")
+def _(grad, x, indices, in_features):
+    mod = _triton_module()
+    if mod is None:
+        return sampled_grad_ref(grad, x, indices, in_features).to(grad.dtype)
+    return mod.sampled_grad(grad, x, indices, in_features).to(grad.dtype)
 
 
 @custom_op("sparsec::sparse_delta_grad_input", mutates_args=())

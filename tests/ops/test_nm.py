@@ -53,3 +53,11 @@ def test_opcheck_joint_graph_and_bad_shape(backward_targets):
         assert f"sparsec.{name}.default" in targets
     with pytest.raises(ValueError, match="divisible"):
         OPS.nm_linear(torch.randn(2, 6), torch.randn(3, 6), None, 2, 4, 0.0)
+
+
+def test_ties_go_to_the_earlier_element():
+    """|w| ties are decided by position (stable), so every device picks the same mask."""
+    w = torch.tensor([[1.0, -1.0, 1.0, 0.5, 2.0, 2.0, -2.0, 2.0]])
+    mask = OPS.nm_mask(w, 2, 4)
+    assert mask.tolist() == [[True, True, False, False, True, True, False, False]]
+    assert torch.equal(mask, _mask_by_sort(w, 2, 4))

@@ -1,0 +1,168 @@
+"""Shared pieces of the block-sparse attention kernels: argument preparation (layout and mask
+strides with broadcasting), the transposed layout the dK/dV kernel walks, tile choices, and the
+@triton.jit helpers both directions use."""
+
+import weakref
+
+import torch
+
+from . import _triton
+from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
+
+__all__ = ["empty", "kernel_supports", "layout_args", "mask_args", "transposed_layout",
+           "head_block", "load_rows", "mma", "LOG2E", "LN2"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every kernel output is allocated here, so a test can poison them (fill with NaN) and
+    check that the kernels write every element."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def kernel_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int,
+                    block_kv: int) -> str | None:
+    """None if the Triton kernels take these inputs, else why not (the launcher then runs the
+    reference path)."""
+    if not HAS_TRITON:
+        return "triton is not installed"
+    if _triton.FORCE_REFERENCE:
+        return "kernels switched off (references_only)"
+    if not (q.is_cuda or interpreting()):
+        return "tensors are not on a CUDA device"
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype} (kernels take float16, bfloat16 and float32)"
+    if block_q not in (16, 32, 64, 128) or block_kv not in (16, 32, 64, 128):
+        return f"blocks ({block_q}, {block_kv}) (kernels take 16, 32, 64, 128)"
+    if max(q.shape[-1], v.shape[-1]) > 256:
+        return f"head dim {max(q.shape[-1], v.shape[-1])} > 256"
+    return None
+
+
+def head_block(d: int) -> int:
+    """The power-of-two tile width covering a head dim (masked when d is not a power of 2)."""
+    return max(16, next_pow2(d))
+
+
+def layout_args(num: torch.Tensor, idx: torch.Tensor, batch: int, heads: int
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """(num, idx, 7 strides) with batch/head dims broadcast to (batch, heads) by stride 0.
+
+    An empty list (width 0) gets a one-slot dummy: its counts are 0, so it is never read,
+    but a kernel argument must point somewhere."""
+    num = num.to(torch.int32).expand(batch, heads, num.shape[-1])
+    if idx.shape[-1] == 0:
+        idx = torch.zeros(1, 1, idx.shape[2], 1, dtype=torch.int32, device=idx.device)
+    idx = idx.to(torch.int32).expand(batch, heads, *idx.shape[2:])
+    return num, idx, (*num.stride(), *idx.stride())
+
+
+def mask_args(attn_mask: torch.Tensor | None, batch: int, heads: int, q_len: int,
+              kv_len: int, like: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], int]:
+    """(mask tensor, 4 strides, kind): kind 0 none, 1 bool (as uint8), 2 float (added)."""
+    if attn_mask is None:
+        return like, (0, 0, 0, 0), 0
+    m = attn_mask
+    while m.dim() < 4:
+        m = m[None]
+    m = m.expand(batch, heads, q_len, kv_len)
+    if m.dtype == torch.bool:
+        return m.view(torch.uint8), m.stride(), 1
+    return m, m.stride(), 2
+
+
+# transposed layout ------------------------------------------------------------------------
+_TRANSPOSED: dict[int, tuple] = {}
+_TRANSPOSED_MAX = 32
+
+
+def _transpose_list(num: torch.Tensor, idx: torch.Tensor, nkv: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of one block list, by key block: (row_ptr int32 [Bl*Hl*NKV + 1], query blocks
+    int32 [capacity]) with row (bl*Hl + hl)*NKV + j listing, ascending, the query blocks whose
+    list holds key block j. All on the device: the capacity is the list's slot count, so no
+    count has to be read on the host."""
+    bl, hl, nq, width = idx.shape
+    dev = idx.device
+    rows = bl * hl * nkv
+    if width == 0:
+        return (torch.zeros(rows + 1, dtype=torch.int32, device=dev),
+                torch.zeros(1, dtype=torch.int32, device=dev))
+    live = torch.arange(width, device=dev) < num.long()[..., None]
+    bh = torch.arange(bl * hl, device=dev).view(bl, hl, 1, 1)
+    key = torch.where(live, bh * nkv + idx.long(), rows).flatten()
+    qblock = torch.arange(nq, device=dev).view(1, 1, nq, 1).expand(bl, hl, nq, width).flatten()
+    # stable: entries of one key block keep their (ascending) query-block order
+    _, perm = torch.sort(key, stable=True)
+    counts = torch.zeros(rows + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    row_ptr = torch.zeros(rows + 1, dtype=torch.int64, device=dev)
+    row_ptr[1:] = torch.cumsum(counts[:-1], 0)
+    return row_ptr.to(torch.int32), qblock[perm].to(torch.int32)
+
+
+def transposed_layout(num: torch.Tensor, idx: torch.Tensor, fnum: torch.Tensor,
+                      fidx: torch.Tensor, nkv: int) -> tuple[torch.Tensor, ...]:
+    """(partial row_ptr, partial q blocks, full row_ptr, full q blocks), cached per layout:
+    a layout reused across steps (static layouts) is transposed once. The cache holds weak
+    references and the tensors' version counters, so a new or modified layout never hits."""
+    tensors = (num, idx, fnum, fidx)
+    key = tuple(id(t) for t in tensors) + (nkv,)
+    hit = _TRANSPOSED.get(key)
+    if hit is not None:
+        refs, versions, value = hit
+        if all(r() is t for r, t in zip(refs, tensors)) and \
+                versions == tuple(t._version for t in tensors):
+            return value
+    value = (*_transpose_list(num, idx, nkv), *_transpose_list(fnum, fidx, nkv))
+    if len(_TRANSPOSED) >= _TRANSPOSED_MAX:
+        _TRANSPOSED.pop(next(iter(_TRANSPOSED)))
+    try:
+        refs = tuple(weakref.ref(t) for t in tensors)
+    except TypeError:  # pragma: no cover - tensors that refuse weak references: no caching
+        return value
+    _TRANSPOSED[key] = (refs, tuple(t._version for t in tensors), value)
+    return value
+
+
+# jit helpers ------------------------------------------------------------------------------
+# Triton's interpreter multiplies bfloat16 tiles wrongly (seen with 3.6 and 3.9): under it,
+# bf16 dot operands are widened to float32 first, which is exact (bf16 products fit in fp32).
+_WIDEN_DOTS = tl.constexpr(interpreting()) if HAS_TRITON else False
+
+
+@triton.jit
+def mma(a, b, acc, FP32: tl.constexpr):
+    """acc + a @ b with float32 accumulation: IEEE float32 for float32 inputs (no tf32), the
+    tensor cores for float16/bfloat16."""
+    if FP32:
+        r = tl.dot(a, b, acc, input_precision="ieee")
+    elif _WIDEN_DOTS:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        r = tl.dot(a, b, acc)
+    return r
+
+
+@triton.jit
+def load_rows(ptr, rows, n_rows, cols, stride_r, stride_c, N_COLS: tl.constexpr,
+              BLOCK_C: tl.constexpr, ROW_MASK: tl.constexpr):
+    """A [len(rows), BLOCK_C] tile of a row-major-ish matrix, zero outside (rows < n_rows,
+    cols < N_COLS); the masks are left out where the shapes make them always true."""
+    ptrs = ptr + rows[:, None] * stride_r + cols[None, :] * stride_c
+    if ROW_MASK:
+        if BLOCK_C == N_COLS:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < N_COLS),
+                        other=0.0)
+    else:
+        if BLOCK_C == N_COLS:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=cols[None, :] < N_COLS, other=0.0)
+    return x

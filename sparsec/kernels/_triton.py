@@ -1,0 +1,96 @@
+"""Triton under a guard, and the switches every kernel module shares.
+
+Kernel modules do `from ._triton import HAS_TRITON, triton, tl`. Without Triton installed,
+`triton.jit`/`triton.autotune` are no-op decorators and `tl.constexpr` a plain object, so the
+modules still import (their references work; their launchers are never called: the ops check
+`HAS_TRITON`).
+
+- `interpreting()`: TRITON_INTERPRET=1 was set when Triton built the kernels; launchers then
+  accept CPU tensors and skip autotuning (the interpreter runs each program in numpy).
+- `autotune_enabled()`: SPARSEC_AUTOTUNE=0 pins every kernel to its heuristic tile choice
+  (tests use it: one compile per shape instead of one per candidate tile).
+"""
+
+import os
+
+__all__ = ["HAS_TRITON", "triton", "tl", "interpreting", "autotune_enabled", "cdiv",
+           "next_pow2", "on_cuda", "enabled", "no_sync_allowed", "FORCE_REFERENCE"]
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where Triton is absent
+    HAS_TRITON = False
+
+    class _Shim:
+        """Stands in for `triton` and `triton.language` so kernel modules import."""
+
+        constexpr = object
+
+        @staticmethod
+        def jit(fn=None, **_):
+            return fn if fn is not None else (lambda f: f)
+
+        @staticmethod
+        def autotune(*_, **__):
+            return lambda f: f
+
+        @staticmethod
+        def heuristics(*_, **__):
+            return lambda f: f
+
+        class Config:
+            def __init__(self, *args, **kwargs):
+                self.kwargs, self.num_warps, self.num_stages = (args[0] if args else {}), 4, 3
+
+    triton = tl = _Shim()
+
+# Read once, at import: Triton decides interpretation when the @triton.jit decorators run.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Set by sparsec.kernels.references_only(): launchers then run their references.
+FORCE_REFERENCE = False
+
+
+def enabled() -> bool:
+    """Triton is installed and the kernels are not switched off."""
+    return HAS_TRITON and not FORCE_REFERENCE
+
+
+def interpreting() -> bool:
+    return _INTERPRET
+
+
+def autotune_enabled() -> bool:
+    """Autotune unless switched off, interpreting, or where timing is not allowed: autotuning
+    synchronizes with the device, which CUDA graph capture and torch's sync debug mode
+    ("error"/"warn", set by code that must not sync) forbid; there the heuristic tiles run."""
+    if _INTERPRET or os.environ.get("SPARSEC_AUTOTUNE", "1") == "0":
+        return False
+    return not no_sync_allowed()
+
+
+def no_sync_allowed() -> bool:
+    """True while the current CUDA stream is being captured or sync debugging is on."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_sync_debug_mode() != 0 or torch.cuda.is_current_stream_capturing()
+
+
+def on_cuda(*tensors) -> bool:
+    """True if the kernels may run on these tensors: CUDA tensors, or any under the
+    interpreter."""
+    return enabled() and (all(t.is_cuda for t in tensors) or _INTERPRET)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

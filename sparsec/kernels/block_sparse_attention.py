@@ -1,0 +1,248 @@
+"""Block-sparse attention on Triton: the forward here, the backward in
+`block_sparse_attention_bwd` (both launchers are exported from this module, which is what
+`sparsec.ops.block_sparse_attention` looks up).
+
+Forward (flash-attention style): one program per (query tile of BLOCK_M rows, batch·query
+head). It walks its query block's *full* list (no element masks) and then its *partial* list
+(causal diagonal, ragged last key block: masked), each listed key block in BLOCK_N-row
+sub-tiles, with an online softmax in base 2; it writes out and the logsumexp lse. Rows that
+see no key give 0 and lse −inf. GQA: query head h reads key/value head h // (Hq / Hkv).
+BLOCK_M divides block_q and BLOCK_N divides block_kv, so a tile never straddles two layout
+blocks. float32 inputs use IEEE-precision dots (no tf32), so fp32 results match the reference
+to ~1e-6; float16/bfloat16 run the tensor cores with float32 accumulation. The optional element
+mask (bool or float, broadcastable to [B, Hq, L, S]) is applied in the kernel, on every block.
+"""
+
+import torch
+
+from ..ops.attention_reference import (
+    block_sparse_attention_backward_ref,
+    block_sparse_attention_gathered,
+    block_sparse_attention_ref,
+)
+from . import _attention_common as _ac
+from ._attention_common import (
+    LN2,
+    LOG2E,
+    head_block,
+    kernel_supports,
+    layout_args,
+    load_rows,
+    mask_args,
+    mma,
+)
+from ._triton import HAS_TRITON, autotune_enabled, cdiv, next_pow2, tl, triton
+
+__all__ = ["HAS_TRITON", "block_sparse_attention_ref", "block_sparse_attention_backward_ref",
+           "block_sparse_attention", "block_sparse_attention_backward", "forward_config",
+           "FWD_CONFIGS"]
+
+
+# kernel -----------------------------------------------------------------------------------
+@triton.jit
+def _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_listed, idx_ptr, idx_stride,
+              offs_m, m_last, L, S, qk_scale, skn, skd, svn, svd, smm, smn,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+              FP32: tl.constexpr, PARTIAL: tl.constexpr):
+    """Online softmax over one block list (full or partial) of a query tile."""
+    SUBS: tl.constexpr = BLOCK_KV // BLOCK_N
+    # rows can be all -inf only where something masks them
+    GUARD: tl.constexpr = PARTIAL or MASK_KIND != 0
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for it in range(0, n_listed * SUBS):
+        blk = tl.load(idx_ptr + (it // SUBS) * idx_stride)
+        n0 = blk * BLOCK_KV + (it % SUBS) * BLOCK_N
+        # a sub-tile entirely above the diagonal or past the end adds nothing: skip it
+        live = True
+        if PARTIAL:
+            live = n0 < S
+            if CAUSAL:
+                live = live & (n0 <= m_last)
+        if live:
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            k = load_rows(k_base, offs_n, S, offs_d, skn, skd, D, BLOCK_D, PARTIAL)
+            s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32)
+            s = s * qk_scale
+            if PARTIAL:
+                ok = offs_n[None, :] < S
+                if CAUSAL:
+                    ok = ok & (offs_n[None, :] <= offs_m[:, None])
+            if MASK_KIND != 0:
+                in_range = (offs_m[:, None] < L) & (offs_n[None, :] < S)
+                mv = tl.load(mask_base + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn,
+                             mask=in_range, other=0)
+                if MASK_KIND == 1:
+                    allowed = mv != 0
+                else:
+                    s = s + mv.to(tl.float32) * 1.4426950408889634
+                    allowed = in_range
+                if PARTIAL:
+                    ok = ok & allowed
+                else:
+                    ok = allowed
+            if GUARD:
+                s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if GUARD:  # a row with nothing visible yet keeps m = -inf; use 0 as its shift
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_use = m_new
+            p = tl.math.exp2(s - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = load_rows(v_base, offs_n, S, offs_dv, svn, svd, DV, BLOCK_DV, PARTIAL)
+            acc = mma(p.to(v.dtype), v, acc * alpha[:, None], FP32)
+            m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _bsa_fwd_kernel(Q, K, V, Out, Lse, Num, Idx, FNum, FIdx, Mask,
+                    qk_scale, L, S, H, G,
+                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                    sob, soh, som, sod,
+                    snb, snh, snm, sib, sih, sim, siw,
+                    sfb, sfh, sfm, sjb, sjh, sjm, sjw,
+                    smb, smh, smm, smn,
+                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
+                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
+                    L_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # heaviest tiles first: under a causal layout the last query blocks list the most keys
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    m0 = pid_m * BLOCK_M
+    qb = m0 // BLOCK_Q
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_last = tl.minimum(m0 + BLOCK_M, L) - 1
+    b64 = b.to(tl.int64)
+    q = load_rows(Q + b64 * sqb + h.to(tl.int64) * sqh, offs_m, L, tl.arange(0, BLOCK_D),
+                  sqm, sqd, D, BLOCK_D, True)
+    k_base = K + b64 * skb + hk.to(tl.int64) * skh
+    v_base = V + b64 * svb + hk.to(tl.int64) * svh
+    mask_base = Mask + b64 * smb + h.to(tl.int64) * smh
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    n_full = tl.load(FNum + b * sfb + h * sfh + qb * sfm)
+    acc, m_i, l_i = _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_full,
+                              FIdx + b * sjb + h * sjh + qb * sjm, sjw, offs_m, m_last, L, S,
+                              qk_scale, skn, skd, svn, svd, smm, smn, D, DV, BLOCK_D,
+                              BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32, False)
+    n_part = tl.load(Num + b * snb + h * snh + qb * snm)
+    acc, m_i, l_i = _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_part,
+                              Idx + b * sib + h * sih + qb * sim, siw, offs_m, m_last, L, S,
+                              qk_scale, skn, skd, svn, svd, smm, smn, D, DV, BLOCK_D,
+                              BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32, True)
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_ptrs = Out + b64 * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + \
+        offs_dv[None, :] * sod
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+             mask=(offs_m[:, None] < L) & (offs_dv[None, :] < DV))
+    tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)
+
+
+# tile choices -----------------------------------------------------------------------------
+def _fwd_configs():
+    out = []
+    # (128, 64, 4 warps) spills on sm_90 at head dim 128 (tools/kernel_report.py): left out
+    for bm, bn, warps, stages in ((128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2),
+                                  (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
+                                  (32, 32, 4, 3), (16, 16, 2, 3)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
+                                 num_stages=stages))
+    return out
+
+
+FWD_CONFIGS = _fwd_configs() if HAS_TRITON else []
+
+
+def _fits(bm: int, bn: int, block_q: int, block_kv: int) -> bool:
+    return block_q % bm == 0 and block_kv % bn == 0
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    bq, bkv, d = args["BLOCK_Q"], args["BLOCK_KV"], max(args["BLOCK_D"], args["BLOCK_DV"])
+    keep = [c for c in configs if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], bq, bkv)
+            and (d <= 128 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
+    return keep or [forward_config(bq, bkv, d)]
+
+
+def forward_config(block_q: int, block_kv: int, d: int):
+    """The heuristic tile (used without autotuning): the largest tiles that divide the blocks,
+    smaller for wide heads (register pressure)."""
+    bm = min(block_q, 128 if d <= 128 else 64)
+    bn = min(block_kv, 64)
+    warps = 8 if bm * bn >= 128 * 64 else 4
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=3)
+
+
+if HAS_TRITON:
+    _bsa_fwd_tuned = triton.autotune(
+        configs=FWD_CONFIGS,
+        key=["D", "DV", "BLOCK_Q", "BLOCK_KV", "CAUSAL", "MASK_KIND", "FP32", "L_KEY"],
+        prune_configs_by={"early_config_prune": _prune_fwd},
+    )(_bsa_fwd_kernel)
+
+
+# launcher ---------------------------------------------------------------------------------
+def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks,
+                           full_kv_indices, attn_mask, scale, causal, block_q, block_kv,
+                           *, config=None):
+    """(out [B, Hq, L, Dv], lse [B, Hq, L]): the op `sparsec::block_sparse_attention` on the
+    Triton kernel. Inputs the kernel does not take (float64, odd blocks, CPU tensors outside
+    the interpreter) run the gathered-block reference. `config` pins a tile
+    (a `triton.Config`), bypassing autotuning."""
+    args = (q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+            attn_mask, scale, causal, block_q, block_kv)
+    if kernel_supports(q, k, v, block_q, block_kv) is not None:
+        return block_sparse_attention_gathered(*args)
+    B, H, L, D = q.shape
+    hkv, S, DV = k.shape[1], k.shape[2], v.shape[-1]
+    out = _ac.empty(B, H, L, DV, dtype=q.dtype, device=q.device)
+    lse = _ac.empty(B, H, L, dtype=torch.float32, device=q.device)
+    if L == 0 or B * H == 0:
+        return out, lse
+    num, idx, pstr = layout_args(kv_num_blocks, kv_indices, B, H)
+    fnum, fidx, fstr = layout_args(full_kv_num_blocks, full_kv_indices, B, H)
+    mask, mstr, kind = mask_args(attn_mask, B, H, L, S, q)
+    bd, bdv = head_block(D), head_block(DV)
+    common = (q, k, v, out, lse, num, idx, fnum, fidx, mask, float(scale) * LOG2E, L, S, H,
+              H // hkv, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pstr, *fstr,
+              *mstr)
+    meta = dict(D=D, DV=DV, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_Q=block_q, BLOCK_KV=block_kv,
+                CAUSAL=bool(causal), MASK_KIND=kind, FP32=q.dtype == torch.float32,
+                L_KEY=next_pow2(L))
+    if config is None and autotune_enabled():
+        def grid(m):
+            return (cdiv(L, m["BLOCK_M"]), B * H)
+        _bsa_fwd_tuned[grid](*common, **meta)
+    else:
+        cfg = config or forward_config(block_q, block_kv, max(bd, bdv))
+        bm = cfg.kwargs["BLOCK_M"]
+        _bsa_fwd_kernel[(cdiv(L, bm), B * H)](*common, **meta, **cfg.kwargs,
+                                              num_warps=cfg.num_warps,
+                                              num_stages=cfg.num_stages)
+    return out, lse
+
+
+def block_sparse_attention_backward(*args, **kwargs):
+    """(dq, dk, dv) for `sparsec::block_sparse_attention_backward`; the kernels and their
+    launcher are in `block_sparse_attention_bwd` (looked up at call time)."""
+    from . import block_sparse_attention_bwd
+
+    return block_sparse_attention_bwd.block_sparse_attention_backward(*args, **kwargs)
+
+
+_ = (LN2, block_sparse_attention_ref, block_sparse_attention_backward_ref)  # re-exported

@@ -1,0 +1,363 @@
+"""Block-sparse attention backward on Triton: dq, dk, dv from the saved out and lse.
+
+Three launches, no atomics (the result is deterministic):
+1. `_bwd_preprocess_kernel`: delta = rowsum(dO · O) in float32;
+2. `_bwd_dkdv_kernel`: one program per (key tile of BLOCK_N rows, batch·key/value head); it walks
+   the query blocks that list its key block — the *transposed* layout, a CSR built on the device
+   without host sync and cached per layout — for every query head of its GQA group, so dk and dv
+   are summed over the group inside the program;
+3. `_bwd_dq_kernel`: one program per (query tile, batch·query head) walking the key lists as the
+   forward does.
+Probabilities are recomputed from lse (base 2 inside); rows whose lse is −inf (they saw no key)
+contribute nothing. Full blocks skip element masks; partial blocks mask the causal diagonal and
+the ragged tails; the optional element mask applies everywhere.
+"""
+
+import torch
+
+from ..ops.attention_reference import block_sparse_attention_backward_ref
+from . import _attention_common as _ac
+from ._attention_common import (
+    LOG2E,
+    head_block,
+    kernel_supports,
+    layout_args,
+    load_rows,
+    mask_args,
+    mma,
+    transposed_layout,
+)
+from ._triton import HAS_TRITON, autotune_enabled, cdiv, next_pow2, tl, triton
+
+__all__ = ["block_sparse_attention_backward", "dkdv_config", "dq_config", "DKDV_CONFIGS",
+           "DQ_CONFIGS"]
+
+
+@triton.jit
+def _bwd_preprocess_kernel(Out, DO, Delta, L, H, sob, soh, som, sod, sdb, sdh, sdm, sdd,
+                           DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    o = load_rows(Out + b * sob + h * soh, offs_m, L, offs_d, som, sod, DV, BLOCK_DV, True)
+    do = load_rows(DO + b * sdb + h * sdh, offs_m, L, offs_d, sdm, sdd, DV, BLOCK_DV, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * L + offs_m, delta, mask=offs_m < L)
+
+
+@triton.jit
+def _load_lse2(Lse_row, offs, L):
+    """lse in base 2, +inf for rows that saw no key (and rows past L), so exp2(s - lse) = 0."""
+    lse = tl.load(Lse_row + offs, mask=offs < L, other=float("-inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+# dK, dV -----------------------------------------------------------------------------------
+@triton.jit
+def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, start, end,
+               qblocks, n0, offs_n, L, S, qk_scale, sqm, sqd, sdm, sdd, smm, smn,
+               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+               FP32: tl.constexpr, PARTIAL: tl.constexpr):
+    """Accumulate dk, dv of one key tile over the query blocks qblocks[start:end]."""
+    SUBS: tl.constexpr = BLOCK_Q // BLOCK_M
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for it in range(start * SUBS, end * SUBS):
+        qb = tl.load(qblocks + it // SUBS)
+        m0 = qb * BLOCK_Q + (it % SUBS) * BLOCK_M
+        live = m0 < L
+        if PARTIAL and CAUSAL:  # query sub-tile entirely before this key tile: nothing visible
+            live = live & (m0 + BLOCK_M - 1 >= n0)
+        if live:
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            q = load_rows(q_base, offs_m, L, offs_d, sqm, sqd, D, BLOCK_D, True)
+            do = load_rows(do_base, offs_m, L, offs_dv, sdm, sdd, DV, BLOCK_DV, True)
+            lse2 = _load_lse2(lse_row, offs_m, L)
+            st = mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32)
+            st = st * qk_scale                                  # [BLOCK_N, BLOCK_M]
+            if MASK_KIND == 2:
+                mv = tl.load(mask_base + offs_m[None, :].to(tl.int64) * smm + offs_n[:, None] * smn,
+                             mask=(offs_m[None, :] < L) & (offs_n[:, None] < S), other=0)
+                st = st + mv.to(tl.float32) * 1.4426950408889634
+            pt = tl.math.exp2(st - lse2[None, :])
+            if PARTIAL:
+                ok = offs_n[:, None] < S
+                if CAUSAL:
+                    ok = ok & (offs_n[:, None] <= offs_m[None, :])
+                pt = tl.where(ok, pt, 0.0)
+            if MASK_KIND == 1:
+                mv = tl.load(mask_base + offs_m[None, :].to(tl.int64) * smm + offs_n[:, None] * smn,
+                             mask=(offs_m[None, :] < L) & (offs_n[:, None] < S), other=0)
+                pt = tl.where(mv != 0, pt, 0.0)
+            delta = tl.load(delta_row + offs_m, mask=offs_m < L, other=0.0)
+            dv = mma(pt.to(do.dtype), do, dv, FP32)
+            dpt = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32)
+            dst = pt * (dpt - delta[None, :])
+            dk = mma(dst.to(q.dtype), q, dk, FP32)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, PPtr, PQb, FPtr, FQb, Mask,
+                     qk_scale, sm_scale, L, S, H, G, HKV, NKV, row_b, row_h,
+                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                     sdb, sdh, sdm, sdd, smb, smh, smm, smn,
+                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
+                     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
+                     L_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    n0 = pid_n * BLOCK_N
+    kvb = n0 // BLOCK_KV
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    b64 = b.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = load_rows(K + b64 * skb + hk.to(tl.int64) * skh, offs_n, S, offs_d, skn, skd, D,
+                  BLOCK_D, True)
+    v = load_rows(V + b64 * svb + hk.to(tl.int64) * svh, offs_n, S, offs_dv, svn, svd, DV,
+                  BLOCK_DV, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(0, G):
+        h = hk * G + g
+        h64 = h.to(tl.int64)
+        q_base = Q + b64 * sqb + h64 * sqh
+        do_base = DO + b64 * sdb + h64 * sdh
+        row_off = (b64 * H + h64) * L
+        mask_base = Mask + b64 * smb + h64 * smh
+        row = b * row_b + h * row_h + kvb
+        dk, dv = _dkdv_list(dk, dv, k, v, q_base, do_base, Lse + row_off, Delta + row_off,
+                            mask_base, tl.load(FPtr + row), tl.load(FPtr + row + 1), FQb,
+                            n0, offs_n, L, S, qk_scale, sqm, sqd, sdm, sdd, smm, smn, D, DV,
+                            BLOCK_D, BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32,
+                            False)
+        dk, dv = _dkdv_list(dk, dv, k, v, q_base, do_base, Lse + row_off, Delta + row_off,
+                            mask_base, tl.load(PPtr + row), tl.load(PPtr + row + 1), PQb,
+                            n0, offs_n, L, S, qk_scale, sqm, sqd, sdm, sdd, smm, smn, D, DV,
+                            BLOCK_D, BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32,
+                            True)
+    dk = dk * sm_scale
+    out_row = (b64 * HKV + hk.to(tl.int64)) * S
+    tl.store(DK + (out_row + offs_n[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=(offs_n[:, None] < S) & (offs_d[None, :] < D))
+    tl.store(DV_ + (out_row + offs_n[:, None]) * DV + offs_dv[None, :],
+             dv.to(DV_.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV))
+
+
+# dQ ---------------------------------------------------------------------------------------
+@triton.jit
+def _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, n_listed, idx_ptr,
+             idx_stride, offs_m, m_last, L, S, qk_scale, skn, skd, svn, svd, smm, smn,
+             D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+             BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
+             PARTIAL: tl.constexpr):
+    SUBS: tl.constexpr = BLOCK_KV // BLOCK_N
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for it in range(0, n_listed * SUBS):
+        blk = tl.load(idx_ptr + (it // SUBS) * idx_stride)
+        n0 = blk * BLOCK_KV + (it % SUBS) * BLOCK_N
+        live = True
+        if PARTIAL:
+            live = n0 < S
+            if CAUSAL:
+                live = live & (n0 <= m_last)
+        if live:
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            k = load_rows(k_base, offs_n, S, offs_d, skn, skd, D, BLOCK_D, PARTIAL)
+            v = load_rows(v_base, offs_n, S, offs_dv, svn, svd, DV, BLOCK_DV, PARTIAL)
+            s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32)
+            s = s * qk_scale
+            if MASK_KIND == 2:
+                mv = tl.load(mask_base + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn,
+                             mask=(offs_m[:, None] < L) & (offs_n[None, :] < S), other=0)
+                s = s + mv.to(tl.float32) * 1.4426950408889634
+            p = tl.math.exp2(s - lse2[:, None])
+            if PARTIAL:
+                ok = offs_n[None, :] < S
+                if CAUSAL:
+                    ok = ok & (offs_n[None, :] <= offs_m[:, None])
+                p = tl.where(ok, p, 0.0)
+            if MASK_KIND == 1:
+                mv = tl.load(mask_base + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn,
+                             mask=(offs_m[:, None] < L) & (offs_n[None, :] < S), other=0)
+                p = tl.where(mv != 0, p, 0.0)
+            dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32)
+            ds = p * (dp - delta[:, None])
+            dq = mma(ds.to(k.dtype), k, dq, FP32)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Num, Idx, FNum, FIdx, Mask,
+                   qk_scale, sm_scale, L, S, H, G,
+                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                   sdb, sdh, sdm, sdd,
+                   snb, snh, snm, sib, sih, sim, siw,
+                   sfb, sfh, sfm, sjb, sjh, sjm, sjw,
+                   smb, smh, smm, smn,
+                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
+                   CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
+                   L_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    m0 = pid_m * BLOCK_M
+    qb = m0 // BLOCK_Q
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    m_last = tl.minimum(m0 + BLOCK_M, L) - 1
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q = load_rows(Q + b64 * sqb + h64 * sqh, offs_m, L, tl.arange(0, BLOCK_D), sqm, sqd, D,
+                  BLOCK_D, True)
+    do = load_rows(DO + b64 * sdb + h64 * sdh, offs_m, L, tl.arange(0, BLOCK_DV), sdm, sdd,
+                   DV, BLOCK_DV, True)
+    row_off = bh.to(tl.int64) * L
+    lse2 = _load_lse2(Lse + row_off, offs_m, L)
+    delta = tl.load(Delta + row_off + offs_m, mask=offs_m < L, other=0.0)
+    k_base = K + b64 * skb + hk.to(tl.int64) * skh
+    v_base = V + b64 * svb + hk.to(tl.int64) * svh
+    mask_base = Mask + b64 * smb + h64 * smh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base,
+                  tl.load(FNum + b * sfb + h * sfh + qb * sfm), FIdx + b * sjb + h * sjh +
+                  qb * sjm, sjw, offs_m, m_last, L, S, qk_scale, skn, skd, svn, svd, smm, smn,
+                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32,
+                  False)
+    dq = _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base,
+                  tl.load(Num + b * snb + h * snh + qb * snm), Idx + b * sib + h * sih +
+                  qb * sim, siw, offs_m, m_last, L, S, qk_scale, skn, skd, svn, svd, smm, smn,
+                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32,
+                  True)
+    dq = dq * sm_scale
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(DQ + (row_off + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=(offs_m[:, None] < L) & (offs_d[None, :] < D))
+
+
+# tile choices -----------------------------------------------------------------------------
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in shapes]
+
+
+# dK/dV: BLOCK_N key rows stay resident, BLOCK_M query rows stream; dQ: the reverse.
+# dK/dV holds two fp32 accumulators of BLOCK_N x head dim: 8 warps where they are large
+# ((64, 128, 8) and (64, 64, 4) spill at head dim 128 with Triton 3.6: tools/kernel_report.py)
+DKDV_CONFIGS = _configs(((32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3),
+                         (32, 64, 4, 3), (16, 64, 4, 3), (32, 32, 4, 3), (16, 16, 2, 3))
+                        ) if HAS_TRITON else []
+DQ_CONFIGS = _configs(((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
+                       (64, 32, 4, 3), (64, 16, 4, 3), (32, 32, 4, 3), (16, 16, 2, 3))
+                      ) if HAS_TRITON else []
+
+
+def _prune(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    bq, bkv = args["BLOCK_Q"], args["BLOCK_KV"]
+    wide = max(args["BLOCK_D"], args["BLOCK_DV"]) > 128
+    keep = [c for c in configs if bq % c.kwargs["BLOCK_M"] == 0 and
+            bkv % c.kwargs["BLOCK_N"] == 0 and
+            (not wide or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
+    return keep or [_fallback(bq, bkv)]
+
+
+def _fallback(block_q, block_kv):
+    return triton.Config({"BLOCK_M": min(16, block_q), "BLOCK_N": min(16, block_kv)},
+                         num_warps=2, num_stages=2)
+
+
+def dkdv_config(block_q: int, block_kv: int, d: int):
+    bn = min(block_kv, 128 if d <= 128 else 64)
+    bm = min(block_q, 32)
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=8 if bn >= 64 else 4,
+                         num_stages=3)
+
+
+def dq_config(block_q: int, block_kv: int, d: int):
+    bm = min(block_q, 128 if d <= 64 else 64)
+    bn = min(block_kv, 64 if d <= 64 else 32)
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=3)
+
+
+_KEY = ["D", "DV", "BLOCK_Q", "BLOCK_KV", "CAUSAL", "MASK_KIND", "FP32", "L_KEY"]
+if HAS_TRITON:
+    _dkdv_tuned = triton.autotune(configs=DKDV_CONFIGS, key=_KEY,
+                                  prune_configs_by={"early_config_prune": _prune}
+                                  )(_bwd_dkdv_kernel)
+    _dq_tuned = triton.autotune(configs=DQ_CONFIGS, key=_KEY,
+                                prune_configs_by={"early_config_prune": _prune})(_bwd_dq_kernel)
+
+
+def _launch(kernel, tuned, pinned, rows, rows_meta, bh, common, meta):
+    """Run `kernel` with a pinned tile, or its autotuned twin; `rows_meta` names the tile
+    size the grid's first axis is counted in."""
+    if pinned is None:
+        tuned[lambda m: (cdiv(rows, m[rows_meta]), bh)](*common, **meta)
+        return
+    kernel[(cdiv(rows, pinned.kwargs[rows_meta]), bh)](
+        *common, **meta, **pinned.kwargs, num_warps=pinned.num_warps,
+        num_stages=pinned.num_stages)
+
+
+# launcher ---------------------------------------------------------------------------------
+def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices,
+                                    full_kv_num_blocks, full_kv_indices, attn_mask, scale,
+                                    causal, block_q, block_kv, *, configs=None):
+    """(dq, dk, dv), contiguous, for `sparsec::block_sparse_attention_backward`. `configs`
+    = (dkdv config, dq config) pins the tiles, bypassing autotuning."""
+    args = (grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
+            full_kv_indices, attn_mask, scale, causal, block_q, block_kv)
+    if kernel_supports(q, k, v, block_q, block_kv) is not None:
+        return block_sparse_attention_backward_ref(*args)
+    B, H, L, D = q.shape
+    hkv, S, DV = k.shape[1], k.shape[2], v.shape[-1]
+    dq = _ac.empty(B, H, L, D, dtype=q.dtype, device=q.device)
+    dk = _ac.empty(B, hkv, S, D, dtype=k.dtype, device=k.device)
+    dv = _ac.empty(B, hkv, S, DV, dtype=v.dtype, device=v.device)
+    if B * H == 0 or S == 0 or L == 0:
+        return dq, dk.zero_(), dv.zero_()
+    bd, bdv = head_block(D), head_block(DV)
+    lse = lse.float().contiguous()
+    delta = _ac.empty(B, H, L, dtype=torch.float32, device=q.device)
+    _bwd_preprocess_kernel[(cdiv(L, 64), B * H)](
+        out, grad_out, delta, L, H, *out.stride(), *grad_out.stride(), DV=DV, BLOCK_DV=bdv,
+        BLOCK_M=64)
+    mask, mstr, kind = mask_args(attn_mask, B, H, L, S, q)
+    meta = dict(D=D, DV=DV, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_Q=block_q, BLOCK_KV=block_kv,
+                CAUSAL=bool(causal), MASK_KIND=kind, FP32=q.dtype == torch.float32,
+                L_KEY=next_pow2(L))
+    qk_scale = float(scale) * LOG2E
+    nkv = cdiv(S, block_kv)
+    p_ptr, p_qb, f_ptr, f_qb = transposed_layout(kv_num_blocks, kv_indices, full_kv_num_blocks,
+                                                 full_kv_indices, nkv)
+    bl, hl = kv_num_blocks.shape[:2]
+    row_b = hl * nkv if bl > 1 else 0
+    row_h = nkv if hl > 1 else 0
+    dkdv_cfg, dq_cfg = configs or (None, None)
+    if configs is None and not autotune_enabled():
+        dkdv_cfg = dkdv_config(block_q, block_kv, max(bd, bdv))
+        dq_cfg = dq_config(block_q, block_kv, max(bd, bdv))
+    common = (q, k, v, grad_out, lse, delta, dk, dv, p_ptr, p_qb, f_ptr, f_qb, mask, qk_scale,
+              float(scale), L, S, H, H // hkv, hkv, nkv, row_b, row_h, *q.stride(),
+              *k.stride(), *v.stride(), *grad_out.stride(), *mstr)
+    _launch(_bwd_dkdv_kernel, _dkdv_tuned, dkdv_cfg, S, "BLOCK_N", B * hkv, common, meta)
+    num, idx, pstr = layout_args(kv_num_blocks, kv_indices, B, H)
+    fnum, fidx, fstr = layout_args(full_kv_num_blocks, full_kv_indices, B, H)
+    common = (q, k, v, grad_out, lse, delta, dq, num, idx, fnum, fidx, mask, qk_scale,
+              float(scale), L, S, H, H // hkv, *q.stride(), *k.stride(), *v.stride(),
+              *grad_out.stride(), *pstr, *fstr, *mstr)
+    _launch(_bwd_dq_kernel, _dq_tuned, dq_cfg, L, "BLOCK_M", B * H, common, meta)
+    return dq, dk, dv

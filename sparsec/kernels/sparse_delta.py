@@ -1,0 +1,232 @@
+"""Sparse-delta products on Triton: the sampled dense–dense product for the delta's gradient.
+
+`sparsec::sampled_grad(grad, x, indices, in_features)` is dW.flatten()[indices] for
+dW = gradᵀ·x (grad [T, out], x [T, in]): only k of the out·in entries. Two ways to get them:
+
+- **sampled** (`_sampled_kernel`): x is copied transposed once (`_transpose_kernel`, so each
+  entry's column of x is one contiguous row); the sorted indices are cut into chunks of E
+  entries, one program each. A chunk spans few rows of W (its entries are sorted), so the
+  program loads grad in [tokens × RW rows] windows (coalesced), picks each entry's grad column
+  out of the window with a one-hot matrix product (exact: one non-zero term per output) and
+  multiplies it with the entry's row of xᵀ, accumulating over all tokens in float32. grad and
+  xᵀ are read about once each from memory: the cost grows with k·T, not out·in·T.
+- **dense**: dW = gradᵀ·x through cuBLAS, then a gather.
+
+The dense product costs 2·T·out·in FLOPs whatever k is; the sampled one moves ~(k + out)·T
+elements. `choose_method` picks per call: the first call for a (shape, dtype, density bucket)
+on CUDA times both on the real inputs and caches the faster (the measured crossover, used
+automatically); under graph capture or without a GPU a cost model decides.
+SPARSEC_SAMPLED_GRAD=sampled|dense forces one.
+
+The forward y = x(W + Δ)ᵀ stays "materialize W + Δ, then one dense GEMM" (the op's
+reference): tools/bench_sparse_delta.py measures it against x·Wᵀ plus a sparse x·Δᵀ.
+`structured` slices are already dense sub-GEMMs in their op (no dense dW is formed).
+"""
+
+import math
+import os
+
+import torch
+
+from ._attention_common import mma
+from ._triton import HAS_TRITON, cdiv, next_pow2, no_sync_allowed, on_cuda, tl, triton
+
+__all__ = ["HAS_TRITON", "sparse_delta_ref", "sampled_grad_ref", "sampled_grad",
+           "sampled_grad_sampled", "sampled_grad_dense", "choose_method", "transpose"]
+
+
+# references -------------------------------------------------------------------------------
+def sampled_grad_ref(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
+                     in_features: int) -> torch.Tensor:
+    """dW.flatten()[indices] for dW = gradᵀ·x, accumulated in float32 (float64 stays), one
+    entry at a time in chunks: the numerics oracle."""
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    g2 = grad.reshape(-1, grad.shape[-1]).to(acc)
+    x2 = x.reshape(-1, x.shape[-1]).to(acc)
+    out = torch.empty(indices.numel(), dtype=acc, device=grad.device)
+    chunk = max(1, (1 << 22) // max(1, g2.shape[0]))
+    for s in range(0, indices.numel(), chunk):
+        idx = indices[s:s + chunk]
+        out[s:s + chunk] = (g2[:, idx // in_features] * x2[:, idx % in_features]).sum(0)
+    return out
+
+
+def sparse_delta_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """y = x (W + Δ)ᵀ + b with Δ = scatter(values at flat indices) — materialized."""
+    w = weight.reshape(-1).index_add(0, indices, values.to(weight.dtype)).view_as(weight)
+    return torch.nn.functional.linear(x, w, bias)
+
+
+# kernels ----------------------------------------------------------------------------------
+@triton.jit
+def _transpose_kernel(X, Y, R, C, sxr, sxc, BR: tl.constexpr, BC: tl.constexpr):
+    """Y [C, R] (contiguous) = X [R, C]ᵀ, one BR × BC tile per program."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    x = tl.load(X + rows[:, None].to(tl.int64) * sxr + cols[None, :] * sxc,
+                mask=(rows[:, None] < R) & (cols[None, :] < C))
+    tl.store(Y + cols[:, None].to(tl.int64) * R + rows[None, :], tl.trans(x),
+             mask=(cols[:, None] < C) & (rows[None, :] < R))
+
+
+@triton.jit
+def _window_dot(acc, G, xs, r, w0, t, T, OUT, sgt, sgo, E: tl.constexpr, RW: tl.constexpr,
+                TT: tl.constexpr, FP32: tl.constexpr):
+    """acc[e] += Σ_t grad[t, r_e] · xs[e, t] for the entries whose row lies in [w0, w0+RW)."""
+    cols = w0 + tl.arange(0, RW)
+    g = tl.load(G + t[:, None].to(tl.int64) * sgt + cols[None, :] * sgo,
+                mask=(t[:, None] < T) & (cols[None, :] < OUT), other=0.0)       # [TT, RW]
+    # (through float32: Triton's interpreter converts bool to bfloat16 wrongly)
+    onehot = tl.where((r[:, None] - w0) == tl.arange(0, RW)[None, :], 1.0, 0.0).to(g.dtype)
+    gsel = mma(onehot, tl.trans(g), tl.zeros([E, TT], dtype=tl.float32), FP32)  # [E, TT], exact
+    return acc + tl.sum(gsel * xs.to(tl.float32), 1)
+
+
+@triton.jit
+def _sampled_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo,
+                    E: tl.constexpr, RW: tl.constexpr, TT: tl.constexpr, FP32: tl.constexpr):
+    e = tl.program_id(0) * E + tl.arange(0, E)
+    live = e < K
+    flat = tl.load(Idx + e, mask=live, other=0).to(tl.int64)
+    r = flat // IN
+    c = flat % IN
+    r_lo = tl.min(tl.where(live, r, OUT), 0)
+    r_hi = tl.max(tl.where(live, r, -1), 0)
+    n_win = tl.maximum(r_hi - r_lo, 0) // RW + 1
+    acc = tl.zeros([E], dtype=tl.float32)
+    x_rows = XT + c[:, None] * T
+    if n_win == 1:  # the common case: one window, a loop the compiler can pipeline
+        for t0 in range(0, T, TT):
+            t = t0 + tl.arange(0, TT)
+            xs = tl.load(x_rows + t[None, :], mask=live[:, None] & (t[None, :] < T), other=0.0)
+            acc = _window_dot(acc, G, xs, r, r_lo, t, T, OUT, sgt, sgo, E, RW, TT, FP32)
+    else:
+        for t0 in range(0, T, TT):
+            t = t0 + tl.arange(0, TT)
+            xs = tl.load(x_rows + t[None, :], mask=live[:, None] & (t[None, :] < T), other=0.0)
+            for w in range(0, n_win):
+                acc = _window_dot(acc, G, xs, r, r_lo + w * RW, t, T, OUT, sgt, sgo, E, RW, TT,
+                                  FP32)
+    tl.store(Out + e, acc.to(Out.dtype.element_ty), mask=live)
+
+
+# launchers --------------------------------------------------------------------------------
+def _usable(*tensors) -> bool:
+    return on_cuda(*tensors)
+
+
+def transpose(x: torch.Tensor) -> torch.Tensor:
+    """xᵀ as a new contiguous tensor (Triton tiles; torch elsewhere)."""
+    if not _usable(x):
+        return x.t().contiguous()
+    r, c = x.shape
+    y = torch.empty(c, r, dtype=x.dtype, device=x.device)
+    if x.numel():
+        _transpose_kernel[(cdiv(r, 64), cdiv(c, 64))](x, y, r, c, *x.stride(), BR=64, BC=64)
+    return y
+
+
+def tiles(k: int, out_features: int) -> tuple[int, int]:
+    """(entries per program, row-window width): a chunk of E sorted entries spans about
+    E / (k / out) rows; the window covers that with a margin."""
+    per_row = max(k / max(out_features, 1), 1e-9)
+    entries = 64
+    span = entries / per_row
+    return entries, int(min(128, max(16, next_pow2(int(span * 1.25) + 1))))
+
+
+def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
+                         in_features: int, *, entries: int | None = None,
+                         window: int | None = None, tokens: int = 64) -> torch.Tensor:
+    """The sampled path (see the module docstring); output in grad's dtype."""
+    g2 = grad.reshape(-1, grad.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    T, out_f = g2.shape
+    k = indices.numel()
+    out = torch.empty(k, dtype=grad.dtype, device=grad.device)
+    if k == 0:
+        return out
+    if T == 0:
+        return out.zero_()
+    xt = transpose(x2)
+    e, rw = tiles(k, out_f)
+    e, rw = entries or e, window or rw
+    _sampled_kernel[(cdiv(k, e),)](
+        g2, xt, indices.contiguous(), out, k, T, in_features, out_f, *g2.stride(), E=e, RW=rw,
+        TT=tokens, FP32=grad.dtype == torch.float32, num_warps=4, num_stages=3)
+    return out
+
+
+def sampled_grad_dense(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
+                       in_features: int) -> torch.Tensor:
+    """dW = gradᵀ·x as one GEMM (cuBLAS, float32 accumulation), then the k entries."""
+    g2 = grad.reshape(-1, grad.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    return (g2.t() @ x2).reshape(-1)[indices]
+
+
+# choosing ---------------------------------------------------------------------------------
+_DECISIONS: dict[tuple, str] = {}
+
+
+def _key(grad, x, indices) -> tuple:
+    T, out_f = grad.reshape(-1, grad.shape[-1]).shape
+    in_f = x.shape[-1]
+    density = indices.numel() / max(out_f * in_f, 1)
+    # buckets: tokens and density by factors of 2 (the crossover moves slowly with both)
+    return (out_f, in_f, next_pow2(max(T, 1)), grad.dtype, str(grad.device),
+            max(-40, round(2 * math.log2(max(density, 1e-12)))))
+
+
+def _model(T: int, out_f: int, in_f: int, k: int, itemsize: int) -> str:
+    """Cost model (H100-class: 600 TFLOP/s dense, 2.5 TB/s): used where timing is impossible."""
+    dense = 2 * T * out_f * in_f / 600e12
+    sampled = (3 * T * in_f + T * out_f + 0.5 * k * T) * itemsize / 2.5e12 + 20e-6
+    return "sampled" if sampled < dense else "dense"
+
+
+def _time(fn, reps: int = 3) -> float:
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
+def choose_method(grad, x, indices, in_features) -> str:
+    """'sampled' or 'dense' for this call (see the module docstring)."""
+    forced = os.environ.get("SPARSEC_SAMPLED_GRAD", "auto")
+    if forced in ("sampled", "dense"):
+        return forced
+    key = _key(grad, x, indices)
+    if key in _DECISIONS:
+        return _DECISIONS[key]
+    g2 = grad.reshape(-1, grad.shape[-1])
+    guess = _model(g2.shape[0], g2.shape[1], in_features, indices.numel(),
+                   grad.element_size())
+    if not grad.is_cuda or no_sync_allowed():  # timing needs device syncs
+        return guess
+    t_sampled = _time(lambda: sampled_grad_sampled(grad, x, indices, in_features))
+    t_dense = _time(lambda: sampled_grad_dense(grad, x, indices, in_features))
+    _DECISIONS[key] = "sampled" if t_sampled <= t_dense else "dense"
+    return _DECISIONS[key]
+
+
+def sampled_grad(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
+                 in_features: int) -> torch.Tensor:
+    """`sparsec::sampled_grad` on CUDA: the faster of the sampled kernel and dense dW + gather
+    for this shape and density; dtypes the kernel does not take (and `references_only()`)
+    run the reference."""
+    if grad.dtype not in (torch.float16, torch.bfloat16, torch.float32) or \
+            x.dtype != grad.dtype or not _usable(grad, x, indices):
+        return sampled_grad_ref(grad, x, indices, in_features).to(grad.dtype)
+    if choose_method(grad, x, indices, in_features) == "dense":
+        return sampled_grad_dense(grad, x, indices, in_features)
+    return sampled_grad_sampled(grad, x, indices, in_features)

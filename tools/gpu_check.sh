@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# sparsec GPU check: the kernels' GPU tests, then the attention and sparse-delta benchmarks.
+#
+#   OUT=/path/to/logs tools/gpu_check.sh          # from the repository root or anywhere
+#   QUICK=1 tools/gpu_check.sh                    # shorter benchmarks (fewer configurations)
+#
+# Needs a CUDA GPU with torch and triton (written for an H100, torch 2.11, triton 3.6; no
+# internet needed). Writes to $OUT (default ./gpu_check_out): gpu_tests.log,
+# bench_attention.log/.json, bench_sparse_delta.log/.json, summary.txt (and
+# bench_triton_backend.log/.json if time is left). Each step has a time limit (3 + 4 + 1
+# minutes; the optional backend step 1.5, started only before minute 6), so the whole run
+# stays under 8 minutes. A failing step does not stop the later ones (each benchmark checks
+# its own results before timing), but the script exits 1 and says which step failed. The
+# summary tables are printed last.
+set -uo pipefail
+
+cd "$(dirname "$0")/.." || exit 2
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT" || { echo "gpu_check: cannot create $OUT" >&2; exit 2; }
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
+QUICK_ARGS=()
+[ "${QUICK:-0}" = "1" ] && QUICK_ARGS=(--quick)
+START=$(date +%s)
+FAILED=()
+
+step() {  # step NAME LIMIT_SECONDS LOG COMMAND...
+  local name=$1 limit=$2 log=$3
+  shift 3
+  echo "== $name (limit ${limit}s) =="
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    echo "gpu_check: $name ran past ${limit}s and was stopped (see $OUT/$log)"
+    FAILED+=("$name (timeout)")
+  elif [ "$rc" -ne 0 ]; then
+    echo "gpu_check: $name failed with exit code $rc (see $OUT/$log)"
+    FAILED+=("$name (exit $rc)")
+  fi
+  echo "== $name done at $(( $(date +%s) - START ))s =="
+}
+
+# Python packages the machine lacks travel as wheels in .whl/ (sparsec needs tomli-w, which the
+# GPU image does not have): install them into a private directory first.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/sparsec_site .whl/*.whl || { echo "gpu_check: installing .whl/ failed"; exit 2; }
+  export PYTHONPATH="/tmp/sparsec_site:$PYTHONPATH"
+fi
+
+# preflight: stop here if there is no GPU or sparsec and its kernels cannot load
+"$PY" - <<'EOF' 2>&1 | tee "$OUT/summary.txt"
+import sys
+try:
+    import torch
+    import triton
+    import sparsec  # noqa: F401
+except ImportError as e:
+    sys.exit(f"gpu_check: preflight failed: {e}. Carry the missing package as a wheel in .whl/ "
+             f"(for tomli-w: pip download --no-deps tomli-w==1.2.0 -d .whl)")
+if not torch.cuda.is_available():
+    sys.exit("gpu_check: preflight failed: torch sees no CUDA GPU")
+import sparsec.kernels as k
+usable = k.load_kernels()
+print(f"preflight: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+      f"triton {triton.__version__}, kernel modules {usable}")
+if "block_sparse_attention" not in usable:
+    sys.exit("gpu_check: preflight failed: the attention kernels are not usable")
+EOF
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 2
+
+step "gpu tests" 180 gpu_tests.log \
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider --maxfail=20 -rfs \
+  tests/kernels tests/backends tests/ops
+step "bench_attention" 240 bench_attention.log \
+  "$PY" tools/bench_attention.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"}
+step "bench_sparse_delta" 60 bench_sparse_delta.log \
+  "$PY" tools/bench_sparse_delta.py ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"}
+# optional: the backend end to end (dense parts eager vs torch.compile), if time is left
+if [ $(( $(date +%s) - START )) -lt 360 ] && [ "${QUICK:-0}" != "1" ]; then
+  step "bench_triton_backend" 90 bench_triton_backend.log "$PY" tools/bench_triton_backend.py
+else
+  echo "== bench_triton_backend skipped (time) =="
+fi
+
+{
+  echo
+  echo "================ summary ($(( $(date +%s) - START ))s) ================"
+  echo "-- gpu tests:"
+  grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 1
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -n 20
+  echo "-- attention (ms, speedups):"
+  sed -n '/, torch .*, triton .*: batch/,$p' "$OUT/bench_attention.log" | tail -n 40
+  echo "-- sparse delta (ms):"
+  sed -n '/, torch .*, triton .*: weight/,$p' "$OUT/bench_sparse_delta.log" | tail -n 30
+  if [ -f "$OUT/bench_triton_backend.log" ]; then
+    echo "-- triton backend (forward ms):"
+    sed -n '/: Llama dim/,$p' "$OUT/bench_triton_backend.log" | tail -n 6
+  fi
+  if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "-- FAILED steps: ${FAILED[*]}"
+  else
+    echo "-- all steps passed"
+  fi
+} 2>&1 | tee -a "$OUT/summary.txt"
+[ ${#FAILED[@]} -eq 0 ] || exit 1
