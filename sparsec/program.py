@@ -83,16 +83,17 @@ class Program:
 
     def run_checked(self, *inputs: Any) -> Any:
         """What verification compares: the outputs, and for a training-step program also the
-        trainable parameters after the step. State the step writes is restored afterwards,
-        so checking never trains the model."""
+        update the step makes to each trainable parameter. State the step writes is restored
+        afterwards, so checking never trains the model."""
         joint = self.state.get("joint")
         if joint is None:
             with torch.no_grad():
                 return _detached(self.gm(*inputs))
+        before = {n: self.get_tensor(n).detach().clone() for n in joint.trainable}
         with self.preserving_state():
             out = _detached(self.gm(*inputs))
-            updated = {n: self.get_tensor(n).detach().clone() for n in joint.trainable}
-        return out, updated
+            updates = {n: self.get_tensor(n).detach() - before[n] for n in joint.trainable}
+        return out, updates
 
     @contextlib.contextmanager
     def preserving_state(self) -> Iterator[None]:

@@ -9,7 +9,6 @@ from sparsec import BadInputError, ModelSource, run_passes, trace
 from sparsec.testing import strategies as sst
 from sparsec.testing.pytest_plugin import examples
 
-
 # What a drawn model may legitimately lack: layers to fine-tune, something left to train.
 REFUSALS = ("nothing is trainable", "match no linear layer", "no linear layer inside")
 

@@ -55,15 +55,27 @@ def test_tiny_llama_steps_match_eager_adamw(tiny_llama_program, passes):
     trainable = [n for n, p in forward.named_parameters() if p.requires_grad]
     program = run_passes(base, [parse_pass_arg("joint-graph:lr=0.001")] +
                          [parse_pass_arg(p) for p in passes])
-    assert program.history[1].verify["max_rel_err"] < 1e-5
+    assert program.history[1].verify["rel_l2_err"] < 1e-5
     config = OptimizerConfig(lr=0.001)
     want_l, want = _eager_updates(forward, trainable, program.example_inputs, 1,
                                   base.source.loss, 3, config)
     got_l, got = _compiled_updates(program, 3)
     assert got_l == pytest.approx(want_l, rel=1e-5)
     assert got_l[2] < got_l[0]
-    for n in trainable:
+    for n in trainable:  # parameters after 3 steps, relative to their size
         assert _rel(got[n], want[n]) < 1e-5, n
+
+
+def test_float64_step_equals_eager_exactly(tiny_llama_path):
+    mf = sparsec.load_model_file(tiny_llama_path)
+    model, inputs = mf.build()
+    program = trace(model.double(), inputs, source=ModelSource("t", loss=mf.loss,
+                                                                batches=mf.batches))
+    out = run_passes(program, [parse_pass_arg("sparse-finetune:method=structured,select=norm"),
+                               parse_pass_arg("joint-graph")])
+    from sparsec.joint import step_report
+    check = step_report(out)["grad_check"]
+    assert check["max_rel_err"] < 1e-12 and check["rel_l2_err"] < 1e-13
 
 
 @examples(6)
@@ -124,7 +136,7 @@ def test_cli_reports_memory_plan_and_grad_check(run_cli, tiny_llama_path, tmp_pa
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     mem = report["memory"]
-    assert report["grad_check"]["max_rel_err"] < 1e-5
+    assert report["grad_check"]["rel_l2_err"] < 1e-5 and report["grad_check"]["max_rel_err"] < 1e-3
     assert abs(mem["measured_peak_bytes"] - mem["predicted_peak_bytes"]) <= \
         0.05 * mem["measured_peak_bytes"]
     assert mem["measured_peak_bytes"] < mem["eager_full_ft_peak_bytes"]
