@@ -20,8 +20,6 @@ import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
-import tomli_w
-
 from .errors import OptionError, RecipeError
 from .passes.base import Pass, get_pass
 
@@ -187,4 +185,6 @@ def dump_recipe(passes: Sequence[Pass]) -> str:
                 continue
             entry[k] = list(v) if isinstance(v, tuple) else v
         entries.append(entry)
+    import tomli_w  # only writing needs it
+
     return tomli_w.dumps({"version": RECIPE_VERSION, "pass": entries})
