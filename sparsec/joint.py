@@ -239,10 +239,10 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
 
 # the eager reference ---------------------------------------------------------------------------
 def eager_step(forward: fx.GraphModule, loss: Callable, n_inputs: int, batch: tuple,
-               config: OptimizerConfig, trainable: list[str]) -> tuple[torch.Tensor,
-                                                                       dict[str, torch.Tensor]]:
-    """One eager training step on a copy of `forward`: (loss, the update of each trainable
-    parameter)."""
+               config: OptimizerConfig, trainable: list[str]
+               ) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
+    """One eager training step on a copy of `forward`: (loss, {"gradients": …, "updates": …}
+    by trainable parameter name)."""
     import copy
 
     gm = copy.deepcopy(forward)
@@ -255,8 +255,13 @@ def eager_step(forward: fx.GraphModule, loss: Callable, n_inputs: int, batch: tu
     with torch.enable_grad():  # verification runs references under no_grad
         value = loss(gm(*batch[:n_inputs]), batch)
         value.backward()
+    grads = {n: params[n].grad.detach().clone() if params[n].grad is not None
+             else torch.zeros_like(params[n]) for n in trainable}
     opt.step()
-    return value.detach(), {n: params[n].detach() - before[n] for n in trainable}
+    updates = {n: params[n].detach() - before[n] for n in trainable}
+    if config.name == "sgd" and not config.momentum:  # as Program.step_effects records it
+        grads = {n: params[n].detach().clone() for n in trainable}
+    return value.detach(), {"gradients": grads, "updates": updates}
 
 
 # the report of a step program -------------------------------------------------------------------
@@ -273,13 +278,19 @@ def step_report(program: Program) -> dict[str, Any]:
     with program.preserving_state():
         measured = measure_peak(lambda: program.gm(*batch), device, plan.resident_bytes)
     full_ft = _eager_full_ft_peak(info, program.source.loss, batch, device)
-    eager = eager_step(info.forward, program.source.loss, info.n_model_inputs, batch,
-                       info.optimizer, info.trainable)
-    err = compare_outputs(program.run_checked(*batch), ((eager[0],), eager[1]))
+    eager_loss, eager = eager_step(info.forward, program.source.loss, info.n_model_inputs,
+                                   batch, info.optimizer, info.trainable)
+    out, effects = program.step_effects(*batch)
+    check = {"loss": compare_outputs(out, (eager_loss,)),
+             "gradients": compare_outputs(effects["gradients"], eager["gradients"]),
+             "updates": compare_outputs(effects["updates"], eager["updates"])}
     return {"memory": {**plan.to_json(), "measured_peak_bytes": measured,
                        "eager_full_ft_peak_bytes": full_ft,
                        "measured_vs_full_ft": round(measured / full_ft, 4) if full_ft else None},
-            "grad_check": {**err, "compared": "loss and every trainable parameter's update",
+            "grad_check": {**check["gradients"], "loss": check["loss"],
+                           "updates": check["updates"],
+                           "compared": "the gradient of every trainable parameter (top level), "
+                                       "the loss and the optimizer's updates",
                            "reference": "one eager step of the sparse model (torch.optim)"}}
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["OptimizerConfig", "init_state", "update_", "torch_optimizer"]
+__all__ = ["OptimizerConfig", "init_state", "update_", "torch_optimizer", "implied_gradient"]
 
 
 @dataclass(frozen=True)
@@ -72,3 +72,25 @@ def torch_optimizer(params: list[torch.Tensor], config: OptimizerConfig) -> torc
                                  eps=config.eps, weight_decay=config.weight_decay, foreach=False)
     return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                            weight_decay=config.weight_decay, foreach=False)
+
+
+def implied_gradient(config: OptimizerConfig, param_before: torch.Tensor,
+                     state_before: dict[str, torch.Tensor],
+                     state_after: dict[str, torch.Tensor],
+                     param_after: torch.Tensor) -> torch.Tensor | None:
+    """The gradient one update used, recovered from what it wrote; None for plain SGD, whose
+    only record is the parameter itself (θ − lr·g rounded to θ's precision loses g).
+
+    AdamW's first moment is linear in the gradient, m' = β₁m + (1 − β₁)g, and so is SGD's
+    momentum buffer. Verification compares these gradients rather than Adam's updates, which
+    divide by the gradient's magnitude and so turn rounding noise in near-zero gradients into
+    full-size differences.
+    """
+    if config.name == "adamw":
+        m0, m1 = state_before["exp_avg"].double(), state_after["exp_avg"].double()
+        return ((m1 - config.beta1 * m0) / (1 - config.beta1)).to(param_before.dtype)
+    if config.momentum:
+        decay = config.weight_decay * param_before.double()
+        b0, b1 = state_before["momentum_buffer"].double(), state_after["momentum_buffer"].double()
+        return (b1 - config.momentum * b0 - decay).to(param_before.dtype)
+    return None

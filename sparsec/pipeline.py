@@ -121,9 +121,9 @@ def _verify(p: Pass, program: Program, ref: tuple[Any, str]) -> dict[str, Any]:
 
 def check_metric(program: Program) -> str:
     """Which error a verification holds to its tolerance: the max relative error for a forward
-    program; for a training step the normwise relative error of the updates, since Adam turns
-    float32 rounding noise in near-zero gradients into full-size differences of single entries
-    (the max relative error is still reported)."""
+    program; for a training step (loss and gradients) the normwise relative error, since a
+    gradient's near-cancelled entries carry rounding noise far above their own size (the max
+    relative error is still reported)."""
     return "rel_l2_err" if "joint" in program.state else "max_rel_err"
 
 

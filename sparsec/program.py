@@ -82,18 +82,38 @@ class Program:
         return self.gm(*inputs)
 
     def run_checked(self, *inputs: Any) -> Any:
-        """What verification compares: the outputs, and for a training-step program also the
-        update the step makes to each trainable parameter. State the step writes is restored
-        afterwards, so checking never trains the model."""
+        """What verification compares: the outputs; for a training-step program, the loss and
+        the gradient of every trainable parameter (recovered from the optimizer's update, see
+        `sparsec.optim.implied_gradient`). State the step writes is restored afterwards, so
+        checking never trains the model."""
         joint = self.state.get("joint")
         if joint is None:
             with torch.no_grad():
                 return _detached(self.gm(*inputs))
-        before = {n: self.get_tensor(n).detach().clone() for n in joint.trainable}
+        out, effects = self.step_effects(*inputs)
+        return out, effects["gradients"]
+
+    def step_effects(self, *inputs: Any) -> tuple[Any, dict[str, dict[str, torch.Tensor]]]:
+        """Run one step of a training-step program and undo it: (outputs, {"gradients": …,
+        "updates": …}) by trainable parameter name. Where the optimizer keeps no record of
+        the gradient (plain SGD) "gradients" holds the parameter after the step instead."""
+        from .optim import implied_gradient
+
+        joint = self.state["joint"]
+        names = joint.mutable()
+        before = {n: self.get_tensor(n).detach().clone() for n in names}
         with self.preserving_state():
             out = _detached(self.gm(*inputs))
-            updates = {n: self.get_tensor(n).detach() - before[n] for n in joint.trainable}
-        return out, updates
+            after = {n: self.get_tensor(n).detach().clone() for n in names}
+        grads, updates = {}, {}
+        for n in joint.trainable:
+            keys = joint.state_names.get(n, {})
+            g = implied_gradient(joint.optimizer, before[n],
+                                 {k: before[a] for k, a in keys.items()},
+                                 {k: after[a] for k, a in keys.items()}, after[n])
+            updates[n] = after[n] - before[n]
+            grads[n] = g if g is not None else after[n]
+        return out, {"gradients": grads, "updates": updates}
 
     @contextlib.contextmanager
     def preserving_state(self) -> Iterator[None]:

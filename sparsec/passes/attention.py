@@ -183,8 +183,8 @@ class BlockSparseAttention(Pass):
         heads = site.heads
         extra: list[fx.Node] = []
         layout: BlockLayout | None = None
-        if is_static(self.layout):
-            layout = self._static_layout(site, heads)
+        if is_static(self.layout):  # built on the host, kept where the model runs
+            layout = self._static_layout(site, heads).to(site.q.meta["val"].device)
             extra = (self._layout_nodes(gm, layout, site) if not reference else
                      [add_constant(gm, f"{_PREFIX}.reference_mask_{index}",
                                    layout.to_element_mask(), site.node)])
@@ -234,9 +234,10 @@ class BlockSparseAttention(Pass):
                                       f"{tuple(t.shape)}; train gates for this model and "
                                       "options with `sparsec train-gates`")
             wq, wk = loaded[f"{stem}.wq"], loaded[f"{stem}.wk"]
-        dtype = site.q.meta["val"].dtype
-        return [add_constant(gm, f"{stem}.wq", wq.to(dtype), site.node, parameter=True),
-                add_constant(gm, f"{stem}.wk", wk.to(dtype), site.node, parameter=True)]
+        val = site.q.meta["val"]
+        wq, wk = (w.to(device=val.device, dtype=val.dtype) for w in (wq, wk))
+        return [add_constant(gm, f"{stem}.wq", wq, site.node, parameter=True),
+                add_constant(gm, f"{stem}.wk", wk, site.node, parameter=True)]
 
     def _replacement(self, site: Site) -> Callable[..., torch.Tensor]:
         """A torch function of (q, k, v, layout or gate tensors, mask parts) → out."""
