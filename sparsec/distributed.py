@@ -36,7 +36,7 @@ from .train import Trainer, TrainRun, _cycle, _train_section, batch_tokens
 
 __all__ = ["DistEnv", "launched_by_torchrun", "setup", "sharded_batches", "CommCounter",
            "GradientBucket", "DistributedTrainer", "train_distributed", "rank_digest",
-           "retarget_device", "retarget_graph", "full_ft_bytes"]
+           "retarget_device", "retarget_graph", "move_constants", "full_ft_bytes"]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -68,11 +68,7 @@ def setup(backend: str | None = None) -> DistEnv:
     The backend defaults to NCCL on a machine with CUDA GPUs and gloo otherwise; NCCL trains
     on cuda:LOCAL_RANK, gloo on the CPU.
     """
-    if launched_by_torchrun():
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world, local = 0, 1, 0
+    local = int(os.environ["LOCAL_RANK"]) if launched_by_torchrun() else 0
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend not in ("gloo", "nccl"):
         raise BadInputError(f"--backend is {backend!r}; choose 'gloo' (CPU) or 'nccl' (CUDA GPUs)")
@@ -265,7 +261,17 @@ def retarget_device(program: Program, device: torch.device) -> None:
     for t in itertools.chain(program.gm.parameters(), program.gm.buffers()):
         if t.device != device:
             t.data = t.data.to(device)
+    move_constants(program.gm, device)
     retarget_graph(program.gm, device)
+
+
+def move_constants(module: torch.nn.Module, device: torch.device) -> None:
+    """Tensors a graph reads that are neither parameters nor buffers (constants tracing kept
+    as plain attributes) to `device`."""
+    for mod in module.modules():
+        for name, value in list(vars(mod).items()):
+            if isinstance(value, torch.Tensor) and value.device != device:
+                setattr(mod, name, value.to(device))
 
 
 def retarget_graph(gm: torch.fx.GraphModule, device: torch.device) -> None:

@@ -69,7 +69,7 @@ def _tensors(path: Path) -> dict:
     return load_file(path)
 
 
-# the 2-process run, shared by the tests below ------------------------------------------------------
+# the 2-process run, shared by the tests below --------------------------------------------
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory, tiny_llama_path):
     """`torchrun --nproc-per-node 2 -m sparsec train` (gloo, CPU): 12 steps, checkpoint at 6."""
@@ -150,8 +150,11 @@ def _check_worker_output(out: Path) -> None:
             _file_digest(out / mode / "deltas.safetensors"), mode
     rep, sharded = _tensors(out / "replicated-rank0.safetensors"), \
         _tensors(out / "fsdp-rank0.safetensors")
-    for k in rep:  # the same arithmetic on gathered weights: equal up to rounding
-        torch.testing.assert_close(sharded[k], rep[k], rtol=1e-5, atol=1e-6)
+    # the same arithmetic on gathered weights: equal up to rounding, which AdamW can enlarge
+    # where a gradient is near zero (CUDA kernels may round differently from run to run)
+    atol = 1e-4 if _report(out / "fsdp")["distributed"]["device"] == "cuda" else 1e-6
+    for k in rep:
+        torch.testing.assert_close(sharded[k], rep[k], rtol=1e-5, atol=atol)
     d = _report(out / "fsdp")["distributed"]
     assert d["mode"] == "fsdp2" and d["ranks_agree"]
     assert d["fsdp"]["units"] >= 3 and d["fsdp"]["sharded_parameters"] > 0
@@ -159,7 +162,7 @@ def _check_worker_output(out: Path) -> None:
     assert curve[-1] < curve[0] - 0.1, curve
 
 
-# units ---------------------------------------------------------------------------------------------
+# units --------------------------------------------------------------------------------------
 def test_sharded_batches_split_and_continue_the_stream():
     def batches():
         return iter(range(5))  # cycled: 0 1 2 3 4 0 1 …
@@ -188,7 +191,7 @@ def test_bad_inputs(tmp_path, tiny_llama_path):
                           passes=("sparse-finetune:density=0.05", "joint-graph"))
 
 
-# NCCL on 2 GPUs --------------------------------------------------------------------------------------
+# NCCL on 2 GPUs -----------------------------------------------------------------------------
 def _two_gpus() -> None:
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n < 2:
