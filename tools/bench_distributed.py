@@ -38,8 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-import sparsec  # noqa: E402
 from bench_finetune import config, lm_loss, measure  # noqa: E402
+
+import sparsec  # noqa: E402
 from sparsec.distributed import DistributedTrainer, setup, teardown  # noqa: E402
 
 VARIANTS = ("full-ddp", "delta", "delta-fsdp")
@@ -58,7 +59,7 @@ def make_model(example, cfg, device, dtype, seed: int = 0):
     return model.to(dtype)
 
 
-# variants ------------------------------------------------------------------------------------------
+# variants -----------------------------------------------------------------------------------
 def full_ddp(model, env, lr, batch):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -128,7 +129,7 @@ def _comm_bytes(counted) -> int:
     return counted.bytes.get("gradients", 0) + counted.bytes.get("loss", 0)
 
 
-# main ----------------------------------------------------------------------------------------------
+# main ---------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a small config for a CPU smoke run")
