@@ -18,8 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsec import BadInputError
+from sparsec import BadInputError, run_passes
+from sparsec.deltas import extract_deltas
 from sparsec.distributed import sharded_batches, train_distributed
+from sparsec.passes.sparse_finetune import SparseFinetune
+from sparsec.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -137,9 +140,26 @@ def test_resume_is_exact_and_world_size_free(tmp_path, tiny_llama_path):
     assert straight.report["train"]["loss_curve"][5:] == resumed.report["train"]["loss_curve"]
 
 
-def test_fsdp_matches_replicated_on_two_ranks(tmp_path, tiny_llama_path):
+def test_fsdp_matches_replicated_on_two_ranks(tmp_path, tiny_llama_path, tiny_llama_program):
     _torchrun(2, WORKER, tmp_path, tiny_llama_path, "gloo")
     _check_worker_output(tmp_path)
+    # and both are what one process computes by accumulating the gradients of the two ranks'
+    # batches (items 2s and 2s + 1 of the stream) and halving them before each step
+    program = run_passes(tiny_llama_program, [SparseFinetune(density=0.05)], verify=False)
+    trainer, stream = Trainer(program, lr=3e-2), program.source.batches()
+    for _ in range(6):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        for batch in (next(stream), next(stream)):
+            trainer.loss_fn(program.gm(batch[0]), batch).backward()
+        for _, p in program.trainable_parameters():
+            p.grad /= 2
+        trainer.optimizer.step()
+    ref = extract_deltas(program)
+    rep = _tensors(tmp_path / "replicated-rank0.safetensors")
+    for w, td in ref.targets.items():
+        assert torch.equal(rep[f"{w}/indices"], td.tensors["indices"])
+        torch.testing.assert_close(rep[f"{w}/values"], td.tensors["values"], rtol=1e-4,
+                                   atol=1e-5)
 
 
 def _check_worker_output(out: Path) -> None:
