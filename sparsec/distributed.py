@@ -547,6 +547,7 @@ def _distributed_section(trainer: DistributedTrainer, saver: _Saver, env: DistEn
                                  + comm.calls.get("loss", 0)) / steps,
         "regrow_bytes": comm.bytes.get("regrow", 0),
         "regrow_bytes_per_step": comm.bytes.get("regrow", 0) // steps,
+        "bytes_per_step_with_regrow": per_step + comm.bytes.get("regrow", 0) // steps,
         "setup_bytes": comm.bytes.get("setup", 0),
         "checkpoint_bytes": comm.bytes.get("checkpoint", 0),
         "global_step": progress.global_step, "batches_consumed": progress.batches_consumed,

@@ -182,6 +182,7 @@ class FsdpInfo:
     sharded_bytes: int
     root_bytes: int
     replicated_trainable_bytes: int
+    local_shard_bytes: int = 0  # base-weight bytes this rank holds after sharding
 
     def all_gather_bytes_per_step(self) -> int:
         """Bytes of base weights gathered per step: each stage twice (forward, and again
@@ -194,6 +195,7 @@ class FsdpInfo:
                 "sharded_parameters": self.sharded_parameters,
                 "sharded_bytes": self.sharded_bytes, "root_unit_bytes": self.root_bytes,
                 "replicated_trainable_bytes": self.replicated_trainable_bytes,
+                "local_shard_bytes": self.local_shard_bytes,
                 "all_gather_bytes_per_step": self.all_gather_bytes_per_step()}
 
 
@@ -237,4 +239,6 @@ def shard_program(program: Program, device: torch.device, world_size: int
     for name in units:
         fully_shard(getattr(staged, name), mesh=mesh, ignored_params=trainable)
     fully_shard(staged, mesh=mesh, ignored_params=trainable)
+    info.local_shard_bytes = sum(p.to_local().numel() * p.element_size()
+                                 for p in staged.parameters() if hasattr(p, "to_local"))
     return staged, info
