@@ -112,6 +112,18 @@ def test_joint_passes_are_checked_and_idempotent(tiny_llama_program):
     assert stats["matmul_flops_removed"] > 0
 
 
+@pytest.mark.parametrize("recompute", ["pointwise", "matmul"])
+def test_reduce_saved_recomputes_exactly_and_saves_less(tiny_llama_program, recompute):
+    base = run_passes(tiny_llama_program, [
+        parse_pass_arg("sparse-finetune:method=structured,select=norm,density=0.1"),
+        parse_pass_arg("joint-graph"), parse_pass_arg("prune-backward")])
+    result = check_pass(parse_pass_arg(f"reduce-saved:recompute={recompute}"), base)
+    assert result.max_rel_err == 0.0  # recomputation repeats the same ops on the same values
+    before, after = (int(x) for x in result.stats["saved_bytes"].split(" -> "))
+    assert after < 0.6 * before
+    assert (result.stats["recompute_matmul_flops"] > 0) == (recompute == "matmul")
+
+
 def test_prune_backward_needs_the_joint_graph(tiny_llama_program):
     with pytest.raises(PreconditionError, match="run 'joint-graph' before it"):
         run_passes(tiny_llama_program, [parse_pass_arg("prune-backward")])
