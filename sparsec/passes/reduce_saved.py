@@ -56,6 +56,10 @@ class ReduceSaved(Pass):
     requires = frozenset({Prop.JOINT_GRAPH})
     recompute: str = option("pointwise", "what the backward may recompute instead of saving",
                             choices=("none", "pointwise", "matmul"))
+    budget_gib: float = option(0.0, "with recompute = \"matmul\": recompute matrix products "
+                               "(most bytes saved per FLOP first) only until the predicted peak "
+                               "is under this many GiB; 0: every one that qualifies",
+                               min=0.0)
     max_chain: int = option(12, "most nodes one recomputation may repeat", min=1, max=64)
 
     def run(self, program: Program) -> PassResult:
@@ -64,11 +68,17 @@ class ReduceSaved(Pass):
         peak_before = predict_peak(gm).peak_bytes
         moved = _hoist_selections(gm.graph)
         recomputed = flops = 0
-        while self.recompute != "none":  # values pinned in one round may go in the next
-            count, cost = _recompute(gm.graph, self.recompute == "matmul", self.max_chain)
-            recomputed, flops = recomputed + count, flops + cost
-            if not count:
-                break
+        rounds = [] if self.recompute == "none" else [False]
+        if self.recompute == "matmul":
+            rounds.append(True)
+        budget = int(self.budget_gib * 2**30) if self.budget_gib else None
+        for matmul in rounds:
+            while True:  # values pinned in one round may go in the next
+                limit = budget if matmul else None
+                count, cost = _recompute(gm, matmul, self.max_chain, limit)
+                recomputed, flops = recomputed + count, flops + cost
+                if not count:
+                    break
         gm.recompile()
         after = sum(saved_activations(gm).values())
         stats = {"selections_moved": moved, "recomputed": recomputed,
@@ -107,28 +117,42 @@ def _order(graph: fx.Graph) -> dict[fx.Node, int]:
 
 
 # recomputation --------------------------------------------------------------------------------
-def _recompute(graph: fx.Graph, matmul: bool, max_chain: int) -> tuple[int, int]:
+def _recompute(gm: fx.GraphModule, matmul: bool, max_chain: int,
+               budget: int | None) -> tuple[int, int]:
+    """One round of recomputation; with a `budget` (bytes), stop once the predicted peak is
+    under it, taking the values that save the most bytes per FLOP first."""
+    graph = gm.graph
+    if budget is not None and predict_peak(gm).peak_bytes <= budget:
+        return 0, 0
     saved = [n for n in graph.nodes if role(n) == "forward" and n.op == "call_function"
              and any(role(u) == "backward" for u in n.users)]
     order = _order(graph)
     # largest first; among equals the earlier one, so a later value's chain can run through it
     saved.sort(key=lambda n: (-_bytes(n), order[n]))
     keep: set[fx.Node] = set(saved)  # what the backward still reads
+    chains = {v: _chain(v, keep - {v}, matmul, max_chain) for v in saved}
+    if budget is not None:  # the most bytes saved per FLOP spent first
+        saved.sort(key=lambda v: -_bytes(v) / max(1, _flops(chains[v] or [])))
     pinned: set[fx.Node] = set()  # read by a recomputation: must stay saved
     count = flops = 0
     for value in saved:
-        if value in pinned:
+        if value in pinned or value not in keep:
             continue
-        frontier = (keep - {value})
-        chain = _chain(value, frontier, matmul, max_chain)
+        chain = _chain(value, keep - {value}, matmul, max_chain)
         if chain is None or not _safe(graph, chain, value):
             continue
-        flops += matmul_flops(chain) + _linear_flops(chain)
+        flops += _flops(chain)
         _clone_into_backward(graph, chain, value)
         keep.discard(value)
         pinned.update(a for n in chain for a in n.all_input_nodes if a in keep)
         count += 1
+        if budget is not None and predict_peak(gm).peak_bytes <= budget:
+            break
     return count, flops
+
+
+def _flops(chain: list[fx.Node]) -> int:
+    return matmul_flops(chain) + _linear_flops(chain)
 
 
 def _linear_flops(nodes: list[fx.Node]) -> int:

@@ -124,6 +124,19 @@ def test_reduce_saved_recomputes_exactly_and_saves_less(tiny_llama_program, reco
     assert (result.stats["recompute_matmul_flops"] > 0) == (recompute == "matmul")
 
 
+def test_reduce_saved_budget_recomputes_only_what_it_needs(tiny_llama_program):
+    base = run_passes(tiny_llama_program, [
+        parse_pass_arg("sparse-finetune:method=structured,select=norm,density=0.1"),
+        parse_pass_arg("joint-graph"), parse_pass_arg("prune-backward")])
+    every = run_passes(base, [parse_pass_arg("reduce-saved:recompute=matmul")])
+    peak = int(every.history[-1].stats["predicted_peak_bytes"].split(" -> ")[1])
+    budget = (peak * 1.04) / 2**30
+    some = check_pass(parse_pass_arg(f"reduce-saved:recompute=matmul,budget_gib={budget}"), base)
+    assert int(some.stats["predicted_peak_bytes"].split(" -> ")[1]) <= budget * 2**30
+    assert 0 < some.stats["recompute_matmul_flops"] < every.history[-1].stats[
+        "recompute_matmul_flops"]
+
+
 def test_prune_backward_needs_the_joint_graph(tiny_llama_program):
     with pytest.raises(PreconditionError, match="run 'joint-graph' before it"):
         run_passes(tiny_llama_program, [parse_pass_arg("prune-backward")])
