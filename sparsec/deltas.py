@@ -221,21 +221,61 @@ def load_deltas(path: str | Path, base: Program | torch.nn.Module | str | None =
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise BadInputError(f"{p}: no sparsec deltas header of format {FORMAT}; give a "
                             "deltas.safetensors written by sparsec train")
-    targets = {}
-    for weight, t in header["targets"].items():
-        parts = _PARTS.get(t["method"], ())
-        missing = [k for k in parts if f"{weight}/{k}" not in tensors]
-        if not parts or missing:
-            raise BadInputError(f"{p}: target {weight} lacks {missing or t['method']}; the file "
-                                "is damaged, save it again")
-        targets[weight] = TargetDelta(t["method"], tuple(t["shape"]),
-                                      {k: tensors[f"{weight}/{k}"] for k in parts},
-                                      t.get("attrs", {}), t.get("path", ""))
-    deltas = Deltas(header["base_fingerprint"], targets, header.get("sparsec_version", ""),
-                    header.get("info", {}))
+    try:
+        targets = {weight: _target(p, weight, t, tensors)
+                   for weight, t in header["targets"].items()}
+        deltas = Deltas(header["base_fingerprint"], targets, header.get("sparsec_version", ""),
+                        header.get("info", {}))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise BadInputError(f"{p}: the deltas header is malformed ({type(e).__name__}: {e}); "
+                            "the file is damaged, save it again") from None
     if base is not None:
         check_base(deltas, base, where=str(p))
     return deltas
+
+
+def _target(p: Path, weight: str, t: dict[str, Any], tensors: dict[str, torch.Tensor]
+            ) -> TargetDelta:
+    parts = _PARTS.get(t["method"], ())
+    missing = [k for k in parts if f"{weight}/{k}" not in tensors]
+    if not parts or missing:
+        raise BadInputError(f"{p}: target {weight} lacks {missing or t['method']}; the file "
+                            "is damaged, save it again")
+    td = TargetDelta(t["method"], tuple(int(x) for x in t["shape"]),
+                     {k: tensors[f"{weight}/{k}"] for k in parts}, t.get("attrs", {}),
+                     t.get("path", ""))
+    problem = _invalid(td)
+    if problem:
+        raise BadInputError(f"{p}: target {weight}: {problem}; the file is damaged or was "
+                            "edited, save it again")
+    return td
+
+
+def _invalid(td: TargetDelta) -> str | None:
+    """Why the tensors of `td` cannot be a delta of a weight of td.shape (None if they can)."""
+    rows, cols = td.shape
+    t = td.tensors
+    if td.method == "delta":
+        idx, val = t["indices"], t["values"]
+        if idx.dtype != torch.int64 or idx.dim() != 1 or val.shape != idx.shape:
+            return "indices must be int64 and as long as values"
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= rows * cols):
+            return f"indices out of range for a {rows}x{cols} weight"
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            return "indices must be sorted and unique"
+    elif td.method == "structured":
+        axis = td.attrs.get("axis")
+        if axis not in (0, 1):
+            return f"axis must be 0 or 1, got {axis!r}"
+        idx, delta, lines = t["index"], t["delta"], (rows, cols)[axis]
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= lines):
+            return f"index out of range for {lines} {'rows' if axis == 0 else 'columns'}"
+        want = (idx.numel(), cols) if axis == 0 else (rows, idx.numel())
+        if tuple(delta.shape) != want:
+            return f"delta has shape {tuple(delta.shape)}, expected {want}"
+    elif tuple(t["weight"].shape) != (rows, cols):
+        return f"weight has shape {tuple(t['weight'].shape)}, expected {(rows, cols)}"
+    return None
 
 
 def _metadata(data: bytes) -> dict[str, str]:

@@ -30,6 +30,16 @@ def workdir(tmp_path, monkeypatch):
     sys.modules.pop("examples", None)
 
 
+def test_recipe_block_parses():
+    import sparsec
+
+    text = re.findall(r"```toml\n(version = 1.*?)```", (ROOT / "README.md").read_text(),
+                      flags=re.S)[0]
+    names = [p.name for p in sparsec.parse_recipe(text)]
+    assert names == ["sparse-finetune", "block-sparse-attention", "joint-graph",
+                     "prune-backward", "reduce-saved"]
+
+
 def test_python_api_block_runs(workdir):
     scope: dict = {}
     exec(_block("sparsec.trace("), scope)

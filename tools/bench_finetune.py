@@ -10,9 +10,12 @@ tokens. Variants:
 - full: every weight trainable, torch.optim.AdamW (foreach), eager autograd;
 - lora: PEFT LoRA r=16, alpha 32, on every linear layer of every block;
 - freeze: only the last block trainable (dense), the rest frozen;
+- full-inductor: full FT with the model under `torch.compile` (AOTAutograd + inductor);
 - structured / delta: sparsec `sparse-finetune` on every linear layer of every block
   (structured at LoRA r=16's trainable budget; delta at 1% density), compiled into one
-  training-step graph (joint-graph, prune-backward, reduce-saved, optimizer-in-backward);
+  training-step graph (joint-graph, prune-backward, reduce-saved, optimizer-in-backward) that
+  runs op by op; suffixes: `-remat` recomputes matrix products too (reduce-saved
+  recompute=matmul), `-inductor` runs the step graph through `torch.compile`;
 - structured-eager / delta-eager: the same sparse parameters trained eagerly (sparsec.train).
 
 Each variant: warm-up steps, then the median step time over timed steps (CUDA events) and the
@@ -126,6 +129,13 @@ def full_ft(model, cfg, lr):
     return eager_variant(model, list(model.parameters()), lr)
 
 
+def full_inductor(model, cfg, lr):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    step, trainable = eager_variant(torch.compile(model), list(model.parameters()), lr)
+    return step, trainable
+
+
 def freeze(model, cfg, lr):
     last = f"layers.{cfg.layers - 1}."
     params = []
@@ -152,16 +162,19 @@ def sparse_passes(method: str, cfg) -> list:
     return [sparsec.parse_pass_arg("sparse-finetune:method=delta,density=0.01,select=magnitude")]
 
 
-def sparsec_compiled(model, cfg, lr, method, batch, verify):
+def sparsec_compiled(model, cfg, lr, variant, batch, verify):
+    method, *flags = variant.split("-")
     program = sparsec.trace(model, (batch[0],))
     program.source = sparsec.ModelSource(name="llama", loss=lm_loss)
-    passes = sparse_passes(method, cfg) + [sparsec.parse_pass_arg(
-        f"joint-graph:lr={lr}")] + [sparsec.parse_pass_arg(p) for p in JOINT[1:]]
+    recompute = "matmul" if "remat" in flags else "pointwise"
+    joint = [f"joint-graph:lr={lr}", "prune-backward", f"reduce-saved:recompute={recompute}",
+             "optimizer-in-backward"]
+    passes = sparse_passes(method, cfg) + [sparsec.parse_pass_arg(p) for p in joint]
     t0 = time.perf_counter()
     program = sparsec.run_passes(program, passes, verify=verify, inplace=True)
     compile_s = time.perf_counter() - t0
     trainable = program.param_counts()["trainable"]
-    step_gm = program.gm
+    step_gm = torch.compile(program.gm) if "inductor" in flags else program.gm
 
     def step(b):
         return step_gm(*b)[0]
@@ -213,6 +226,7 @@ def floors(cfg, batch, seq) -> dict:
 
 # main ---------------------------------------------------------------------------------------------
 VARIANTS = ("full", "lora", "freeze", "structured", "delta", "structured-eager", "delta-eager")
+BASELINES = {"full": full_ft, "lora": lora, "freeze": freeze, "full-inductor": full_inductor}
 
 
 def main(argv=None) -> int:
@@ -238,9 +252,8 @@ def main(argv=None) -> int:
     for name in args.variants.split(","):
         model = copy.deepcopy(base)
         extra = {}
-        if name in ("full", "lora", "freeze"):
-            step, trainable = {"full": full_ft, "lora": lora, "freeze": freeze}[name](
-                model, cfg, args.lr)
+        if name in BASELINES:
+            step, trainable = BASELINES[name](model, cfg, args.lr)
         elif name.endswith("-eager"):
             step, trainable = sparsec_eager(model, cfg, args.lr, name.split("-")[0], batch)
         else:

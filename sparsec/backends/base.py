@@ -43,11 +43,15 @@ class Compiled:
         return self.fn(*inputs)
 
     def train_step(self, batch: Any) -> float:
-        """One AdamW step on `batch` (loss from model.py's `loss`); returns the loss.
+        """One optimizer step on `batch` (loss from model.py's `loss`); returns the loss.
 
-        The first call creates a default `sparsec.train.Trainer`; set `trainer` to choose
-        the learning rate and the rest.
+        A training-step program (after `joint-graph`) runs its traced step, with the optimizer
+        chosen in the recipe. Otherwise the first call creates a default
+        `sparsec.train.Trainer` (AdamW); set `trainer` to choose the learning rate and the rest.
         """
+        if "joint" in self.program.state:
+            out = self.fn(*batch)
+            return float(out[0] if isinstance(out, (tuple, list)) else out)
         if self.trainer is None:
             from ..train import Trainer
 

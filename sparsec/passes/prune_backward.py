@@ -3,9 +3,6 @@
 - `prune-backward`: remove every gradient computation whose result no update needs (frozen
   weights' gradients, input gradients before the first trainable op, frozen bias gradients),
   switching off unused outputs of multi-output backward ops (`output_mask`).
-- `reduce-saved`: where the backward reads a forward value only through a selection (a slice,
-  index_select, gather), take the selection in the forward, so only the selected part stays
-  alive until the backward.
 - `optimizer-in-backward`: apply each parameter's update as soon as its gradient exists (and
   after the last read of the parameter), so the gradient is freed at once.
 
@@ -25,13 +22,14 @@ from ..memory import predict_peak, saved_activations
 from ..program import Program, Prop
 from .base import Pass, PassResult, register
 
-__all__ = ["PruneBackward", "ReduceSaved", "OptimizerInBackward", "matmul_flops"]
+__all__ = ["PruneBackward", "OptimizerInBackward", "matmul_flops", "role", "mutates",
+           "readers"]
 
 _JOINT = frozenset({Prop.JOINT_GRAPH})
 _MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
 
 
-def _role(node: fx.Node) -> str | None:
+def role(node: fx.Node) -> str | None:
     return node.meta.get("sparsec", {}).get("role")
 
 
@@ -92,7 +90,7 @@ class PruneBackward(Pass):
 
 def _snapshot(gm: fx.GraphModule) -> dict[str, int]:
     nodes = list(gm.graph.nodes)
-    return {"backward": sum(_role(n) == "backward" for n in nodes),
+    return {"backward": sum(role(n) == "backward" for n in nodes),
             "grads": sum(bool(n.meta.get("sparsec", {}).get("grad_of")) for n in nodes),
             "saved": sum(saved_activations(gm).values()),
             "flops": matmul_flops(nodes),
@@ -128,94 +126,6 @@ def _mask_unused_outputs(graph: fx.Graph) -> int:
     return changed
 
 
-# reduce-saved ---------------------------------------------------------------------------------
-_SELECTIONS = {torch.ops.aten.slice.Tensor, torch.ops.aten.index_select.default,
-               torch.ops.aten.select.int, torch.ops.aten.gather.default,
-               torch.ops.aten.index.Tensor}
-
-
-@register
-@dataclass(frozen=True)
-class ReduceSaved(Pass):
-    """Keep only what the backward reads of each saved activation.
-
-    Two rewrites, both exact:
-    - a forward value the backward reads only through a selection (slice, index_select,
-      select, gather, index) gets that selection taken in the forward, so only the selected
-      part is saved;
-    - a pointwise forward value whose tensor inputs the backward saves anyway (or that are
-      parameters) is recomputed in the backward instead of being saved (e.g. silu(gate)
-      beside gate in a SwiGLU MLP).
-    """
-
-    name = "reduce-saved"
-    summary = "save only what the backward reads; recompute cheap pointwise values"
-    requires = _JOINT
-
-    def run(self, program: Program) -> PassResult:
-        gm = program.gm
-        before = sum(saved_activations(gm).values())
-        peak_before = predict_peak(gm).peak_bytes
-        moved = recomputed = 0
-        for node in list(gm.graph.nodes):
-            if _role(node) != "forward":
-                continue
-            users = [u for u in node.users if _role(u) == "backward"]
-            if users and all(_hoistable(u, node) for u in users):
-                for u in users:
-                    _hoist_after(u, node)
-                    moved += 1
-        saved = {n for n in gm.graph.nodes if n.name in saved_activations(gm)}
-        for node in list(gm.graph.nodes):
-            if node in saved and _recomputable(node, saved):
-                _recompute_in_backward(gm.graph, node)
-                recomputed += 1
-        gm.recompile()
-        after = sum(saved_activations(gm).values())
-        stats = {"selections_moved": moved, "recomputed": recomputed,
-                 "saved_bytes": f"{before} -> {after}", "saved_bytes_removed": before - after,
-                 "predicted_peak_bytes": f"{peak_before} -> {predict_peak(gm).peak_bytes}"}
-        return PassResult(modified=moved + recomputed > 0, stats=stats)
-
-
-def _recomputable(node: fx.Node, saved: set[fx.Node]) -> bool:
-    tags = getattr(node.target, "tags", ())
-    if torch.Tag.pointwise not in tags or _mutates(node):
-        return False
-    inputs = node.all_input_nodes
-    return bool(inputs) and all(a.op == "get_attr" or a in saved for a in inputs)
-
-
-def _recompute_in_backward(graph: fx.Graph, node: fx.Node) -> None:
-    users = [u for u in node.users if _role(u) == "backward"]
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    first = min(users, key=lambda u: order[u])
-    with graph.inserting_before(first):
-        clone = graph.node_copy(node)
-    clone.meta = {**node.meta, "sparsec": {**node.meta.get("sparsec", {}), "role": "backward"}}
-    for u in users:
-        u.replace_input_with(node, clone)
-
-
-def _hoistable(user: fx.Node, value: fx.Node) -> bool:
-    if user.target not in _SELECTIONS or user.args[0] is not value:
-        return False
-    # the selection's other inputs (indices) must exist in the forward already
-    return all(_role(a) != "backward" and _role(a) != "optimizer"
-               for a in user.all_input_nodes if a is not value)
-
-
-def _hoist_after(user: fx.Node, value: fx.Node) -> None:
-    anchor = max([value, *user.all_input_nodes], key=_position(value.graph))
-    anchor.append(user)
-    user.meta.setdefault("sparsec", {})["role"] = "forward"
-
-
-def _position(graph: fx.Graph):
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return lambda n: order[n]
-
-
 # optimizer-in-backward ------------------------------------------------------------------------
 @register
 @dataclass(frozen=True)
@@ -237,7 +147,7 @@ class OptimizerInBackward(Pass):
         peak_before = predict_peak(gm).peak_bytes
         groups: dict[str, list[fx.Node]] = {}
         for node in gm.graph.nodes:
-            if _role(node) == "optimizer":
+            if role(node) == "optimizer":
                 groups.setdefault(node.meta["sparsec"].get("param") or "", []).append(node)
         moved = 0
         while True:  # a group that moves can free the way for one before it
@@ -257,17 +167,17 @@ def _move_group(graph: fx.Graph, group: list[fx.Node]) -> int:
     """Move `group` (in order) to the earliest place its inputs and readers allow."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     members = set(group)
-    written = {n.args[0] for n in group if _mutates(n) and isinstance(n.args[0], fx.Node)}
-    barrier = max((order[r] for w in written for r in _readers(w) if r not in members),
+    written = {n.args[0] for n in group if mutates(n) and isinstance(n.args[0], fx.Node)}
+    barrier = max((order[r] for w in written for r in readers(w) if r not in members),
                   default=-1)
     external = [a for n in group for a in n.all_input_nodes if a not in members]
     # read-after-write: inputs that other nodes update in place (the step count) must be read
     # after those updates
-    writes = [order[r] for a in external for r in _readers(a) if r not in members and _mutates(r)]
+    writes = [order[r] for a in external for r in readers(a) if r not in members and mutates(r)]
     earliest = max([barrier, *writes, *(order[a] for a in external)])
     nodes = list(graph.nodes)
     # only moves past real work count: hopping over other updates would just swap places
-    if all(_role(n) == "optimizer" for n in nodes[earliest + 1:order[group[0]]]):
+    if all(role(n) == "optimizer" for n in nodes[earliest + 1:order[group[0]]]):
         return 0
     anchor = nodes[earliest]
     for node in group:
@@ -276,13 +186,13 @@ def _move_group(graph: fx.Graph, group: list[fx.Node]) -> int:
     return 1
 
 
-def _mutates(node: fx.Node) -> bool:
+def mutates(node: fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     return bool(schema and schema.arguments and schema.arguments[0].alias_info is not None
                 and schema.arguments[0].alias_info.is_write)
 
 
-def _readers(node: fx.Node) -> set[fx.Node]:
+def readers(node: fx.Node) -> set[fx.Node]:
     """Every node that reads `node` or a view of it."""
     out, stack = set(), [node]
     while stack:

@@ -97,3 +97,80 @@ def test_unreadable_model_file(monkeypatch, tmp_path):
     monkeypatch.setattr(Path, "read_bytes", deny)
     with pytest.raises(sparsec.BadInputError, match="cannot read it \\(Permission denied\\)"):
         sparsec.trace_file(model)
+
+
+# deltas files ----------------------------------------------------------------------------------
+RECIPE = HERE.parents[1] / "examples" / "finetune_delta.toml"
+
+
+@pytest.fixture(scope="module")
+def deltas_file(tmp_path_factory):
+    """A valid deltas file for tiny_llama with the example recipe (values made non-zero)."""
+    program = sparsec.run_passes(sparsec.trace_file(TINY), sparsec.load_recipe(RECIPE))
+    deltas = sparsec.extract_deltas(program)
+    for td in deltas.targets.values():
+        td.tensors["values"] += 0.01
+    return sparsec.save_deltas(deltas, tmp_path_factory.mktemp("deltas") / "deltas.safetensors")
+
+
+def _edited(deltas_file, tmp_path, edit):
+    d = sparsec.load_deltas(deltas_file)
+    edit(next(iter(d.targets.values())))
+    return sparsec.save_deltas(d, tmp_path / "edited.safetensors")
+
+
+def _bad_deltas(kind, deltas_file, tmp_path):
+    data = deltas_file.read_bytes()
+    if kind == "corrupt":
+        path = tmp_path / "corrupt.safetensors"
+        path.write_bytes(b"\x07" * 64 + data[64:])
+    elif kind == "truncated":
+        path = tmp_path / "truncated.safetensors"
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "out of range":
+        def edit(td):
+            td.tensors["indices"][-1] = td.shape[0] * td.shape[1] + 5
+        path = _edited(deltas_file, tmp_path, edit)
+    elif kind == "other base":
+        d = sparsec.load_deltas(deltas_file)
+        d.base_fingerprint = "0123456789abcdef"
+        path = sparsec.save_deltas(d, tmp_path / "other.safetensors")
+    else:
+        path = tmp_path / "missing.safetensors"
+    return path
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("corrupt", "not a readable safetensors deltas file"),
+    ("truncated", "not a readable safetensors deltas file"),
+    ("out of range", "indices out of range"),
+    ("other base", "trained on base model 0123456789abcdef"),
+    ("missing", "no such deltas file"),
+])
+def test_bad_deltas_files(kind, words, deltas_file, tmp_path):
+    path = _bad_deltas(kind, deltas_file, tmp_path)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["compile", str(TINY), "--recipe", str(RECIPE), "--deltas",
+                                 str(path), "-o", str(out)])
+    assert r.exit_code == 2, (r.output, r.exception)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and words in lines[0], r.stderr
+    assert not out.exists()
+
+
+def test_good_deltas_file_deploys(deltas_file, tmp_path):
+    r = CliRunner().invoke(cli, ["compile", str(TINY), "--recipe", str(RECIPE), "--deltas",
+                                 str(deltas_file), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+
+
+# attention options -----------------------------------------------------------------------------
+@pytest.mark.parametrize("arg, words", [
+    ("block-sparse-attention:block=64", "has length 32; choose block"),
+    ("block-sparse-attention:block=48", "choose one of 16, 32, 64, 128"),
+])
+def test_bad_attention_options(arg, words, tmp_path):
+    r = CliRunner().invoke(cli, ["compile", str(TINY), "--pass", arg, "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and words in r.stderr, r.output
+    assert len([x for x in r.stderr.splitlines() if x.strip()]) == 1
+    assert list(tmp_path.iterdir()) == []

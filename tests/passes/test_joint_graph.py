@@ -112,6 +112,31 @@ def test_joint_passes_are_checked_and_idempotent(tiny_llama_program):
     assert stats["matmul_flops_removed"] > 0
 
 
+@pytest.mark.parametrize("recompute", ["pointwise", "matmul"])
+def test_reduce_saved_recomputes_exactly_and_saves_less(tiny_llama_program, recompute):
+    base = run_passes(tiny_llama_program, [
+        parse_pass_arg("sparse-finetune:method=structured,select=norm,density=0.1"),
+        parse_pass_arg("joint-graph"), parse_pass_arg("prune-backward")])
+    result = check_pass(parse_pass_arg(f"reduce-saved:recompute={recompute}"), base)
+    assert result.max_rel_err == 0.0  # recomputation repeats the same ops on the same values
+    before, after = (int(x) for x in result.stats["saved_bytes"].split(" -> "))
+    assert after < 0.6 * before
+    assert (result.stats["recompute_matmul_flops"] > 0) == (recompute == "matmul")
+
+
+def test_reduce_saved_budget_recomputes_only_what_it_needs(tiny_llama_program):
+    base = run_passes(tiny_llama_program, [
+        parse_pass_arg("sparse-finetune:method=structured,select=norm,density=0.1"),
+        parse_pass_arg("joint-graph"), parse_pass_arg("prune-backward")])
+    every = run_passes(base, [parse_pass_arg("reduce-saved:recompute=matmul")])
+    peak = int(every.history[-1].stats["predicted_peak_bytes"].split(" -> ")[1])
+    budget = (peak * 1.04) / 2**30
+    some = check_pass(parse_pass_arg(f"reduce-saved:recompute=matmul,budget_gib={budget}"), base)
+    assert int(some.stats["predicted_peak_bytes"].split(" -> ")[1]) <= budget * 2**30
+    assert 0 < some.stats["recompute_matmul_flops"] < every.history[-1].stats[
+        "recompute_matmul_flops"]
+
+
 def test_prune_backward_needs_the_joint_graph(tiny_llama_program):
     with pytest.raises(PreconditionError, match="run 'joint-graph' before it"):
         run_passes(tiny_llama_program, [parse_pass_arg("prune-backward")])
@@ -142,3 +167,14 @@ def test_cli_reports_memory_plan_and_grad_check(run_cli, tiny_llama_path, tmp_pa
     assert mem["measured_peak_bytes"] < mem["eager_full_ft_peak_bytes"]
     pruned = next(p for p in report["passes"] if p["name"] == "prune-backward")
     assert pruned["stats"]["nodes_removed"] > 0
+
+
+def test_compiled_train_step_runs_the_traced_step(tiny_llama_program):
+    program = run_passes(tiny_llama_program, [
+        parse_pass_arg("sparse-finetune:method=delta,density=0.05"),
+        parse_pass_arg("joint-graph:lr=0.01"), parse_pass_arg("prune-backward")])
+    compiled = sparsec.lower(program, "eager", sparsec.LowerOptions(verify=False))
+    batches = iter(program.source.batches())
+    losses = [compiled.train_step(next(batches)) for _ in range(30)]
+    assert compiled.trainer is None  # the traced step, not an eager Trainer
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
