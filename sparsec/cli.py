@@ -98,7 +98,7 @@ def compile_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path),
               help="Write deltas.safetensors, recipe.toml and report.json here.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
-              show_default=True, help="AdamW learning rate.")
+              show_default=True, help="AdamW learning rate (with --resume: the checkpoint's).")
 @click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also save deltas every K steps (0: only at the end).")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
@@ -125,6 +125,8 @@ def train_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...],
     if launched_by_torchrun() or resume is not None or fsdp or dist_backend is not None:
         from .distributed import train_distributed as train
         extra = {"resume": resume, "fsdp": fsdp, "backend": dist_backend}
+        if resume is not None and _is_default("lr"):
+            lr = None  # the checkpoint's
     else:
         from .train import train_model as train
         extra = {}
@@ -150,6 +152,12 @@ def train_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...],
                    f"global step {d['global_step']}")
     if out_dir is not None:
         click.echo(f"output: {out_dir}/ (deltas.safetensors, report.json)")
+
+
+def _is_default(param: str) -> bool:
+    from click.core import ParameterSource
+
+    return click.get_current_context().get_parameter_source(param) == ParameterSource.DEFAULT
 
 
 class _TrainProgress:

@@ -295,12 +295,16 @@ def retarget_graph(gm: torch.fx.GraphModule, device: torch.device) -> None:
 
 # one run ------------------------------------------------------------------------------------------
 def train_distributed(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (),
-                      out_dir: Any = None, lr: float = 1e-3, save_every: int = 0,
+                      out_dir: Any = None, lr: float | None = None, save_every: int = 0,
                       force: bool = False, verify: bool = True, resume: Any = None,
                       fsdp: bool = False, backend: str | None = None,
                       on_step: Callable[[int, float, Any], None] | None = None) -> TrainRun:
     """`sparsec train` under torchrun (or resumed): see the module doc. Every rank calls it;
-    rank 0 writes `out_dir` and returns the report, the others return `report = {}`."""
+    rank 0 writes `out_dir` and returns the report, the others return `report = {}`.
+
+    `lr` defaults to the checkpoint's when resuming, else 1e-3. With `resume`, the recipe
+    defaults to the checkpoint's recipe.toml; a different one is refused.
+    """
     env = setup(backend)
     previous = _on_sigterm()
     try:
@@ -424,7 +428,7 @@ class _Saver:
 
 
 def _run(env: DistEnv, model: Any, *, steps: int, recipe: Any, passes: tuple, out_dir: Any,
-         lr: float, save_every: int, force: bool, verify: bool, resume: Any, fsdp: bool,
+         lr: float | None, save_every: int, force: bool, verify: bool, resume: Any, fsdp: bool,
          on_step: Any) -> TrainRun:
     import contextlib
 
@@ -440,6 +444,10 @@ def _run(env: DistEnv, model: Any, *, steps: int, recipe: Any, passes: tuple, ou
             raise BadInputError(f"{resume}: has no recipe.toml; pass the run's --recipe")
         recipe = ckpt.recipe
     pass_list = resolve_passes(recipe, passes)
+    if ckpt is not None:
+        _check_same_recipe(ckpt, pass_list)
+        lr = ckpt.state.lr if lr is None else lr
+    lr = 1e-3 if lr is None else lr
     if out_dir is not None and Path(out_dir).exists() and not force:
         raise BadInputError(f"{out_dir}: output directory exists; pass --force to replace it")
     program = _prepare_program(env, model, pass_list, verify, ckpt)
@@ -485,6 +493,16 @@ def _run(env: DistEnv, model: Any, *, steps: int, recipe: Any, passes: tuple, ou
     if error is not None:
         raise error
     return TrainRun(compiled, trainer, report)
+
+
+def _check_same_recipe(ckpt: Any, pass_list: list) -> None:
+    from .recipe import dump_recipe, load_recipe
+
+    if ckpt.recipe is None:
+        return
+    if dump_recipe(load_recipe(ckpt.recipe)) != dump_recipe(pass_list):
+        raise BadInputError(f"{ckpt.path}: the checkpoint was trained with another recipe "
+                            f"({ckpt.recipe}); resume without --recipe/--pass to use it")
 
 
 def _restore_regrow_sums(trainer: DistributedTrainer, sums: dict[str, torch.Tensor],

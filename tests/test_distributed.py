@@ -109,12 +109,13 @@ def test_resume_on_one_process_continues_the_loss_curve(two_ranks, tmp_path):
     out, _ = two_ranks
     saved = _report(out)["train"]["loss_curve"]
     r = _sparsec("train", ROOT / "examples" / "tiny_llama.py", "--resume", out, "--steps", 4,
-                 "-o", tmp_path / "resumed", *TRAIN)
+                 "-o", tmp_path / "resumed", "--no-verify")  # the checkpoint's recipe and lr
     assert "distributed: 1 ranks" in r.stdout and "global step 16" in r.stdout
     report = _report(tmp_path / "resumed")
     d, t = report["distributed"], report["train"]
     assert d["resumed_from"]["world_size"] == 2 and d["resumed_from"]["global_step"] == 12
     assert d["global_step"] == 16 and d["batches_consumed"] == 24 + 4
+    assert t["lr"] == 3e-2
     first, last_saved = t["loss_curve"][0], sum(saved[-3:]) / 3
     # the curve continues where it stopped: near the last saved losses, far from the start
     assert abs(first - last_saved) < 0.1, (first, saved)
@@ -201,6 +202,13 @@ def test_fsdp_refuses_prune_regrow(tiny_llama_path):
     with pytest.raises(BadInputError, match="regrow_every = 0 or train without --fsdp"):
         train_distributed(tiny_llama_path, steps=1, passes=(RECIPE,), verify=False, fsdp=True,
                           backend="gloo")
+
+
+def test_resume_refuses_another_recipe(two_ranks, tiny_llama_path):
+    out, _ = two_ranks
+    with pytest.raises(BadInputError, match="trained with another recipe"):
+        train_distributed(tiny_llama_path, steps=1, resume=out, backend="gloo", verify=False,
+                          passes=("sparse-finetune:density=0.02",))
 
 
 def test_bad_inputs(tmp_path, tiny_llama_path):
