@@ -7,7 +7,7 @@
 # Needs 2 CUDA GPUs of one host (written for 2×H200, torch 2.11; no internet needed). Writes to
 # $OUT (default ./gpu_distributed_out): gpu_tests.log, bench_1gpu.log/dist_1gpu.json,
 # bench_2gpu.log/dist_2gpu.json (the table, with the 1-GPU run as baseline) and summary.txt.
-# Step limits 120 + 150 + 190 s keep the whole run under 8 minutes. A failing step does not
+# Step limits 150 + 140 + 180 s keep the whole run under 8 minutes. A failing step does not
 # stop the later ones, but the script exits 1 and names it. NVLink multicast stays off
 # (NCCL_NVLS_ENABLE=0 unless the environment already sets it).
 set -uo pipefail
@@ -62,13 +62,13 @@ EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 2
 
 TORCHRUN=("$PY" -m torch.distributed.run --standalone)
-step "nccl tests" 120 gpu_tests.log \
+step "nccl tests" 150 gpu_tests.log \
   "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfs tests/test_distributed.py
-step "bench 1 GPU" 150 bench_1gpu.log \
+step "bench 1 GPU" 140 bench_1gpu.log \
   "${TORCHRUN[@]}" --nproc-per-node 1 tools/bench_distributed.py --out "$OUT/dist_1gpu.json"
 BASE=()
 [ -f "$OUT/dist_1gpu.json" ] && BASE=(--baseline "$OUT/dist_1gpu.json")
-step "bench 2 GPUs" 190 bench_2gpu.log \
+step "bench 2 GPUs" 180 bench_2gpu.log \
   "${TORCHRUN[@]}" --nproc-per-node 2 tools/bench_distributed.py --out "$OUT/dist_2gpu.json" \
   ${BASE[@]+"${BASE[@]}"}
 
