@@ -22,6 +22,7 @@ from .deltas import (
                      save_deltas,
                      unmerge_deltas,
 )
+from .distributed import DistributedTrainer, train_distributed
 from .errors import (
                      BadInputError,
                      OptionError,
@@ -50,7 +51,8 @@ __all__ = [
     "Compiled", "LowerOptions",
     "BlockLayout", "block_sparse_attention",
     "load_recipe", "parse_recipe", "parse_pass_arg", "dump_recipe",
-    "Trainer", "train_model", "Deltas", "extract_deltas", "save_deltas", "load_deltas",
+    "Trainer", "train_model", "DistributedTrainer", "train_distributed",
+    "Deltas", "extract_deltas", "save_deltas", "load_deltas",
     "apply_deltas", "merge_deltas", "unmerge_deltas", "compose_deltas",
     "SparsecError", "BadInputError", "TraceError", "RecipeError", "OptionError",
     "PreconditionError", "PassError", "VerificationError", "ParityError",

@@ -98,24 +98,44 @@ def compile_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path),
               help="Write deltas.safetensors, recipe.toml and report.json here.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
-              show_default=True, help="AdamW learning rate.")
+              show_default=True, help="AdamW learning rate (with --resume: the checkpoint's).")
 @click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also save deltas every K steps (0: only at the end).")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every pass's numerics on the example inputs.")
+@click.option("--resume", type=click.Path(path_type=Path),
+              help="Continue from the checkpoint in this -o directory (any world size).")
+@click.option("--fsdp", is_flag=True, help="Shard the frozen base weights with FSDP2 "
+              "(distributed runs; see docs/distributed.md).")
+@click.option("--backend", "dist_backend", type=click.Choice(["gloo", "nccl"]),
+              help="torch.distributed backend (default: nccl with CUDA GPUs, else gloo).")
 @verbose_option
 @handle_errors
 def train_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...], steps: int,
               out_dir: Path | None, lr: float, save_every: int, force: bool, verify: bool,
-              verbose: bool) -> None:
-    """Compile MODEL.py with sparse fine-tuning and train it on its batches()."""
-    from .train import train_model
+              resume: Path | None, fsdp: bool, dist_backend: str | None, verbose: bool) -> None:
+    """Compile MODEL.py with sparse fine-tuning and train it on its batches().
 
+    Under torchrun (`torchrun --nproc-per-node N -m sparsec train ...`), with --resume or with
+    --fsdp it trains data-parallel on torch.distributed (docs/distributed.md).
+    """
+    from .distributed import launched_by_torchrun
+
+    if launched_by_torchrun() or resume is not None or fsdp or dist_backend is not None:
+        from .distributed import train_distributed as train
+        extra = {"resume": resume, "fsdp": fsdp, "backend": dist_backend}
+        if resume is not None and _is_default("lr"):
+            lr = None  # the checkpoint's
+    else:
+        from .train import train_model as train
+        extra = {}
     with _TrainProgress(steps) as progress:
-        run = train_model(model_file, steps=steps, recipe=recipe, passes=pass_args,
-                          out_dir=out_dir, lr=lr, save_every=save_every, force=force,
-                          verify=verify, on_step=progress.update)
+        run = train(model_file, steps=steps, recipe=recipe, passes=pass_args, out_dir=out_dir,
+                    lr=lr, save_every=save_every, force=force, verify=verify,
+                    on_step=progress.update, **extra)
+    if not run.report:  # a distributed run's other ranks: rank 0 reports
+        return
     t = run.report["train"]
     click.echo(f"trained {t['steps']} steps: loss {t['loss_first']:.4f} -> {t['loss_last']:.4f}, "
                f"{t['tokens_per_s']:,.0f} tokens/s, peak memory "
@@ -124,8 +144,20 @@ def train_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...],
     if sf:
         click.echo(f"trainable: {sf['trainable_in_targets']:,} of {sf['targeted_weights']:,} "
                    f"targeted weights ({sf['density']:.2%})")
+    d = run.report.get("distributed")
+    if d:
+        click.echo(f"distributed: {d['world_size']} ranks ({d['backend']}, {d['mode']}), "
+                   f"{d['bytes_per_step']:,} bytes all-reduced per step "
+                   f"(full fine-tuning: {d['full_ft_bytes_per_step']:,}), "
+                   f"global step {d['global_step']}")
     if out_dir is not None:
         click.echo(f"output: {out_dir}/ (deltas.safetensors, report.json)")
+
+
+def _is_default(param: str) -> bool:
+    from click.core import ParameterSource
+
+    return click.get_current_context().get_parameter_source(param) == ParameterSource.DEFAULT
 
 
 class _TrainProgress:

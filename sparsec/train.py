@@ -93,6 +93,15 @@ class Trainer:
         self.regrow_window = max(1, regrow_window)
         self.regrow_targets = _regrow_targets(program)
         self.stats = TrainStats()
+        # what runs the forward (a distributed trainer may run a sharded copy of program.gm)
+        self.module: Callable[..., Any] = program.gm
+        # steps done before this trainer (a resumed run): the prune–regrow schedule counts them
+        self.step_offset = 0
+
+    @property
+    def global_step(self) -> int:
+        """Steps done, including those before a resumed run."""
+        return self.step_offset + self.stats.steps
 
     @classmethod
     def for_compiled(cls, compiled: Any, **kwargs: Any) -> "Trainer":
@@ -104,14 +113,14 @@ class Trainer:
     # one step ------------------------------------------------------------------------------
     def step(self, batch: Any) -> float:
         """Forward, loss, backward and one AdamW step on `batch`; returns the loss."""
-        batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        batch = self._prepare(batch)
         start = time.perf_counter()
         accumulating = [t for t in self.regrow_targets if self._accumulates(t)]
         for t in accumulating:
             t.weight.requires_grad_(True)
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            loss = self.loss_fn(self.program.gm(*batch[:self.n_inputs]), batch)
+            loss = self.loss_fn(self.module(*batch[:self.n_inputs]), batch)
             loss.backward()
         finally:
             for t in accumulating:
@@ -120,14 +129,15 @@ class Trainer:
             g, t.weight.grad = t.weight.grad, None
             if g is not None:
                 t.grad_sum = g if t.grad_sum is None else t.grad_sum.add_(g)
+        self._sync_gradients()
         self.optimizer.step()
         self.stats.steps += 1
         for t in self.regrow_targets:
-            if self.stats.steps % t.every == 0:
+            if self.global_step % t.every == 0:
                 grown = self._regrow(t)
                 self.stats.regrown_entries += grown
                 self.stats.regrows += int(grown > 0)
-        value = float(loss.detach())
+        value = self._loss_value(loss)
         self.stats.losses.append(value)
         self.stats.tokens += batch_tokens(batch[:self.n_inputs])
         self.stats.seconds += time.perf_counter() - start
@@ -142,10 +152,20 @@ class Trainer:
                 on_step(i, loss)
         return self.stats
 
+    # what a distributed trainer overrides ------------------------------------------------------
+    def _prepare(self, batch: Any) -> tuple:
+        return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+    def _sync_gradients(self) -> None:
+        """Between backward and the optimizer step (all-reduce in a distributed run)."""
+
+    def _loss_value(self, loss: torch.Tensor) -> float:
+        return float(loss.detach())
+
     # prune–regrow ----------------------------------------------------------------------------
     def _accumulates(self, t: _RegrowTarget) -> bool:
         window = min(self.regrow_window, t.every)
-        return self.stats.steps % t.every >= t.every - window
+        return self.global_step % t.every >= t.every - window
 
     @torch.no_grad()
     def _regrow(self, t: _RegrowTarget) -> int:

@@ -1,0 +1,148 @@
+"""Resumable training checkpoints: the optimizer state and the run's progress, as safetensors.
+
+A checkpoint directory holds `deltas.safetensors` (sparsec.deltas: the trained values and their
+indices), `optimizer.safetensors` (this module) and `recipe.toml`. The optimizer file has, per
+trainable parameter name, AdamW's `exp_avg`, `exp_avg_sq` and `step`; partial prune–regrow
+gradient sums (`regrow/<weight>`, summed over all ranks) when the checkpoint falls inside an
+accumulation window; and under the metadata key `sparsec_train` a JSON header with the progress
+(global step, batches, samples and tokens consumed, the world size that wrote it).
+
+The optimizer state is per trainable value, so it does not depend on the world size: a run on
+N processes resumes on M.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._util import atomic_write_bytes
+from .errors import BadInputError
+
+__all__ = ["TrainState", "Checkpoint", "OPTIMIZER_FILE", "save_optimizer_state",
+           "load_checkpoint", "restore_optimizer"]
+
+FORMAT = 1
+OPTIMIZER_FILE = "optimizer.safetensors"
+_REGROW = "regrow/"
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: enough to continue its schedule and its data."""
+
+    global_step: int
+    batches_consumed: int  # items of model.py's batch stream used, over all ranks
+    samples_consumed: int
+    tokens_consumed: int
+    world_size: int
+    lr: float
+    base_fingerprint: str
+    loss_last: float | None = None
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint directory."""
+
+    path: Path
+    state: TrainState
+    optimizer: dict[str, dict[str, torch.Tensor]]  # parameter name -> AdamW state
+    regrow_sums: dict[str, torch.Tensor]  # frozen weight name -> partial gradient sum
+    deltas: Any  # sparsec.deltas.Deltas
+    recipe: Path | None
+
+
+def _named_state(trainer: Any) -> dict[str, dict[str, torch.Tensor]]:
+    names = {id(p): n for n, p in trainer.program.trainable_parameters()}
+    out = {}
+    for p, s in trainer.optimizer.state.items():
+        out[names[id(p)]] = {k: v for k, v in s.items() if isinstance(v, torch.Tensor)}
+    return out
+
+
+def save_optimizer_state(path: str | Path, trainer: Any, state: TrainState,
+                         regrow_sums: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the trainer's optimizer state, regrow sums and `state` atomically."""
+    from safetensors.torch import save
+
+    tensors = {f"{name}/{k}": v.detach().cpu().contiguous().reshape(v.shape)
+               for name, s in _named_state(trainer).items() for k, v in s.items()}
+    for weight, g in (regrow_sums or {}).items():
+        tensors[f"{_REGROW}{weight}"] = g.detach().cpu().contiguous()
+    header = {"format": FORMAT, **asdict(state)}
+    data = save(tensors, metadata={"sparsec_train": json.dumps(header, sort_keys=True)})
+    path = Path(path)
+    atomic_write_bytes(path, data)
+    return path
+
+
+def load_checkpoint(directory: str | Path) -> Checkpoint:
+    """Read a checkpoint directory written by a distributed `sparsec train` run."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    from .deltas import _metadata, load_deltas
+
+    d = Path(directory)
+    opt = d / OPTIMIZER_FILE
+    if not d.is_dir():
+        raise BadInputError(f"{d}: no such checkpoint directory; give the -o directory of an "
+                            "earlier `sparsec train` run started with torchrun")
+    if not opt.exists():
+        raise BadInputError(f"{d}: has no {OPTIMIZER_FILE}; only runs launched with torchrun "
+                            "(or resumed with --resume) write resumable checkpoints")
+    try:
+        data = opt.read_bytes()
+        tensors = load(data)
+        header = json.loads(_metadata(data).get("sparsec_train", "null"))
+    except (OSError, SafetensorError, ValueError) as e:
+        raise BadInputError(f"{opt}: not a readable checkpoint ({type(e).__name__}); "
+                            "resume from another checkpoint") from None
+    if not isinstance(header, dict) or header.pop("format", None) != FORMAT:
+        raise BadInputError(f"{opt}: no sparsec training header of format {FORMAT}; resume "
+                            "from a checkpoint written by sparsec train")
+    state = TrainState(**{k: header[k] for k in TrainState.__dataclass_fields__ if k in header})
+    deltas = load_deltas(d / "deltas.safetensors")
+    if deltas.info.get("step") != state.global_step:
+        raise BadInputError(f"{d}: deltas.safetensors is from step {deltas.info.get('step')} but "
+                            f"{OPTIMIZER_FILE} from step {state.global_step}; the checkpoint is "
+                            "inconsistent, resume from another one")
+    optimizer: dict[str, dict[str, torch.Tensor]] = {}
+    regrow: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if key.startswith(_REGROW):
+            regrow[key[len(_REGROW):]] = t
+        else:
+            name, _, part = key.rpartition("/")
+            optimizer.setdefault(name, {})[part] = t
+    recipe = d / "recipe.toml"
+    return Checkpoint(d, state, optimizer, regrow, deltas, recipe if recipe.exists() else None)
+
+
+def restore_optimizer(trainer: Any, saved: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Load per-name optimizer state into a fresh trainer (its parameters must match)."""
+    named = dict(trainer.program.trainable_parameters())
+    missing, extra = sorted(set(named) - set(saved)), sorted(set(saved) - set(named))
+    if missing or extra:
+        which = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which this run lacks"
+        raise BadInputError(f"the checkpoint's optimizer state {which}; resume with the recipe "
+                            "the checkpoint was trained with")
+    sd = trainer.optimizer.state_dict()
+    order = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    names = {id(p): n for n, p in named.items()}
+    state = {}
+    for i, p in enumerate(order):
+        s = saved[names[id(p)]]
+        for k, v in s.items():
+            if v.dim() and v.shape != p.shape:
+                raise BadInputError(f"{names[id(p)]}: the checkpoint's {k} has shape "
+                                    f"{tuple(v.shape)}, the parameter {tuple(p.shape)}; resume "
+                                    "with the recipe the checkpoint was trained with")
+        state[i] = dict(s)
+    sd["state"] = state
+    trainer.optimizer.load_state_dict(sd)
