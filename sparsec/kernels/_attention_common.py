@@ -162,8 +162,9 @@ def plan_key(kind: str, tensors, layout, mask, extra) -> tuple:
 
 class PlanCache:
     """Launch plans by `plan_key`, at most `size` of them (oldest dropped first). A plan
-    holds weak references to the layout tensors it was built from: a key whose tensors died
-    and whose ids were reused never hits."""
+    holds weak references to the layout tensors it was built from: when one of them dies
+    the plan is dropped (with the derived tensors it keeps alive), so per-step layouts of a
+    dynamic selector do not pile up, and a reused id never hits a stale plan."""
 
     def __init__(self, size: int = 32):
         self.size = size
@@ -180,8 +181,12 @@ class PlanCache:
         return plan
 
     def put(self, key: tuple, layout, plan) -> None:
+        plans = self.plans
+
+        def drop(_ref, key=key):
+            plans.pop(key, None)
         try:
-            refs = tuple(weakref.ref(t) for t in layout)
+            refs = tuple(weakref.ref(t, drop) for t in layout)
         except TypeError:  # pragma: no cover - tensors that refuse weak references
             return
         if len(self.plans) >= self.size:

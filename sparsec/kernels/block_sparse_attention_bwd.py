@@ -456,10 +456,21 @@ def _time_variant(call, reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+_CHOICES: dict[tuple, str] = {}
+
+
 def _choose(tensors, args) -> str:
-    """'split' or 'atomic', whichever runs this shape faster (both compiled and tuned first);
-    without device timing (graph capture, sync debugging) 'split'."""
-    if not tensors["q"].is_cuda or no_sync_allowed():
+    """'split' or 'atomic', whichever runs this shape faster (both compiled and tuned first),
+    decided once per shapes, dtype, blocks, causality, mask kind and layout list widths
+    (not per layout: a selector's new layout every step must not time again); without
+    device timing (graph capture, sync debugging) 'split'."""
+    q, k, v = tensors["q"], tensors["k"], tensors["v"]
+    layout, mask = args[0], args[1]
+    key = (q.shape, k.shape, v.shape, q.dtype, q.device, *args[3:6],
+           None if mask is None else (mask.dtype, mask.shape), *(t.shape for t in layout))
+    if key in _CHOICES:
+        return _CHOICES[key]
+    if not q.is_cuda or no_sync_allowed():
         return "split"
     times = {}
     for variant in _VARIANTS:
@@ -467,7 +478,8 @@ def _choose(tensors, args) -> str:
             _Backward(_outputs(dict(tensors), variant), *args, None, None).run(variant)
         call()
         times[variant] = _time_variant(call)
-    return min(times, key=times.get)
+    _CHOICES[key] = min(times, key=times.get)
+    return _CHOICES[key]
 
 
 def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices,
