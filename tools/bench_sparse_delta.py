@@ -81,7 +81,7 @@ def grad_rows(args, sets):
         errs = {"sampled": check_grad("sampled", K.sampled_grad_sampled(g0, x0, idx, in_f), g0,
                                       x0, idx, in_f),
                 "sampled_v1": check_grad("sampled v1", K.sampled_grad_sampled(
-                    g0, x0, idx, in_f, splits=1), g0, x0, idx, in_f),
+                    g0, x0, idx, in_f, splits=1, warps=4), g0, x0, idx, in_f),
                 "dense": check_grad("dense", K.sampled_grad_dense(g0, x0, idx, in_f), g0, x0,
                                     idx, in_f)}
         # the automatic choice, made afresh three times (as three processes would): a robust
@@ -97,7 +97,8 @@ def grad_rows(args, sets):
                "sampled_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f),
                                    sets),
                "sampled_v1_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f,
-                                                                       splits=1), sets),
+                                                                       splits=1, warps=4),
+                                      sets),
                "auto_ms": bench(lambda s: K.sampled_grad(s[0], s[1], idx, in_f), sets)}
         if dense_ms is None:  # the dense product does not depend on the density
             dense_ms = bench(lambda s: K.sampled_grad_dense(s[0], s[1], idx, in_f), sets)
@@ -107,6 +108,23 @@ def grad_rows(args, sets):
               f"splits), v1 {row['sampled_v1_ms']:.3f} ms, dense {dense_ms:.3f} ms, auto "
               f"({choice}; choices {choices}) {row['auto_ms']:.3f} ms", flush=True)
     transpose_ms = bench(lambda s: K.transpose(s[1]), sets)
+    # tiles of the sampled kernel at 0.1% (default: 64 tokens per tile, 8 warps), for the
+    # next round's choice of defaults; each checked first
+    idx = indices(out_f, in_f, 1e-3, seed=1000)
+    g0, x0 = sets[0]
+    sweep = {}
+    for tokens, warps in ((64, 4), (64, 8), (128, 8), (32, 4)):
+        def fn(s, tokens=tokens, warps=warps):
+            return K.sampled_grad_sampled(s[0], s[1], idx, in_f, tokens=tokens, warps=warps)
+        try:  # a failing tile is reported, not fatal: the tables above are the results
+            check_grad(f"sampled tokens={tokens} warps={warps}", fn(sets[0]), g0, x0, idx,
+                       in_f)
+            sweep[f"tokens={tokens},warps={warps}"] = bench(fn, sets)
+        except Exception as e:  # noqa: BLE001
+            print(f"  sampled tokens={tokens} warps={warps} FAILED: {e}", flush=True)
+    print("  sampled tiles at 0.1%: " + ", ".join(f"{k} {v:.3f} ms" for k, v in sweep.items()),
+          flush=True)
+    next(r for r in rows if r["density"] == 1e-3)["tile_sweep"] = sweep
     return rows, transpose_ms
 
 
@@ -205,6 +223,8 @@ def main(argv=None) -> int:
               f"{r['sampled_v1_ms']:8.3f} {r['dense_ms']:8.3f} {r['auto_ms']:8.3f} "
               f"{r['auto_choice']:>8} {stable:>6} | "
               f"{r['dense_ms'] / r['sampled_ms']:12.2f}x {r['auto_ms'] / r['dense_ms']:9.2f}x")
+    sweep = next((r["tile_sweep"] for r in rows if "tile_sweep" in r), {})
+    print("sampled tiles at 0.1%: " + ", ".join(f"{k} {v:.3f} ms" for k, v in sweep.items()))
     print(f"crossover (sampled stops winning): "
           f"{'%.3f%%' % (100 * cross) if cross else 'outside the sweep'}; transpose of x "
           f"{transpose_ms:.3f} ms; floors: dense dW {floors['dense_dW_ms']:.3f} ms, sampled "

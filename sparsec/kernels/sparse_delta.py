@@ -183,10 +183,12 @@ def token_splits(chunks: int, T: int, device, tokens: int = 64) -> int:
 def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
                          in_features: int, *, entries: int | None = None,
                          window: int | None = None, tokens: int = 64,
-                         splits: int | None = None) -> torch.Tensor:
+                         splits: int | None = None, warps: int = 8) -> torch.Tensor:
     """The sampled path (see the module docstring); output in grad's dtype. `splits` token
     ranges (default `token_splits`; 1 = the first version: every program runs over all
-    tokens) are summed by `_reduce_kernel`."""
+    tokens) are summed by `_reduce_kernel`. 8 warps: 119 registers per thread on sm_90 where
+    4 warps need 222 (tools/kernel_report.py), twice the warps per SM to hide the loads'
+    latency (the first version: 4)."""
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     T, out_f = g2.shape
@@ -207,7 +209,8 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
         torch.empty(n_split, k, dtype=torch.float32, device=grad.device)
     _sampled_kernel[(chunks, n_split)](
         g2, xt, indices.contiguous(), part, k, T, in_features, out_f, *g2.stride(), t_per,
-        E=e, RW=rw, TT=tokens, FP32=grad.dtype == torch.float32, num_warps=4, num_stages=3)
+        E=e, RW=rw, TT=tokens, FP32=grad.dtype == torch.float32, num_warps=warps,
+        num_stages=3)
     if n_split > 1:
         _reduce_kernel[(cdiv(k, 1024),)](part, out, k, n_split, BLOCK=1024)
     return out
@@ -241,26 +244,18 @@ def _model(T: int, out_f: int, in_f: int, k: int, itemsize: int) -> str:
     return "sampled" if sampled < dense else "dense"
 
 
-_FLUSH: dict = {}
-
-
-def _flush_l2(device) -> None:
-    """Overwrite a buffer larger than any L2 (as triton.testing.do_bench does), so each
-    timed run starts from DRAM like a training step that ran other layers in between."""
-    if device not in _FLUSH:
-        _FLUSH[device] = torch.empty(64 << 20, dtype=torch.int32, device=device)
-    _FLUSH[device].zero_()
-
-
 def _median_ms(fns: dict, device, reps: int = 7) -> dict:
-    """Median device ms of each function, runs interleaved (A, B, A, B, ...) with L2 flushed
-    before each: drifts in clock and temperature hit both alike."""
+    """Median device ms of each function, runs interleaved (A, B, A, B, ...) so drifts in
+    clock and temperature hit both alike, with L2 flushed before each (a 128 MB buffer
+    overwritten, as triton.testing.do_bench does): each run starts from DRAM like a training
+    step that ran other layers in between. The buffer lives only while timing."""
+    flush = torch.empty(32 << 20, dtype=torch.int32, device=device)
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            _flush_l2(device)
+            flush.zero_()
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
