@@ -16,7 +16,10 @@ through `sparsec::block_sparse_attention_backward`, itself an op, so a joint gra
 Dispatch: on CUDA with a Triton kernel module `sparsec.kernels.block_sparse_attention`
 present, its `block_sparse_attention` / `block_sparse_attention_backward` launchers (same
 arguments as the ops) run; otherwise the forward runs the gathered-block path (only kept blocks
-are computed) and the backward the reference formulas.
+are computed) and the backward the reference formulas. Eager calls of
+`block_sparse_attention()` on plain CUDA tensors (no tracing, compiling, functorch transform or
+dispatch mode) run the same launchers under a plain autograd.Function, skipping the custom
+op's dispatch (SPARSEC_EAGER=op keeps them on the op).
 """
 
 from __future__ import annotations
