@@ -10,7 +10,8 @@ Layouts (blocks of 128, causal): random layouts at 16% of the causal grid (L=4k)
 efficiency). Every configuration is checked before it is timed: sparsec against FlexAttention
 (output and gradients) and against a float32 row oracle on sampled rows (dense layout: against
 SDPA). Times are medians of `triton.testing.do_bench` (device events), rotating between input
-sets so no run reads another's inputs from L2. Prints a table of milliseconds and speedups; with
+sets so no run reads another's inputs from L2. Prints a table of milliseconds and speedups
+(sparsec = v2), then the variants side by side with the host time to issue one call; with
 $OUT set (or --json) writes the numbers as JSON.
 """
 
@@ -31,9 +32,22 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparsec  # noqa: E402
+from sparsec.kernels._triton import settings  # noqa: E402
 from sparsec.layouts import BlockLayout, sliding_window  # noqa: E402
 
 BLOCK = 128
+
+# sparsec variants one run compares (sparsec.kernels._triton.Settings): v1 is the first
+# version (every launch through Triton's JIT and autotuner, eager calls through the custom op,
+# the split backward); v2 the current default
+VARIANTS = {
+    "v1": dict(launch="triton", eager="op", attn_bwd="split"),
+    "v2": dict(launch="direct", eager="function", attn_bwd="auto"),
+    "v2-split": dict(launch="direct", eager="function", attn_bwd="split"),
+    "v2-atomic": dict(launch="direct", eager="function", attn_bwd="atomic"),
+}
+FWD_VARIANTS = ("v1", "v2")
+MAIN = "v2"
 
 
 def fail(msg: str) -> None:
@@ -114,21 +128,26 @@ def row_oracle(q, k, v, layout: BlockLayout, rows: torch.Tensor, head: int) -> t
     return p @ v[0, head].float()
 
 
-def check(name, q, k, v, layout, flex, bm, tol=2e-2) -> dict:
-    """Errors of sparsec against Flex (out, dq, dk, dv) and the row oracle; raises on failure."""
-    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = sparsec.block_sparse_attention(q, k, v, layout)
-    do = torch.randn_like(out)
-    out.backward(do)
-    mine = (out.detach(), q.grad, k.grad, v.grad)
+def check(name, q, k, v, layout, flex, bm, variants, tol=2e-2) -> dict:
+    """Errors of every sparsec variant against Flex (out, dq, dk, dv) and of the forward
+    against the row oracle; raises on failure."""
+    do = torch.randn_like(q)
     errs = {}
+    ref = None
     if flex is not None:
         q2, k2, v2 = (x.detach().clone().requires_grad_() for x in (q, k, v))
-        ref = flex(q2, k2, v2, block_mask=bm)
-        ref.backward(do)
-        for key, a, b in zip(("out", "dq", "dk", "dv"), mine, (ref.detach(), q2.grad, k2.grad,
-                                                               v2.grad)):
-            errs[f"{key}_vs_flex"] = rel(a, b)
+        out2 = flex(q2, k2, v2, block_mask=bm)
+        out2.backward(do)
+        ref = (out2.detach(), q2.grad, k2.grad, v2.grad)
+    for variant in variants:
+        with settings(**VARIANTS[variant]):
+            x = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+            out = sparsec.block_sparse_attention(*x, layout)
+            out.backward(do)
+        mine = (out.detach(), *(t.grad for t in x))
+        if ref is not None:
+            for key, a, b in zip(("out", "dq", "dk", "dv"), mine, ref):
+                errs[f"{variant}:{key}_vs_flex"] = rel(a, b)
     L = q.shape[2]
     g = torch.Generator(device=q.device).manual_seed(0)
     rows = torch.cat([torch.randint(0, L, (48,), device=q.device, generator=g),
@@ -160,6 +179,18 @@ def bench(fn_of_set, sets, grads=None, rep=200) -> float:
                                          return_mode="median"))
 
 
+def host_us(fn, sets, reps=30) -> float:
+    """Median host microseconds to issue one call, the device queue drained before each."""
+    times = []
+    for i in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(sets[i % len(sets)])
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2] * 1e6
+
+
 def time_all(name, L, layout, flex, bm, sets, args, dense_cache) -> dict:
     row = {"config": name, "L": L, "density": layout.density(),
            "kept_blocks_per_head": float(layout.kept_blocks().double().mean())}
@@ -170,6 +201,8 @@ def time_all(name, L, layout, flex, bm, sets, args, dense_cache) -> dict:
 
     def sparsec_fb(s):
         sparsec.block_sparse_attention(s[0], s[1], s[2], layout).backward(s[3])
+        for t in s[:3]:  # as do_bench's grad_to_none: no accumulation kernels
+            t.grad = None
 
     def flex_fwd(s):
         flex(s[0], s[1], s[2], block_mask=bm)
@@ -191,9 +224,16 @@ def time_all(name, L, layout, flex, bm, sets, args, dense_cache) -> dict:
         dense_cache[L] = (bench(sdpa_fwd, sets, rep=args.rep),
                           bench(sdpa_fb, sets, grads, rep=args.rep))
     row["sdpa_fwd"], row["sdpa_fwdbwd"] = dense_cache[L]
-    row["sparsec_fwd"] = bench(sparsec_fwd, sets, rep=args.rep)
+    for variant in args.variants:
+        with settings(**VARIANTS[variant]):
+            if variant in FWD_VARIANTS:  # the others differ from v2 only in the backward
+                row[f"{variant}_fwd"] = bench(sparsec_fwd, sets, rep=args.rep)
+                row[f"{variant}_host_fwd_us"] = host_us(sparsec_fwd, sets)
+                row[f"{variant}_host_fwdbwd_us"] = host_us(sparsec_fb, sets)
+            row[f"{variant}_fwdbwd"] = bench(sparsec_fb, sets, grads, rep=args.rep)
+    main = MAIN if MAIN in args.variants else args.variants[0]
+    row["sparsec_fwd"], row["sparsec_fwdbwd"] = row[f"{main}_fwd"], row[f"{main}_fwdbwd"]
     row["flex_fwd"] = bench(flex_fwd, sets, rep=args.rep) if flex else None
-    row["sparsec_fwdbwd"] = bench(sparsec_fb, sets, grads, rep=args.rep)
     row["flex_fwdbwd"] = bench(flex_fb, sets, grads, rep=args.rep) if flex else None
     # the floor: every kept 128x128 block costs 4·128·128·D flops forward (QKᵀ, PV) and
     # 10·128·128·D backward (5 products); bf16 dense at 800 TFLOP/s
@@ -231,6 +271,23 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def variants_table(rows, variants) -> str:
+    def ms(x):
+        return f"{x:9.3f}" if x is not None else "        -"
+    cols = "".join(f" {v:>9}" for v in variants)
+    lines = [f"{'config':22} {'L':>6} | {'mode':7}{cols} | {'v1/v2':>6} | "
+             f"{'host v1':>8} {'host v2':>8} (µs per call)"]
+    for r in rows:
+        for mode in ("fwd", "fwdbwd"):
+            cells = "".join(f" {ms(r.get(f'{v}_{mode}'))}" for v in variants)
+            a, b = r.get(f"v1_{mode}"), r.get(f"v2_{mode}")
+            ratio = f"{a / b:5.2f}x" if a and b else "     -"
+            hosts = " ".join(f"{r[f'{v}_host_{mode}_us']:8.0f}" if f"{v}_host_{mode}_us" in r
+                             else "       -" for v in ("v1", "v2"))
+            lines.append(f"{r['config']:22} {r['L']:>6} | {mode:7}{cells} | {ratio} | {hosts}")
+    return "\n".join(lines)
+
+
 def tuned_configs() -> dict:
     from sparsec.kernels import block_sparse_attention as fwd
     from sparsec.kernels import block_sparse_attention_bwd as bwd
@@ -238,9 +295,11 @@ def tuned_configs() -> dict:
     out = {}
     for name, k in (("fwd", getattr(fwd, "_bsa_fwd_tuned", None)),
                     ("dkdv", getattr(bwd, "_dkdv_tuned", None)),
+                    ("dkdv_atomic", getattr(bwd, "_dkdv_tuned_atomic", None)),
                     ("dq", getattr(bwd, "_dq_tuned", None))):
         cache = getattr(k, "cache", {}) or {}
         out[name] = {str(key): str(cfg) for key, cfg in cache.items()}
+    out["bwd_auto_choice"] = {str(key[0]): v for key, v in getattr(bwd, "_CHOICES", {}).items()}
     return out
 
 
@@ -254,7 +313,13 @@ def main(argv=None) -> int:
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     p.add_argument("--quick", action="store_true", help="skip the dense-layout row")
     p.add_argument("--json", default=None, help="write results here (default $OUT/...)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"sparsec variants to compare, of {list(VARIANTS)}")
     args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or not any(v in FWD_VARIANTS for v in args.variants):
+        fail(f"--variants: unknown {unknown} or none of {FWD_VARIANTS} (needed for forward)")
     if not torch.cuda.is_available():
         fail("needs a CUDA GPU (torch.cuda.is_available() is False)")
     from sparsec.ops.block_sparse_attention import kernel_module
@@ -275,7 +340,8 @@ def main(argv=None) -> int:
         sets = inputs(L, args, n_sets=max(2, math.ceil(200e6 / per_set)))
         t0 = time.time()
         try:
-            errors[f"{name} L={L}"] = check(name, *sets[0][:3], layout, flex, bm)
+            errors[f"{name} L={L}"] = check(name, *sets[0][:3], layout, flex, bm,
+                                            args.variants)
         except AssertionError as e:
             print(f"FAILED CHECK: {e}", flush=True)
             errors[f"{name} L={L}"] = str(e)
@@ -290,15 +356,21 @@ def main(argv=None) -> int:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "sdpa": "flash (is_causal=True)",
               "batch": 1, "heads": args.heads, "head_dim": args.dim, "dtype": "bfloat16",
-              "block": BLOCK, "rows": rows, "checks": errors, "tuned": tuned_configs()}
+              "block": BLOCK, "rows": rows, "checks": errors, "tuned": tuned_configs(),
+              "variants": {v: VARIANTS[v] for v in args.variants}}
     path = args.json or (os.path.join(os.environ["OUT"], "bench_attention.json")
                          if os.environ.get("OUT") else None)
     if path:
         Path(path).write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}: "
           f"batch 1, {args.heads} heads, head dim {args.dim}, bf16, causal, blocks of {BLOCK}; "
-          "median ms (do_bench); floor = kept-block FLOPs at 800 TFLOP/s")
+          "median ms (do_bench); floor = kept-block FLOPs at 800 TFLOP/s; sparsec = "
+          f"{MAIN if MAIN in args.variants else args.variants[0]}")
     print(table(rows))
+    print(f"\nsparsec variants (median ms; host = µs to issue one call): "
+          f"{', '.join(f'{v} = {VARIANTS[v]}' for v in args.variants)}; backward chosen by "
+          f"v2 per length: {result['tuned']['bwd_auto_choice']}")
+    print(variants_table(rows, args.variants))
     failed = [k for k, v in errors.items() if isinstance(v, str)]
     if failed:
         print(f"\n{len(failed)} configuration(s) FAILED the correctness check: {failed}")

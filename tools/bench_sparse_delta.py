@@ -4,10 +4,13 @@ forward variants of y = x (W + Δ)ᵀ, in one run.
     python tools/bench_sparse_delta.py                  # 4096 x 4096 weight, 8192 tokens, bf16
     python tools/bench_sparse_delta.py --quick          # 0.1% and 1% only
 
-Gradient: `sampled` (sparsec's Triton kernel: transposed x + row-windowed sampled products),
-`dense` (gradᵀ·x through cuBLAS, then a gather), `auto` (what `sampled_grad` runs: the faster of
-the two as measured on the first call, cached) at 0.1% and 1% density and over a sweep; the
-crossover density (where dense starts to win) is interpolated from the sweep. Forward:
+Gradient: `sampled` (sparsec's Triton kernel: transposed x + row-windowed sampled products,
+the token sum cut into ranges that fill the GPU; `v1` = one range, the first version),
+`dense` (gradᵀ·x through cuBLAS, then a gather), `auto` (what `sampled_grad` runs: sampled
+where its median, measured on the first call, is 10% under dense; cached; the choice is made
+three times afresh per density and `stable` says how often it agreed) at 0.1% and 1%
+density and over a sweep; the crossover density (where dense starts to win) is
+interpolated from the sweep. Forward:
 `materialize` (W + Δ into a new dense weight, then one GEMM: the op's path), `dense only`
 (x·Wᵀ: the lower bound), `dense + cuSPARSE` (x·Wᵀ plus Δ·xᵀ as a CSR product).
 Every variant is checked against a float64 reference on sampled entries before it is timed;
@@ -77,20 +80,51 @@ def grad_rows(args, sets):
         g0, x0 = sets[0]
         errs = {"sampled": check_grad("sampled", K.sampled_grad_sampled(g0, x0, idx, in_f), g0,
                                       x0, idx, in_f),
+                "sampled_v1": check_grad("sampled v1", K.sampled_grad_sampled(
+                    g0, x0, idx, in_f, splits=1, warps=4), g0, x0, idx, in_f),
                 "dense": check_grad("dense", K.sampled_grad_dense(g0, x0, idx, in_f), g0, x0,
                                     idx, in_f)}
-        choice = K.choose_method(g0, x0, idx, in_f)  # measures and caches, as in training
-        row = {"density": d, "k": idx.numel(), "auto_choice": choice, "errors": errs,
+        # the automatic choice, made afresh three times (as three processes would): a robust
+        # choice gives the same answer each time
+        choices = []
+        for _ in range(3):
+            K._DECISIONS.clear()
+            choices.append(K.choose_method(g0, x0, idx, in_f))
+        choice = choices[-1]  # cached: what sampled_grad runs below
+        row = {"density": d, "k": idx.numel(), "auto_choice": choice, "choices": choices,
+               "errors": errs, "splits": K.token_splits(-(-idx.numel() // 64), args.tokens,
+                                                        g0.device),
                "sampled_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f),
                                    sets),
+               "sampled_v1_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f,
+                                                                       splits=1, warps=4),
+                                      sets),
                "auto_ms": bench(lambda s: K.sampled_grad(s[0], s[1], idx, in_f), sets)}
         if dense_ms is None:  # the dense product does not depend on the density
             dense_ms = bench(lambda s: K.sampled_grad_dense(s[0], s[1], idx, in_f), sets)
         row["dense_ms"] = dense_ms
         rows.append(row)
-        print(f"  density {d:.2%}: sampled {row['sampled_ms']:.3f} ms, dense {dense_ms:.3f} ms, "
-              f"auto ({choice}) {row['auto_ms']:.3f} ms", flush=True)
+        print(f"  density {d:.2%}: sampled {row['sampled_ms']:.3f} ms ({row['splits']} token "
+              f"splits), v1 {row['sampled_v1_ms']:.3f} ms, dense {dense_ms:.3f} ms, auto "
+              f"({choice}; choices {choices}) {row['auto_ms']:.3f} ms", flush=True)
     transpose_ms = bench(lambda s: K.transpose(s[1]), sets)
+    # tiles of the sampled kernel at 0.1% (default: 64 tokens per tile, 8 warps), for the
+    # next round's choice of defaults; each checked first
+    idx = indices(out_f, in_f, 1e-3, seed=1000)
+    g0, x0 = sets[0]
+    sweep = {}
+    for tokens, warps in ((64, 4), (64, 8), (128, 8), (32, 4)):
+        def fn(s, tokens=tokens, warps=warps):
+            return K.sampled_grad_sampled(s[0], s[1], idx, in_f, tokens=tokens, warps=warps)
+        try:  # a failing tile is reported, not fatal: the tables above are the results
+            check_grad(f"sampled tokens={tokens} warps={warps}", fn(sets[0]), g0, x0, idx,
+                       in_f)
+            sweep[f"tokens={tokens},warps={warps}"] = bench(fn, sets)
+        except Exception as e:  # noqa: BLE001
+            print(f"  sampled tokens={tokens} warps={warps} FAILED: {e}", flush=True)
+    print("  sampled tiles at 0.1%: " + ", ".join(f"{k} {v:.3f} ms" for k, v in sweep.items()),
+          flush=True)
+    next(r for r in rows if r["density"] == 1e-3)["tile_sweep"] = sweep
     return rows, transpose_ms
 
 
@@ -181,12 +215,16 @@ def main(argv=None) -> int:
         Path(path).write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}: weight "
           f"{o}x{i}, {T} tokens, {args.dtype}; median ms (do_bench)")
-    print(f"{'density':>8} {'k':>9} | {'sampled':>8} {'dense+g':>8} {'auto':>8} {'choice':>8} | "
-          f"{'dense/sampled':>13} {'auto/dense':>10}")
+    print(f"{'density':>8} {'k':>9} | {'sampled':>8} {'v1':>8} {'dense+g':>8} {'auto':>8} "
+          f"{'choice':>8} {'stable':>6} | {'dense/sampled':>13} {'auto/dense':>10}")
     for r in rows:
-        print(f"{r['density']:8.2%} {r['k']:9d} | {r['sampled_ms']:8.3f} {r['dense_ms']:8.3f} "
-              f"{r['auto_ms']:8.3f} {r['auto_choice']:>8} | "
+        stable = f"{r['choices'].count(r['auto_choice'])}/{len(r['choices'])}"
+        print(f"{r['density']:8.2%} {r['k']:9d} | {r['sampled_ms']:8.3f} "
+              f"{r['sampled_v1_ms']:8.3f} {r['dense_ms']:8.3f} {r['auto_ms']:8.3f} "
+              f"{r['auto_choice']:>8} {stable:>6} | "
               f"{r['dense_ms'] / r['sampled_ms']:12.2f}x {r['auto_ms'] / r['dense_ms']:9.2f}x")
+    sweep = next((r["tile_sweep"] for r in rows if "tile_sweep" in r), {})
+    print("sampled tiles at 0.1%: " + ", ".join(f"{k} {v:.3f} ms" for k, v in sweep.items()))
     print(f"crossover (sampled stops winning): "
           f"{'%.3f%%' % (100 * cross) if cross else 'outside the sweep'}; transpose of x "
           f"{transpose_ms:.3f} ms; floors: dense dW {floors['dense_dW_ms']:.3f} ms, sampled "

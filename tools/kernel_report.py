@@ -113,25 +113,29 @@ def _attention(args):
     bwd._bwd_dkdv_kernel = _Compile(dkdv, "attn_dkdv")
     bwd._bwd_dq_kernel = _Compile(dq, "attn_dq")
     bwd._bwd_preprocess_kernel = _Compile(bwd._bwd_preprocess_kernel, "attn_preprocess")
+    bwd._dq_convert_kernel = _Compile(bwd._dq_convert_kernel, "attn_dq_convert")
     blk = args.block
     for cfg in fwd._prune_fwd(fwd.FWD_CONFIGS, {}, BLOCK_Q=blk, BLOCK_KV=blk, BLOCK_D=D,
                               BLOCK_DV=D):
         fwd.block_sparse_attention(q, k, v, *layout, None, 0.1, True, blk, blk, config=cfg)
-    pairs = [(c, None) for c in bwd._prune(bwd.DKDV_CONFIGS, {}, BLOCK_Q=blk, BLOCK_KV=blk,
-                                           BLOCK_D=D, BLOCK_DV=D)]
-    pairs += [(None, c) for c in bwd._prune(bwd.DQ_CONFIGS, {}, BLOCK_Q=blk, BLOCK_KV=blk,
-                                            BLOCK_D=D, BLOCK_DV=D)]
-    for dkdv_cfg, dq_cfg in pairs:
-        saved = list(RESULTS)
+    prune = dict(BLOCK_Q=blk, BLOCK_KV=blk, BLOCK_D=D, BLOCK_DV=D)
+    runs = [("split", c, None, "attn_dkdv") for c in bwd._prune(bwd.DKDV_CONFIGS, {}, **prune)]
+    runs += [("split", None, c, "attn_dq") for c in bwd._prune(bwd.DQ_CONFIGS, {}, **prune)]
+    runs += [("atomic", c, None, "attn_dkdv_atomic")
+             for c in bwd._prune(bwd.ATOMIC_CONFIGS, {}, **prune)]
+    for variant, dkdv_cfg, dq_cfg, name in runs:
+        saved = len(RESULTS)
         bwd.block_sparse_attention_backward(
             q, q, k, v, q, torch.empty(B, H, L, device="meta"), *layout, None, 0.1, True, blk,
             blk, configs=(dkdv_cfg or bwd.dkdv_config(blk, blk, D),
-                          dq_cfg or bwd.dq_config(blk, blk, D)))
-        # keep only the kernel this pair is about
-        new = RESULTS[len(saved):]
-        RESULTS[:] = saved + [r for r in new if (dkdv_cfg is not None and r["kernel"] ==
-                                                 "attn_dkdv") or (dq_cfg is not None and
-                                                                  r["kernel"] == "attn_dq")]
+                          dq_cfg or bwd.dq_config(blk, blk, D)), variant=variant)
+        # keep only the kernel this run is about (and the small ones once)
+        new = RESULTS[saved:]
+        want = "attn_dkdv" if name.startswith("attn_dkdv") else name
+        RESULTS[saved:] = [dict(r, kernel=name) for r in new if r["kernel"] == want]
+        if variant == "atomic" and dkdv_cfg is bwd._prune(bwd.ATOMIC_CONFIGS, {}, **prune)[0]:
+            RESULTS.extend(r for r in new if r["kernel"] in ("attn_preprocess",
+                                                             "attn_dq_convert"))
 
 
 def _selection(args):
@@ -158,12 +162,12 @@ def _sparse_delta(args):
     T, out_f, in_f = 8192, 4096, 4096
     g = torch.empty(T, out_f, dtype=dtype, device="meta")
     x = torch.empty(T, in_f, dtype=dtype, device="meta")
-    for name in ("_transpose_kernel", "_sampled_kernel"):
+    for name in ("_transpose_kernel", "_sampled_kernel", "_reduce_kernel"):
         setattr(sd, name, _Compile(getattr(sd, name), name.strip("_").replace("_kernel", "")))
     for density in (0.001, 0.01):
         k = int(density * out_f * in_f)
         idx = torch.empty(k, dtype=torch.int64, device="meta")
-        sd.sampled_grad_sampled(g, x, idx, in_f)
+        sd.sampled_grad_sampled(g, x, idx, in_f, splits=4)
 
 
 def _nm(args):
@@ -193,11 +197,11 @@ def main(argv=None) -> int:
     _nm(args)
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, head dim "
           f"{args.head_dim}, block {args.block}")
-    print(f"{'kernel':16} {'BLOCK_M':>7} {'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'regs':>4} "
+    print(f"{'kernel':17} {'BLOCK_M':>7} {'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'regs':>4} "
           f"{'stack':>5} {'smem':>6} mma")
     for r in RESULTS:
         m = r["meta"]
-        print(f"{r['kernel']:16} {m.get('BLOCK_M', '-'):>7} {m.get('BLOCK_N', '-'):>7} "
+        print(f"{r['kernel']:17} {m.get('BLOCK_M', '-'):>7} {m.get('BLOCK_N', '-'):>7} "
               f"{r['warps'] or '-':>5} {r['stages'] or '-':>6} {r['regs']:>4} {r['stack']:>5} "
               f"{r['smem']:>6} {r['mma']}")
     return 0

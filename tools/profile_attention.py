@@ -1,7 +1,7 @@
 """Where sparsec's block-sparse attention spends its time on a GPU: the torch profiler's CUDA
 kernels and host-side ops for forward and forward+backward, at one length and density.
 
-    python tools/profile_attention.py --length 4096 --density 0.16
+    python tools/profile_attention.py --length 4096 --density 0.16 --variant v2
 
 Prints the top kernels by CUDA time and the wall time per call (host included), so per-call
 overheads (layout transposes, copies, autotuning, launches) show beside the attention kernels.
@@ -20,7 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparsec  # noqa: E402
-from tools.bench_attention import random_causal_layout  # noqa: E402
+from sparsec.kernels._triton import settings  # noqa: E402
+from tools.bench_attention import VARIANTS, random_causal_layout  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,7 +31,13 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--variant", default="v2", choices=list(VARIANTS))
     args = ap.parse_args(argv)
+    with settings(**VARIANTS[args.variant]):
+        return _profile(args)
+
+
+def _profile(args) -> int:
     layout = random_causal_layout(args.length, args.heads, args.density, seed=0).to("cuda")
     q, k, v, do = (torch.randn(1, args.heads, args.length, args.dim, device="cuda",
                                dtype=torch.bfloat16) for _ in range(4))
@@ -42,6 +49,8 @@ def main(argv=None) -> int:
 
     def fwdbwd():
         fwd().backward(do)
+        for t in (q, k, v):  # as the benchmark: no gradient accumulation kernels
+            t.grad = None
 
     for name, fn in (("forward", fwd), ("forward+backward", fwdbwd)):
         for _ in range(5):  # warm-up: autotuning, compiles, caches
@@ -56,8 +65,8 @@ def main(argv=None) -> int:
             for _ in range(args.iters):
                 fn()
             torch.cuda.synchronize()
-        print(f"\n== {name}: L={args.length}, density {layout.density():.3f}, wall "
-              f"{wall:.3f} ms per call (host included)")
+        print(f"\n== {name} ({args.variant}): L={args.length}, density "
+              f"{layout.density():.3f}, wall {wall:.3f} ms per call (host included)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
                                         max_name_column_width=60))
     return 0

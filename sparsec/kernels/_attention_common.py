@@ -10,7 +10,8 @@ from . import _triton
 from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
 
 __all__ = ["empty", "kernel_supports", "layout_args", "mask_args", "transposed_layout",
-           "head_block", "load_rows", "mma", "LOG2E", "LN2"]
+           "head_block", "load_rows", "mma", "LOG2E", "LN2", "PlanCache", "plan_key",
+           "direct_enabled", "launch_device"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -127,6 +128,73 @@ def transposed_layout(num: torch.Tensor, idx: torch.Tensor, fnum: torch.Tensor,
         return value
     _TRANSPOSED[key] = (refs, tuple(t._version for t in tensors), value)
     return value
+
+
+# plans -------------------------------------------------------------------------------------
+def direct_enabled() -> bool:
+    """Direct launches are on (SETTINGS.launch) and the kernels are not switched off."""
+    return _triton.SETTINGS.launch == "direct" and not _triton.FORCE_REFERENCE and \
+        not interpreting()
+
+
+def launch_device(t: torch.Tensor) -> int | None:
+    """The CUDA device index on which launches for `t` may go direct, or None: CPU tensors,
+    or `t` not on the current device (Triton compiles and launches for the current one)."""
+    if not t.is_cuda or not direct_enabled():
+        return None
+    index = t.device.index
+    return index if torch._C._cuda_getDevice() == index else None
+
+
+def plan_key(kind: str, tensors, layout, mask, extra) -> tuple:
+    """Everything a launch's specialization and its stored arguments depend on: shapes,
+    strides, dtypes and 16-byte alignment of the per-call tensors, the device, the layout
+    tensors' identities and version counters, the mask's metadata, and `extra` (scalars)."""
+    key = [kind, tensors[0].device.index, extra]
+    for t in tensors:
+        key += (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0)
+    key += (id(t) for t in layout)
+    key += (t._version for t in layout)
+    if mask is not None:
+        key += (mask.shape, mask.stride(), mask.dtype, mask.data_ptr() % 16 == 0)
+    return tuple(key)
+
+
+class PlanCache:
+    """Launch plans by `plan_key`, at most `size` of them (oldest dropped first). A plan
+    holds weak references to the layout tensors it was built from: when one of them dies
+    the plan is dropped (with the derived tensors it keeps alive), so per-step layouts of a
+    dynamic selector do not pile up, and a reused id never hits a stale plan."""
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self.plans: dict[tuple, tuple] = {}
+
+    def get(self, key: tuple, layout):
+        hit = self.plans.get(key)
+        if hit is None:
+            return None
+        refs, plan = hit
+        for r, t in zip(refs, layout):
+            if r() is not t:
+                return None
+        return plan
+
+    def put(self, key: tuple, layout, plan) -> None:
+        plans = self.plans
+
+        def drop(_ref, key=key):
+            plans.pop(key, None)
+        try:
+            refs = tuple(weakref.ref(t, drop) for t in layout)
+        except TypeError:  # pragma: no cover - tensors that refuse weak references
+            return
+        if len(self.plans) >= self.size:
+            self.plans.pop(next(iter(self.plans)))
+        self.plans[key] = (refs, plan)
+
+    def clear(self) -> None:
+        self.plans.clear()
 
 
 # jit helpers ------------------------------------------------------------------------------

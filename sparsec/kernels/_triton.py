@@ -11,10 +11,13 @@ modules still import (their references work; their launchers are never called: t
   (tests use it: one compile per shape instead of one per candidate tile).
 """
 
+import contextlib
 import os
+from dataclasses import dataclass, fields
 
 __all__ = ["HAS_TRITON", "triton", "tl", "interpreting", "autotune_enabled", "cdiv",
-           "next_pow2", "on_cuda", "enabled", "no_sync_allowed", "FORCE_REFERENCE"]
+           "next_pow2", "on_cuda", "enabled", "no_sync_allowed", "FORCE_REFERENCE", "SETTINGS",
+           "Settings", "settings"]
 
 try:
     import triton
@@ -53,6 +56,63 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Set by sparsec.kernels.references_only(): launchers then run their references.
 FORCE_REFERENCE = False
+
+
+@dataclass
+class Settings:
+    """Which variants the launchers run (read from the environment at import; `settings()`
+    changes them for a block, so one process can compare variants).
+
+    - `launch` (SPARSEC_LAUNCH): "direct" — repeated launches reuse a cached plan and call
+      Triton's compiled launcher directly (`_launch.py`); "triton" — every launch goes through
+      Triton's JIT and autotuner (the first version).
+    - `attn_bwd` (SPARSEC_ATTN_BWD): the attention backward: "split" (dK/dV and dQ kernels,
+      7 products, deterministic), "atomic" (one kernel, 5 products, dQ accumulated with
+      float32 atomics), "auto" (each shape's first call times both and keeps the faster).
+    - `eager` (SPARSEC_EAGER): how `sparsec.block_sparse_attention` runs eagerly on CUDA:
+      "function" (a plain autograd.Function around the launchers) or "op" (through the custom
+      op and its registered autograd, as traced graphs do).
+    """
+
+    launch: str = "direct"
+    attn_bwd: str = "auto"
+    eager: str = "function"
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        s = cls(launch=os.environ.get("SPARSEC_LAUNCH", "direct"),
+                attn_bwd=os.environ.get("SPARSEC_ATTN_BWD", "auto"),
+                eager=os.environ.get("SPARSEC_EAGER", "function"))
+        s.check()
+        return s
+
+    def check(self) -> None:
+        allowed = {"launch": ("direct", "triton"), "attn_bwd": ("split", "atomic", "auto"),
+                   "eager": ("function", "op")}
+        for f in fields(self):
+            if getattr(self, f.name) not in allowed[f.name]:
+                from ..errors import BadInputError
+
+                raise BadInputError(f"sparsec kernel setting {f.name}="
+                                    f"{getattr(self, f.name)!r}: use one of {allowed[f.name]} "
+                                    f"(SPARSEC_{f.name.upper()})")
+
+
+SETTINGS = Settings.from_env()
+
+
+@contextlib.contextmanager
+def settings(**changes):
+    """`with settings(launch="triton", attn_bwd="split"):` runs the block with those variants."""
+    old = {k: getattr(SETTINGS, k) for k in changes}
+    for k, v in changes.items():
+        setattr(SETTINGS, k, v)
+    try:
+        SETTINGS.check()
+        yield SETTINGS
+    finally:
+        for k, v in old.items():
+            setattr(SETTINGS, k, v)
 
 
 def enabled() -> bool:

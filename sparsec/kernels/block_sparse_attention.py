@@ -30,8 +30,10 @@ from ._attention_common import (
     load_rows,
     mask_args,
     mma,
+    plan_key,
 )
-from ._triton import HAS_TRITON, autotune_enabled, cdiv, next_pow2, tl, triton
+from ._launch import first_launch
+from ._triton import HAS_TRITON, autotune_enabled, cdiv, next_pow2, no_sync_allowed, tl, triton
 
 __all__ = ["HAS_TRITON", "block_sparse_attention_ref", "block_sparse_attention_backward_ref",
            "block_sparse_attention", "block_sparse_attention_backward", "forward_config",
@@ -197,15 +199,36 @@ if HAS_TRITON:
 
 
 # launcher ---------------------------------------------------------------------------------
+_PLANS = _ac.PlanCache()
+
+
+def _direct_call(q, k, v, layout, attn_mask, scale, causal, block_q, block_kv):
+    """(key, plan): the stored launch for these arguments (plan None on a miss)."""
+    key = plan_key("fwd", (q, k, v), layout, attn_mask,
+                   (float(scale), bool(causal), block_q, block_kv))
+    return key, _PLANS.get(key, layout)
+
+
 def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks,
                            full_kv_indices, attn_mask, scale, causal, block_q, block_kv,
                            *, config=None):
     """(out [B, Hq, L, Dv], lse [B, Hq, L]): the op `sparsec::block_sparse_attention` on the
     Triton kernel. Inputs the kernel does not take (float64, odd blocks, CPU tensors outside
     the interpreter) run the gathered-block reference. `config` pins a tile
-    (a `triton.Config`), bypassing autotuning."""
-    args = (q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-            attn_mask, scale, causal, block_q, block_kv)
+    (a `triton.Config`), bypassing autotuning. A repeated call (same layout tensors, shapes,
+    strides, dtypes) reuses its stored launch plan (`_launch.py`)."""
+    layout = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
+    key = None
+    device = _ac.launch_device(q) if config is None else None
+    if device is not None:
+        key, plan = _direct_call(q, k, v, layout, attn_mask, scale, causal, block_q, block_kv)
+        if plan is not None:
+            B, H, L = q.shape[:3]
+            out = _ac.empty(B, H, L, v.shape[-1], dtype=q.dtype, device=q.device)
+            lse = _ac.empty(B, H, L, dtype=torch.float32, device=q.device)
+            plan(q, k, v, out, lse, q if attn_mask is None else attn_mask)
+            return out, lse
+    args = (q, k, v, *layout, attn_mask, scale, causal, block_q, block_kv)
     if kernel_supports(q, k, v, block_q, block_kv) is not None:
         return block_sparse_attention_gathered(*args)
     B, H, L, D = q.shape
@@ -225,15 +248,21 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_block
                 CAUSAL=bool(causal), MASK_KIND=kind, FP32=q.dtype == torch.float32,
                 L_KEY=next_pow2(L))
     if config is None and autotune_enabled():
+        kernel = _bsa_fwd_tuned
+
         def grid(m):
             return (cdiv(L, m["BLOCK_M"]), B * H)
-        _bsa_fwd_tuned[grid](*common, **meta)
     else:
         cfg = config or forward_config(block_q, block_kv, max(bd, bdv))
-        bm = cfg.kwargs["BLOCK_M"]
-        _bsa_fwd_kernel[(cdiv(L, bm), B * H)](*common, **meta, **cfg.kwargs,
-                                              num_warps=cfg.num_warps,
-                                              num_stages=cfg.num_stages)
+        kernel = _bsa_fwd_kernel
+        grid = (cdiv(L, cfg.kwargs["BLOCK_M"]), B * H)
+        meta.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if key is None or no_sync_allowed():  # a plan made under capture would pin its tile
+        kernel[grid](*common, **meta)
+    else:
+        plan = first_launch(kernel, grid, common, meta, (0, 1, 2, 3, 4, 9), device)
+        if plan is not None:
+            _PLANS.put(key, layout, plan)
     return out, lse
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ..ops.attention_reference import block_sparse_attention_backward_ref
 from . import _attention_common as _ac
+from . import _triton
 from ._attention_common import (
     LOG2E,
     head_block,
@@ -25,17 +26,23 @@ from ._attention_common import (
     load_rows,
     mask_args,
     mma,
+    plan_key,
     transposed_layout,
 )
-from ._triton import HAS_TRITON, autotune_enabled, cdiv, next_pow2, tl, triton
+from ._launch import first_launch
+from ._triton import HAS_TRITON, autotune_enabled, cdiv, next_pow2, no_sync_allowed, tl, triton
 
 __all__ = ["block_sparse_attention_backward", "dkdv_config", "dq_config", "DKDV_CONFIGS",
-           "DQ_CONFIGS"]
+           "DQ_CONFIGS", "ATOMIC_CONFIGS"]
 
 
 @triton.jit
-def _bwd_preprocess_kernel(Out, DO, Delta, L, H, sob, soh, som, sod, sdb, sdh, sdm, sdd,
-                           DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bwd_preprocess_kernel(Out, DO, Delta, DQA, L, H, sob, soh, som, sod, sdb, sdh, sdm, sdd,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
+                           BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                           ZERO_DQ: tl.constexpr):
+    """delta = rowsum(dO·O); with ZERO_DQ also zeroes the rows of the float32 dQ
+    accumulator the atomic backward adds into (one launch instead of a memset)."""
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -45,6 +52,20 @@ def _bwd_preprocess_kernel(Out, DO, Delta, L, H, sob, soh, som, sod, sdb, sdh, s
     do = load_rows(DO + b * sdb + h * sdh, offs_m, L, offs_d, sdm, sdd, DV, BLOCK_DV, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + bh.to(tl.int64) * L + offs_m, delta, mask=offs_m < L)
+    if ZERO_DQ:
+        cols = tl.arange(0, BLOCK_D)
+        rows = bh.to(tl.int64) * L + offs_m
+        tl.store(DQA + rows[:, None] * D + cols[None, :],
+                 tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
+                 mask=(offs_m[:, None] < L) & (cols[None, :] < D))
+
+
+@triton.jit
+def _dq_convert_kernel(DQA, DQ, n, scale, BLOCK: tl.constexpr):
+    """dq = scale · dq_acc in dq's dtype (the atomic backward's last step)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(DQA + offs, mask=offs < n, other=0.0)
+    tl.store(DQ + offs, (x * scale).to(DQ.dtype.element_ty), mask=offs < n)
 
 
 @triton.jit
@@ -56,13 +77,14 @@ def _load_lse2(Lse_row, offs, L):
 
 # dK, dV -----------------------------------------------------------------------------------
 @triton.jit
-def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, start, end,
-               qblocks, n0, offs_n, L, S, qk_scale, sqm, sqd, sdm, sdd, smm, smn,
+def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, dqa_row, start,
+               end, qblocks, n0, offs_n, L, S, qk_scale, sqm, sqd, sdm, sdd, smm, smn,
                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-               FP32: tl.constexpr, PARTIAL: tl.constexpr):
-    """Accumulate dk, dv of one key tile over the query blocks qblocks[start:end]."""
+               FP32: tl.constexpr, PARTIAL: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """Accumulate dk, dv of one key tile over the query blocks qblocks[start:end]; with
+    ATOMIC_DQ also add dS·K of every pair into the float32 dQ rows (unscaled)."""
     SUBS: tl.constexpr = BLOCK_Q // BLOCK_M
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -96,20 +118,28 @@ def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, sta
             delta = tl.load(delta_row + offs_m, mask=offs_m < L, other=0.0)
             dv = mma(pt.to(do.dtype), do, dv, FP32)
             dpt = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32)
-            dst = pt * (dpt - delta[None, :])
-            dk = mma(dst.to(q.dtype), q, dk, FP32)
+            dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+            dk = mma(dst, q, dk, FP32)
+            if ATOMIC_DQ:  # dS·K for these query rows, added to the shared accumulator
+                dq = mma(tl.trans(dst), k, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
+                         FP32)
+                tl.atomic_add(dqa_row + offs_m[:, None].to(tl.int64) * D + offs_d[None, :], dq,
+                              mask=(offs_m[:, None] < L) & (offs_d[None, :] < D),
+                              sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, PPtr, PQb, FPtr, FQb, Mask,
+def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, DQA, PPtr, PQb, FPtr, FQb, Mask,
                      qk_scale, sm_scale, L, S, H, G, HKV, NKV, row_b, row_h,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      sdb, sdh, sdm, sdd, smb, smh, smm, smn,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                      CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
-                     L_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     ATOMIC_DQ: tl.constexpr, L_KEY, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    # program 0 is key block 0, which a causal layout lists most: heaviest tiles go first
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // HKV
@@ -134,16 +164,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, PPtr, PQb, FPtr, FQb, Mas
         row_off = (b64 * H + h64) * L
         mask_base = Mask + b64 * smb + h64 * smh
         row = b * row_b + h * row_h + kvb
+        dqa_row = DQA + row_off * D
         dk, dv = _dkdv_list(dk, dv, k, v, q_base, do_base, Lse + row_off, Delta + row_off,
-                            mask_base, tl.load(FPtr + row), tl.load(FPtr + row + 1), FQb,
-                            n0, offs_n, L, S, qk_scale, sqm, sqd, sdm, sdd, smm, smn, D, DV,
-                            BLOCK_D, BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32,
-                            False)
+                            mask_base, dqa_row, tl.load(FPtr + row), tl.load(FPtr + row + 1),
+                            FQb, n0, offs_n, L, S, qk_scale, sqm, sqd, sdm, sdd, smm, smn, D,
+                            DV, BLOCK_D, BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND,
+                            FP32, False, ATOMIC_DQ)
         dk, dv = _dkdv_list(dk, dv, k, v, q_base, do_base, Lse + row_off, Delta + row_off,
-                            mask_base, tl.load(PPtr + row), tl.load(PPtr + row + 1), PQb,
-                            n0, offs_n, L, S, qk_scale, sqm, sqd, sdm, sdd, smm, smn, D, DV,
-                            BLOCK_D, BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32,
-                            True)
+                            mask_base, dqa_row, tl.load(PPtr + row), tl.load(PPtr + row + 1),
+                            PQb, n0, offs_n, L, S, qk_scale, sqm, sqd, sdm, sdd, smm, smn, D,
+                            DV, BLOCK_D, BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND,
+                            FP32, True, ATOMIC_DQ)
     dk = dk * sm_scale
     out_row = (b64 * HKV + hk.to(tl.int64)) * S
     tl.store(DK + (out_row + offs_n[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -254,11 +285,20 @@ def _configs(shapes):
 
 
 # dK/dV: BLOCK_N key rows stay resident, BLOCK_M query rows stream; dQ: the reverse.
-# dK/dV holds two fp32 accumulators of BLOCK_N x head dim: 8 warps where they are large
-# ((64, 128, 8) and (64, 64, 4) spill at head dim 128 with Triton 3.6: tools/kernel_report.py)
-DKDV_CONFIGS = _configs(((32, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3),
-                         (32, 64, 4, 3), (16, 64, 4, 3), (32, 32, 4, 3), (16, 16, 2, 3))
+# dK/dV holds two fp32 accumulators of BLOCK_N x head dim: 8 warps where they are large.
+# (64, 128, 8 warps) — FlexAttention's sm90 tile — spills 72 bytes at head dim 128 with
+# Triton 3.6 (tools/kernel_report.py); it is a candidate all the same: on the GPU the
+# autotuner, not the register count, decides whether its wider products pay for the spill.
+DKDV_CONFIGS = _configs(((64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2),
+                         (64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3),
+                         (32, 32, 4, 3), (16, 16, 2, 3))
                         ) if HAS_TRITON else []
+# the atomic variant's dK/dV kernel also holds a [BLOCK_M, head dim] float32 dQ tile: at head
+# dim 128 (64, 64, 8) and (32, 64, 4) spill with Triton 3.6 (kernel_report.py) and are left
+# out; (64, 128, 8, 2) spills 128 bytes and stays, as in DKDV_CONFIGS
+ATOMIC_CONFIGS = _configs(((64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3),
+                           (16, 64, 4, 3), (32, 32, 4, 3), (16, 16, 2, 3))
+                          ) if HAS_TRITON else []
 DQ_CONFIGS = _configs(((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
                        (64, 32, 4, 3), (64, 16, 4, 3), (32, 32, 4, 3), (16, 16, 2, 3))
                       ) if HAS_TRITON else []
@@ -297,67 +337,194 @@ if HAS_TRITON:
     _dkdv_tuned = triton.autotune(configs=DKDV_CONFIGS, key=_KEY,
                                   prune_configs_by={"early_config_prune": _prune}
                                   )(_bwd_dkdv_kernel)
+    # the atomic variant adds into the dQ accumulator: every timed run starts from zero
+    _dkdv_tuned_atomic = triton.autotune(configs=ATOMIC_CONFIGS, key=_KEY,
+                                         prune_configs_by={"early_config_prune": _prune},
+                                         reset_to_zero=["DQA"])(_bwd_dkdv_kernel)
     _dq_tuned = triton.autotune(configs=DQ_CONFIGS, key=_KEY,
                                 prune_configs_by={"early_config_prune": _prune})(_bwd_dq_kernel)
 
 
-def _launch(kernel, tuned, pinned, rows, rows_meta, bh, common, meta):
-    """Run `kernel` with a pinned tile, or its autotuned twin; `rows_meta` names the tile
-    size the grid's first axis is counted in."""
-    if pinned is None:
-        tuned[lambda m: (cdiv(rows, m[rows_meta]), bh)](*common, **meta)
-        return
-    kernel[(cdiv(rows, pinned.kwargs[rows_meta]), bh)](
-        *common, **meta, **pinned.kwargs, num_warps=pinned.num_warps,
-        num_stages=pinned.num_stages)
-
-
 # launcher ---------------------------------------------------------------------------------
+_PLANS = _ac.PlanCache()
+_VARIANTS = ("split", "atomic")
+
+
+class _Backward:
+    """One backward call: its tensors by name, the arguments both variants share, and the
+    launches. With `record` a list, each launch goes through `first_launch` and is appended
+    (with the names of the tensors that change per call) so the plan can replay it."""
+
+    def __init__(self, t, layout, attn_mask, scale, causal, block_q, block_kv, configs, record,
+                 device):
+        q, k, v = t["q"], t["k"], t["v"]
+        B, H, L, D = q.shape
+        hkv, S, DV = k.shape[1], k.shape[2], v.shape[-1]
+        self.t, self.record, self.device, self.configs = t, record, device, configs
+        self.shape = (B, H, L, D, hkv, S, DV)
+        self.bd, self.bdv = head_block(D), head_block(DV)
+        self.mask_name = "q" if attn_mask is None else "mask"
+        _, self.mstr, kind = mask_args(attn_mask, B, H, L, S, q)
+        self.meta = dict(D=D, DV=DV, BLOCK_D=self.bd, BLOCK_DV=self.bdv, BLOCK_Q=block_q,
+                         BLOCK_KV=block_kv, CAUSAL=bool(causal), MASK_KIND=kind,
+                         FP32=q.dtype == torch.float32, L_KEY=next_pow2(L))
+        self.scale, self.qk_scale = float(scale), float(scale) * LOG2E
+        self.blocks = (block_q, block_kv)
+        self.nkv = cdiv(S, block_kv)
+        num, idx, fnum, fidx = layout
+        self.transposed = transposed_layout(num, idx, fnum, fidx, self.nkv)
+        bl, hl = num.shape[:2]
+        self.rows = (hl * self.nkv if bl > 1 else 0, self.nkv if hl > 1 else 0)
+        self.lists = (*layout_args(num, idx, B, H), *layout_args(fnum, fidx, B, H))
+
+    def go(self, kernel, grid, args, meta):
+        """Launch; arguments given as strings are the named per-call tensors."""
+        real = tuple(self.t[a] if isinstance(a, str) else a for a in args)
+        if self.record is None:
+            kernel[grid](*real, **meta)
+            return
+        slots = tuple(i for i, a in enumerate(args) if isinstance(a, str))
+        launch = first_launch(kernel, grid, real, meta, slots, self.device)
+        self.record.append((launch, tuple(a for a in args if isinstance(a, str))))
+
+    def pinned(self, which):
+        """The pinned tile of the dK/dV (0) or dQ (1) kernel, or None to autotune."""
+        if self.configs is not None:
+            return self.configs[which]
+        if autotune_enabled():
+            return None
+        bq, bkv = self.blocks
+        d = max(self.bd, self.bdv)
+        return dkdv_config(bq, bkv, d) if which == 0 else dq_config(bq, bkv, d)
+
+    def kernel(self, plain, tuned, pinned, rows, rows_meta, bh, args, atomic=None):
+        meta = dict(self.meta) if atomic is None else dict(self.meta, ATOMIC_DQ=atomic)
+        if pinned is None:
+            self.go(tuned, lambda m: (cdiv(rows, m[rows_meta]), bh), args, meta)
+        else:
+            meta.update(pinned.kwargs, num_warps=pinned.num_warps, num_stages=pinned.num_stages)
+            self.go(plain, (cdiv(rows, pinned.kwargs[rows_meta]), bh), args, meta)
+
+    def run(self, variant):
+        B, H, L, D, hkv, S, DV = self.shape
+        t = self.t
+        atomic = variant == "atomic"
+        self.go(_bwd_preprocess_kernel, (cdiv(L, 64), B * H),
+                ("out", "go", "delta", "dqa" if atomic else "delta", L, H,
+                 *t["out"].stride(), *t["go"].stride()),
+                dict(D=D, BLOCK_D=self.bd, DV=DV, BLOCK_DV=self.bdv, BLOCK_M=64,
+                     ZERO_DQ=atomic))
+        p_ptr, p_qb, f_ptr, f_qb = self.transposed
+        args = ("q", "k", "v", "go", "lse", "delta", "dk", "dv", "dqa" if atomic else "q",
+                p_ptr, p_qb, f_ptr, f_qb, self.mask_name, self.qk_scale, self.scale, L, S, H,
+                H // hkv, hkv, self.nkv, *self.rows, *t["q"].stride(), *t["k"].stride(),
+                *t["v"].stride(), *t["go"].stride(), *self.mstr)
+        self.kernel(_bwd_dkdv_kernel, _dkdv_tuned_atomic if atomic else _dkdv_tuned,
+                    self.pinned(0), S, "BLOCK_N", B * hkv, args, atomic)
+        if atomic:
+            n = B * H * L * D
+            self.go(_dq_convert_kernel, (cdiv(n, 1024),), ("dqa", "dq", n, self.scale),
+                    dict(BLOCK=1024))
+            return
+        num, idx, pstr, fnum, fidx, fstr = self.lists
+        args = ("q", "k", "v", "go", "lse", "delta", "dq", num, idx, fnum, fidx, self.mask_name,
+                self.qk_scale, self.scale, L, S, H, H // hkv, *t["q"].stride(),
+                *t["k"].stride(), *t["v"].stride(), *t["go"].stride(), *pstr, *fstr,
+                *self.mstr)
+        self.kernel(_bwd_dq_kernel, _dq_tuned, self.pinned(1), L, "BLOCK_M", B * H, args)
+
+
+def _outputs(t, variant) -> dict:
+    """Allocate the call's outputs and scratch into the tensor dict `t`."""
+    q, k, v = t["q"], t["k"], t["v"]
+    B, H, L, D = q.shape
+    t["dq"] = _ac.empty(B, H, L, D, dtype=q.dtype, device=q.device)
+    t["dk"] = _ac.empty(*k.shape, dtype=k.dtype, device=k.device)
+    t["dv"] = _ac.empty(*v.shape, dtype=v.dtype, device=v.device)
+    t["delta"] = _ac.empty(B, H, L, dtype=torch.float32, device=q.device)
+    if variant == "atomic":
+        t["dqa"] = torch.empty(B, H, L, D, dtype=torch.float32, device=q.device)
+    return t
+
+
+def _time_variant(call, reps: int = 5) -> float:
+    """Median device time of `call()` in ms (the call is warm: compiled and tuned)."""
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+_CHOICES: dict[tuple, str] = {}
+
+
+def _choose(tensors, args) -> str:
+    """'split' or 'atomic', whichever runs this shape faster (both compiled and tuned first),
+    decided once per shapes, dtype, blocks, causality, mask kind and layout list widths
+    (not per layout: a selector's new layout every step must not time again); without
+    device timing (graph capture, sync debugging) 'split'."""
+    q, k, v = tensors["q"], tensors["k"], tensors["v"]
+    layout, mask = args[0], args[1]
+    key = (q.shape, k.shape, v.shape, q.dtype, q.device, *args[3:6],
+           None if mask is None else (mask.dtype, mask.shape), *(t.shape for t in layout))
+    if key in _CHOICES:
+        return _CHOICES[key]
+    if not q.is_cuda or no_sync_allowed():
+        return "split"
+    times = {}
+    for variant in _VARIANTS:
+        def call(variant=variant):
+            _Backward(_outputs(dict(tensors), variant), *args, None, None).run(variant)
+        call()
+        times[variant] = _time_variant(call)
+    _CHOICES[key] = min(times, key=times.get)
+    return _CHOICES[key]
+
+
 def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices,
                                     full_kv_num_blocks, full_kv_indices, attn_mask, scale,
-                                    causal, block_q, block_kv, *, configs=None):
+                                    causal, block_q, block_kv, *, configs=None, variant=None):
     """(dq, dk, dv), contiguous, for `sparsec::block_sparse_attention_backward`. `configs`
-    = (dkdv config, dq config) pins the tiles, bypassing autotuning."""
-    args = (grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
-            full_kv_indices, attn_mask, scale, causal, block_q, block_kv)
+    = (dkdv config, dq config) pins the tiles, bypassing autotuning; `variant` "split" or
+    "atomic" overrides `SETTINGS.attn_bwd` (the atomic variant runs the dK/dV kernel with
+    atomic dQ; its pinned tile is configs[0]). A repeated call reuses its stored plan."""
+    layout = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
+    variant = variant or _triton.SETTINGS.attn_bwd
+    device = _ac.launch_device(q) if configs is None else None
+    key = None
+    if device is not None:
+        key = plan_key("bwd", (grad_out, q, k, v, out, lse), layout, attn_mask,
+                       (float(scale), bool(causal), block_q, block_kv, variant))
+        plan = _PLANS.get(key, layout)
+        if plan is not None:
+            chosen, launches = plan
+            t = _outputs(dict(go=grad_out, q=q, k=k, v=v, out=out, lse=lse.float().contiguous(),
+                              mask=attn_mask), chosen)
+            for launch, names in launches:
+                launch(*(t[n] for n in names))
+            return t["dq"], t["dk"], t["dv"]
+    args = (grad_out, q, k, v, out, lse, *layout, attn_mask, scale, causal, block_q, block_kv)
     if kernel_supports(q, k, v, block_q, block_kv) is not None:
         return block_sparse_attention_backward_ref(*args)
-    B, H, L, D = q.shape
-    hkv, S, DV = k.shape[1], k.shape[2], v.shape[-1]
-    dq = _ac.empty(B, H, L, D, dtype=q.dtype, device=q.device)
-    dk = _ac.empty(B, hkv, S, D, dtype=k.dtype, device=k.device)
-    dv = _ac.empty(B, hkv, S, DV, dtype=v.dtype, device=v.device)
-    if B * H == 0 or S == 0 or L == 0:
-        return dq, dk.zero_(), dv.zero_()
-    bd, bdv = head_block(D), head_block(DV)
-    lse = lse.float().contiguous()
-    delta = _ac.empty(B, H, L, dtype=torch.float32, device=q.device)
-    _bwd_preprocess_kernel[(cdiv(L, 64), B * H)](
-        out, grad_out, delta, L, H, *out.stride(), *grad_out.stride(), DV=DV, BLOCK_DV=bdv,
-        BLOCK_M=64)
-    mask, mstr, kind = mask_args(attn_mask, B, H, L, S, q)
-    meta = dict(D=D, DV=DV, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_Q=block_q, BLOCK_KV=block_kv,
-                CAUSAL=bool(causal), MASK_KIND=kind, FP32=q.dtype == torch.float32,
-                L_KEY=next_pow2(L))
-    qk_scale = float(scale) * LOG2E
-    nkv = cdiv(S, block_kv)
-    p_ptr, p_qb, f_ptr, f_qb = transposed_layout(kv_num_blocks, kv_indices, full_kv_num_blocks,
-                                                 full_kv_indices, nkv)
-    bl, hl = kv_num_blocks.shape[:2]
-    row_b = hl * nkv if bl > 1 else 0
-    row_h = nkv if hl > 1 else 0
-    dkdv_cfg, dq_cfg = configs or (None, None)
-    if configs is None and not autotune_enabled():
-        dkdv_cfg = dkdv_config(block_q, block_kv, max(bd, bdv))
-        dq_cfg = dq_config(block_q, block_kv, max(bd, bdv))
-    common = (q, k, v, grad_out, lse, delta, dk, dv, p_ptr, p_qb, f_ptr, f_qb, mask, qk_scale,
-              float(scale), L, S, H, H // hkv, hkv, nkv, row_b, row_h, *q.stride(),
-              *k.stride(), *v.stride(), *grad_out.stride(), *mstr)
-    _launch(_bwd_dkdv_kernel, _dkdv_tuned, dkdv_cfg, S, "BLOCK_N", B * hkv, common, meta)
-    num, idx, pstr = layout_args(kv_num_blocks, kv_indices, B, H)
-    fnum, fidx, fstr = layout_args(full_kv_num_blocks, full_kv_indices, B, H)
-    common = (q, k, v, grad_out, lse, delta, dq, num, idx, fnum, fidx, mask, qk_scale,
-              float(scale), L, S, H, H // hkv, *q.stride(), *k.stride(), *v.stride(),
-              *grad_out.stride(), *pstr, *fstr, *mstr)
-    _launch(_bwd_dq_kernel, _dq_tuned, dq_cfg, L, "BLOCK_M", B * H, common, meta)
-    return dq, dk, dv
+    tensors = dict(go=grad_out, q=q, k=k, v=v, out=out, lse=lse.float().contiguous(),
+                   mask=attn_mask)
+    B, H, L, _ = q.shape
+    if B * H == 0 or k.shape[2] == 0 or L == 0:
+        t = _outputs(tensors, "split")
+        return t["dq"], t["dk"].zero_(), t["dv"].zero_()
+    rest = (layout, attn_mask, scale, causal, block_q, block_kv, configs)
+    if variant == "auto":
+        variant = _choose(tensors, rest)
+    if variant not in _VARIANTS:
+        raise ValueError(f"backward variant {variant!r}: use one of {_VARIANTS} or 'auto'")
+    record = [] if key is not None and not no_sync_allowed() else None
+    t = _outputs(tensors, variant)
+    _Backward(t, *rest, record, device).run(variant)
+    if record is not None and all(launch is not None for launch, _ in record):
+        _PLANS.put(key, layout, (variant, record))
+    return t["dq"], t["dk"], t["dv"]

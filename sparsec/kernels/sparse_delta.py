@@ -8,14 +8,20 @@ dW = gradᵀ·x (grad [T, out], x [T, in]): only k of the out·in entries. Two w
   entries, one program each. A chunk spans few rows of W (its entries are sorted), so the
   program loads grad in [tokens × RW rows] windows (coalesced), picks each entry's grad column
   out of the window with a one-hot matrix product (exact: one non-zero term per output) and
-  multiplies it with the entry's row of xᵀ, accumulating over all tokens in float32. grad and
-  xᵀ are read about once each from memory: the cost grows with k·T, not out·in·T.
+  multiplies it with the entry's row of xᵀ, accumulating in float32. The token sum is cut
+  into ranges (`token_splits`: ~4 programs per SM however few chunks there are) that run one
+  after another along the grid's slow axis, so the xᵀ rows several chunks share are re-read
+  from L2 within a range; float32 partial sums are added by `_reduce_kernel`. grad and xᵀ are
+  read about once each from memory: the cost grows with k·T, not out·in·T.
 - **dense**: dW = gradᵀ·x through cuBLAS, then a gather.
 
 The dense product costs 2·T·out·in FLOPs whatever k is; the sampled one moves ~(k + out)·T
 elements. `choose_method` picks per call: the first call for a (shape, dtype, density bucket)
-on CUDA times both on the real inputs and caches the faster (the measured crossover, used
-automatically); under graph capture or without a GPU a cost model decides.
+on CUDA times both on the real inputs and caches the choice (the measured crossover, used
+automatically); under graph capture or without a GPU a cost model decides. The timing takes
+the median of 7 interleaved runs of each with L2 flushed before each, and picks sampled only
+where it is 10% faster (`MARGIN`): dense is the safe side, and near the crossover the two
+are too close for noise to decide.
 SPARSEC_SAMPLED_GRAD=sampled|dense forces one.
 
 The forward y = x(W + Δ)ᵀ stays "materialize W + Δ, then one dense GEMM" (the op's
@@ -32,7 +38,8 @@ from ._attention_common import mma
 from ._triton import HAS_TRITON, cdiv, next_pow2, no_sync_allowed, on_cuda, tl, triton
 
 __all__ = ["HAS_TRITON", "sparse_delta_ref", "sampled_grad_ref", "sampled_grad",
-           "sampled_grad_sampled", "sampled_grad_dense", "choose_method", "transpose"]
+           "sampled_grad_sampled", "sampled_grad_dense", "choose_method", "transpose",
+           "token_splits", "MARGIN"]
 
 
 # references -------------------------------------------------------------------------------
@@ -84,9 +91,14 @@ def _window_dot(acc, G, xs, r, w0, t, T, OUT, sgt, sgo, E: tl.constexpr, RW: tl.
 
 
 @triton.jit
-def _sampled_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo,
+def _sampled_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, t_per,
                     E: tl.constexpr, RW: tl.constexpr, TT: tl.constexpr, FP32: tl.constexpr):
+    """Program (chunk, split): the chunk's E entries over tokens [split·t_per, +t_per);
+    one split writes the result, several write float32 partial sums (row `split` of Out)."""
     e = tl.program_id(0) * E + tl.arange(0, E)
+    t_lo = tl.program_id(1) * t_per
+    t_hi = tl.minimum(t_lo + t_per, T)
+    Out += tl.program_id(1).to(tl.int64) * K
     live = e < K
     flat = tl.load(Idx + e, mask=live, other=0).to(tl.int64)
     r = flat // IN
@@ -97,18 +109,30 @@ def _sampled_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo,
     acc = tl.zeros([E], dtype=tl.float32)
     x_rows = XT + c[:, None] * T
     if n_win == 1:  # the common case: one window, a loop the compiler can pipeline
-        for t0 in range(0, T, TT):
+        for t0 in range(t_lo, t_hi, TT):
             t = t0 + tl.arange(0, TT)
-            xs = tl.load(x_rows + t[None, :], mask=live[:, None] & (t[None, :] < T), other=0.0)
-            acc = _window_dot(acc, G, xs, r, r_lo, t, T, OUT, sgt, sgo, E, RW, TT, FP32)
+            xs = tl.load(x_rows + t[None, :], mask=live[:, None] & (t[None, :] < t_hi),
+                         other=0.0)
+            acc = _window_dot(acc, G, xs, r, r_lo, t, t_hi, OUT, sgt, sgo, E, RW, TT, FP32)
     else:
-        for t0 in range(0, T, TT):
+        for t0 in range(t_lo, t_hi, TT):
             t = t0 + tl.arange(0, TT)
-            xs = tl.load(x_rows + t[None, :], mask=live[:, None] & (t[None, :] < T), other=0.0)
+            xs = tl.load(x_rows + t[None, :], mask=live[:, None] & (t[None, :] < t_hi),
+                         other=0.0)
             for w in range(0, n_win):
-                acc = _window_dot(acc, G, xs, r, r_lo + w * RW, t, T, OUT, sgt, sgo, E, RW, TT,
-                                  FP32)
+                acc = _window_dot(acc, G, xs, r, r_lo + w * RW, t, t_hi, OUT, sgt, sgo, E, RW,
+                                  TT, FP32)
     tl.store(Out + e, acc.to(Out.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _reduce_kernel(Part, Out, K, SPLITS, BLOCK: tl.constexpr):
+    """Out[e] = Σ_s Part[s, e] (float32 partial sums of the token splits), in Out's dtype."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(Part + s * K + e, mask=e < K, other=0.0)
+    tl.store(Out + e, acc.to(Out.dtype.element_ty), mask=e < K)
 
 
 # launchers --------------------------------------------------------------------------------
@@ -136,10 +160,35 @@ def tiles(k: int, out_features: int) -> tuple[int, int]:
     return entries, int(min(128, max(16, next_pow2(int(span * 1.25) + 1))))
 
 
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 8
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device]
+
+
+def token_splits(chunks: int, T: int, device, tokens: int = 64) -> int:
+    """How many token ranges to cut the sum into: enough programs for ~4 per SM (few
+    chunks at low density would leave most of the GPU idle), each range at least 8 token
+    tiles long. Programs of one range run together (the grid's slow axis), so the rows of xᵀ
+    that several chunks read are re-read from L2 within a range."""
+    want = -(-4 * _sm_count(device) // max(chunks, 1))
+    return max(1, min(want, T // (8 * tokens)))
+
+
 def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
                          in_features: int, *, entries: int | None = None,
-                         window: int | None = None, tokens: int = 64) -> torch.Tensor:
-    """The sampled path (see the module docstring); output in grad's dtype."""
+                         window: int | None = None, tokens: int = 64,
+                         splits: int | None = None, warps: int = 8) -> torch.Tensor:
+    """The sampled path (see the module docstring); output in grad's dtype. `splits` token
+    ranges (default `token_splits`; 1 = the first version: every program runs over all
+    tokens) are summed by `_reduce_kernel`. 8 warps: 119 registers per thread on sm_90 where
+    4 warps need 222 (tools/kernel_report.py), twice the warps per SM to hide the loads'
+    latency (the first version: 4)."""
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     T, out_f = g2.shape
@@ -152,9 +201,18 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
     xt = transpose(x2)
     e, rw = tiles(k, out_f)
     e, rw = entries or e, window or rw
-    _sampled_kernel[(cdiv(k, e),)](
-        g2, xt, indices.contiguous(), out, k, T, in_features, out_f, *g2.stride(), E=e, RW=rw,
-        TT=tokens, FP32=grad.dtype == torch.float32, num_warps=4, num_stages=3)
+    chunks = cdiv(k, e)
+    n_split = splits or token_splits(chunks, T, grad.device, tokens)
+    t_per = cdiv(cdiv(T, n_split), tokens) * tokens
+    n_split = cdiv(T, t_per)
+    part = out if n_split == 1 else \
+        torch.empty(n_split, k, dtype=torch.float32, device=grad.device)
+    _sampled_kernel[(chunks, n_split)](
+        g2, xt, indices.contiguous(), part, k, T, in_features, out_f, *g2.stride(), t_per,
+        E=e, RW=rw, TT=tokens, FP32=grad.dtype == torch.float32, num_warps=warps,
+        num_stages=3)
+    if n_split > 1:
+        _reduce_kernel[(cdiv(k, 1024),)](part, out, k, n_split, BLOCK=1024)
     return out
 
 
@@ -186,18 +244,32 @@ def _model(T: int, out_f: int, in_f: int, k: int, itemsize: int) -> str:
     return "sampled" if sampled < dense else "dense"
 
 
-def _time(fn, reps: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+def _median_ms(fns: dict, device, reps: int = 7) -> dict:
+    """Median device ms of each function, runs interleaved (A, B, A, B, ...) so drifts in
+    clock and temperature hit both alike, with L2 flushed before each (a 128 MB buffer
+    overwritten, as triton.testing.do_bench does): each run starts from DRAM like a training
+    step that ran other layers in between. The buffer lives only while timing."""
+    flush = torch.empty(32 << 20, dtype=torch.int32, device=device)
+    for fn in fns.values():
         fn()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end))
-    return best
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            flush.zero_()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+# The sampled path is taken only when its median is this much below dense: dense dW + gather
+# is the safe side (never worse than the baseline by construction), and a margin keeps
+# neighbouring densities from flipping on noise when the two are close.
+MARGIN = 0.9
 
 
 def choose_method(grad, x, indices, in_features) -> str:
@@ -213,9 +285,10 @@ def choose_method(grad, x, indices, in_features) -> str:
                    grad.element_size())
     if not grad.is_cuda or no_sync_allowed():  # timing needs device syncs
         return guess
-    t_sampled = _time(lambda: sampled_grad_sampled(grad, x, indices, in_features))
-    t_dense = _time(lambda: sampled_grad_dense(grad, x, indices, in_features))
-    _DECISIONS[key] = "sampled" if t_sampled <= t_dense else "dense"
+    t = _median_ms({"sampled": lambda: sampled_grad_sampled(grad, x, indices, in_features),
+                    "dense": lambda: sampled_grad_dense(grad, x, indices, in_features)},
+                   grad.device)
+    _DECISIONS[key] = "sampled" if t["sampled"] < MARGIN * t["dense"] else "dense"
     return _DECISIONS[key]
 
 

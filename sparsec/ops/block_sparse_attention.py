@@ -16,7 +16,10 @@ through `sparsec::block_sparse_attention_backward`, itself an op, so a joint gra
 Dispatch: on CUDA with a Triton kernel module `sparsec.kernels.block_sparse_attention`
 present, its `block_sparse_attention` / `block_sparse_attention_backward` launchers (same
 arguments as the ops) run; otherwise the forward runs the gathered-block path (only kept blocks
-are computed) and the backward the reference formulas.
+are computed) and the backward the reference formulas. Eager calls of
+`block_sparse_attention()` on plain CUDA tensors (no tracing, compiling, functorch transform or
+dispatch mode) run the same launchers under a plain autograd.Function, skipping the custom
+op's dispatch (SPARSEC_EAGER=op keeps them on the op).
 """
 
 from __future__ import annotations
@@ -129,6 +132,53 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, num: Tensor, block_q: int) ->
                          f"{math.ceil(q.shape[2] / block_q)} of {block_q}")
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The op's forward and backward launchers under a plain autograd.Function: eager calls
+    on CUDA skip the custom op's dispatch and autograd wrapper (tens of microseconds per call,
+    which at short lengths is as long as the kernel). Same launchers, same numbers; traced,
+    compiled and subclass-tensor calls keep going through the op."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, num, idx, fnum, fidx, mask, scale, causal, block_q, block_kv):
+        mod = kernel_module()
+        out, lse = mod.block_sparse_attention(q, k, v, num, idx, fnum, fidx, mask, scale,
+                                              causal, block_q, block_kv)
+        ctx.save_for_backward(q, k, v, out, lse, num, idx, fnum, fidx, mask)
+        ctx.options = (scale, causal, block_q, block_kv)
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # lse has no gradient: no zero tensor for it
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, num, idx, fnum, fidx, mask = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = kernel_module().block_sparse_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, num, idx, fnum, fidx, mask,
+            *ctx.options)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def _eager_kernels(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+    """True where `_EagerAttention` may stand in for the op: plain CUDA tensors, no tracing,
+    compiling, functorch transform or dispatch mode (those must see the op), the kernels
+    present and SETTINGS.eager == "function"."""
+    if not q.is_cuda or type(q) is not Tensor or type(k) is not Tensor or \
+            type(v) is not Tensor or (mask is not None and type(mask) is not Tensor):
+        return False
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or \
+            torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    mod = kernel_module()
+    if mod is None:
+        return False
+    from ..kernels import _triton
+
+    return _triton.SETTINGS.eager == "function"
+
+
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *,
                            attn_mask: Tensor | None = None, scale: float | None = None,
                            return_lse: bool = False):
@@ -140,6 +190,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *,
         raise ValueError(f"layout is for lengths ({layout.q_len}, {layout.kv_len}); q and k "
                          f"have ({q.shape[-2]}, {k.shape[-2]})")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, lse = attention_op(q, k, v, *layout.tensors(), attn_mask, scale, layout.causal,
-                            layout.block_q, layout.block_kv)
+    op = _EagerAttention.apply if _eager_kernels(q, k, v, attn_mask) else attention_op
+    out, lse = op(q, k, v, *layout.tensors(), attn_mask, scale, layout.causal, layout.block_q,
+                  layout.block_kv)
     return (out, lse) if return_lse else out

@@ -54,9 +54,10 @@ def make(B, H, Hkv, L, S, D, DV, bq, bk, causal, dtype, mask, lay_dims, density,
     return q, k, v, lay, m
 
 
-def check(q, k, v, lay, m, causal, scale, fwd_cfg=None, bwd_cfgs=None):
-    """Run forward and backward kernels, compare with the float64 reference (computed on the
-    same device)."""
+def check(q, k, v, lay, m, causal, scale, fwd_cfg=None, bwd_cfgs=None,
+          variants=("split", "atomic")):
+    """Run the forward kernel and each backward variant, compare with the float64 reference
+    (computed on the same device)."""
     args = (*lay.tensors(), m, scale, causal, lay.block_q, lay.block_kv)
     with poisoned():
         out, lse = K.block_sparse_attention(q, k, v, *args, config=fwd_cfg)
@@ -71,13 +72,14 @@ def check(q, k, v, lay, m, causal, scale, fwd_cfg=None, bwd_cfgs=None):
     assert (out[~live] == 0).all()
     go = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(q.device,
                                                                                 q.dtype)
-    with poisoned():
-        grads = K.block_sparse_attention_backward(go, q, k, v, out, lse, *args,
-                                                  configs=bwd_cfgs)
     refs = block_sparse_attention_backward_ref(go.double(), *d, ref_out, ref_lse, *args)
-    for name, got, want in zip(("dq", "dk", "dv"), grads, refs):
-        assert got.shape == want.shape and got.is_contiguous(), name
-        assert rel_err(got, want) < 2 * tol, name
+    for variant in variants:
+        with poisoned():
+            grads = K.block_sparse_attention_backward(go, q, k, v, out, lse, *args,
+                                                      configs=bwd_cfgs, variant=variant)
+        for name, got, want in zip(("dq", "dk", "dv"), grads, refs):
+            assert got.shape == want.shape and got.is_contiguous(), (variant, name)
+            assert rel_err(got, want) < 2 * tol, (variant, name)
 
 
 # id: B, Hq, Hkv, L, S, D, DV, bq, bk, causal, dtype, mask, layout dims, density, tiles
@@ -206,10 +208,10 @@ def test_autotuned_launch_path(monkeypatch):
         calls.append(1)
         return [1.0, 1.0, 1.0] if quantiles else 1.0
 
-    def tuned(kernel, configs, prune):
+    def tuned(kernel, configs, prune, reset=None):
         return triton.autotune(configs=configs, key=["D", "BLOCK_Q", "BLOCK_KV", "L_KEY"],
                                prune_configs_by={"early_config_prune": prune},
-                               do_bench=fake_bench)(kernel)
+                               do_bench=fake_bench, reset_to_zero=reset)(kernel)
     small = [cfg(16, 16), cfg(32, 16), cfg(64, 64)]  # (64, 64) does not divide 32: pruned
     monkeypatch.setattr(K, "_bsa_fwd_tuned", tuned(K._bsa_fwd_kernel, small, K._prune_fwd),
                         raising=False)
@@ -217,9 +219,12 @@ def test_autotuned_launch_path(monkeypatch):
                         raising=False)
     monkeypatch.setattr(B, "_dq_tuned", tuned(B._bwd_dq_kernel, small, B._prune),
                         raising=False)
+    # the atomic dK/dV kernel adds into DQA: timing runs must not leave their sums behind
+    monkeypatch.setattr(B, "_dkdv_tuned_atomic", tuned(B._bwd_dkdv_kernel, small, B._prune,
+                                                       ["DQA"]), raising=False)
     monkeypatch.setattr(K, "autotune_enabled", lambda: True)
     monkeypatch.setattr(B, "autotune_enabled", lambda: True)
     q, k, v, lay, _ = make(1, 2, 1, 64, 64, 16, 16, 32, 16, True, torch.float32, None, (1, 1),
                            0.8, seed=9)
     check(q, k, v, lay, None, True, 0.25)
-    assert len(calls) == 3 * 2  # two surviving candidates for each of the three kernels
+    assert len(calls) == 4 * 2  # two surviving candidates for each of the four kernels

@@ -49,6 +49,25 @@ def test_sampled_kernel_matches_reference(name):
     assert rel_err(got.cpu(), reference(grad, x, idx, in_f)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_token_splits_sum_to_the_whole(splits):
+    """Token ranges (ragged last one, more ranges than token tiles) summed by the reduce
+    kernel, in bfloat16 and float32."""
+    for dtype in (torch.float32, torch.bfloat16):
+        grad, x, idx = make(100, 40, 24, 0.2, dtype, seed=splits)
+        got = K.sampled_grad_sampled(grad, x, idx, 24, entries=16, window=16, tokens=16,
+                                     splits=splits)
+        assert got.dtype == dtype
+        assert rel_err(got.cpu(), reference(grad, x, idx, 24)) < TOL[dtype]
+
+
+def test_token_splits_fill_the_gpu_but_keep_ranges_long():
+    dev = torch.device("cpu")  # 8 "SMs" off the GPU
+    assert K.token_splits(2, 8192, dev) == 16  # few chunks: split the tokens
+    assert K.token_splits(1000, 8192, dev) == 1  # enough chunks already
+    assert K.token_splits(2, 300, dev) == 1  # too few tokens to split
+
+
 def test_unsorted_indices_are_still_right():
     grad, x, idx = make(40, 50, 40, 0.05, torch.float32, seed=2)
     idx = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(0))]

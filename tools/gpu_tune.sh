@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# sparsec GPU tuning run (issue 6, second round): tests, then old and new kernels side by side.
+#
+#   OUT=/path/to/logs tools/gpu_tune.sh        # from the repository root or anywhere
+#
+# Steps, in order, each with a time limit and all under one deadline (DEADLINE seconds,
+# default 470: the whole run fits in 8 minutes; a step that would start with less than 20 s
+# left is skipped and reported):
+#   1. attention     tools/bench_attention.py: SDPA, Flex and the sparsec variants v1 (first
+#                    version), v2 (new default), v2-split, v2-atomic; every variant checked
+#                    against Flex before timing                              -> bench_attention.log/.json
+#   2. sparse delta  tools/bench_sparse_delta.py: sampled v2 and v1, dense, auto (choice made
+#                    three times afresh per density)                          -> bench_sparse_delta.log/.json
+#   3. profile       tools/profile_attention.py at 4k, 16%, v2               -> profile_attention_4k.txt
+#   4. host time     tools/host_overhead.py: µs to issue one call, old vs new -> host_overhead.log
+#   5. gpu tests     pytest -m gpu tests/kernels tests/ops tests/backends    -> gpu_tests.log
+# Eight files in $OUT, the most a device run brings back.
+# Last it prints the summary: test result, the tables, and tools/goals.py (each goal, the
+# measured ratio, met or missed); the same goes to $OUT/summary.txt. Exit status 1 if a step
+# failed or timed out. Needs a CUDA GPU with torch and triton (written for the H100, torch
+# 2.11, triton 3.6); Python packages the machine lacks travel as wheels in .whl/.
+set -uo pipefail
+
+cd "$(dirname "$0")/.." || exit 2
+OUT=${OUT:-$PWD/gpu_tune_out}
+mkdir -p "$OUT" || { echo "gpu_tune: cannot create $OUT" >&2; exit 2; }
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
+DEADLINE=${DEADLINE:-470}
+START=$(date +%s)
+FAILED=()
+
+step() {  # step NAME LIMIT_SECONDS LOG COMMAND...
+  local name=$1 limit=$2 log=$3
+  shift 3
+  local left=$(( DEADLINE - ($(date +%s) - START) ))
+  if [ "$left" -lt 20 ]; then
+    echo "== $name skipped: ${left}s left of the ${DEADLINE}s deadline =="
+    FAILED+=("$name (skipped: time)")
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit}s) =="
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    echo "gpu_tune: $name ran past ${limit}s and was stopped (see $OUT/$log)"
+    FAILED+=("$name (timeout)")
+  elif [ "$rc" -ne 0 ]; then
+    echo "gpu_tune: $name failed with exit code $rc (see $OUT/$log)"
+    FAILED+=("$name (exit $rc)")
+  fi
+  echo "== $name done at $(( $(date +%s) - START ))s =="
+}
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/sparsec_site .whl/*.whl || { echo "gpu_tune: installing .whl/ failed"; exit 2; }
+  export PYTHONPATH="/tmp/sparsec_site:$PYTHONPATH"
+fi
+
+"$PY" - <<'EOF' 2>&1 | tee "$OUT/summary.txt"
+import sys
+try:
+    import torch
+    import triton
+    import sparsec  # noqa: F401
+except ImportError as e:
+    sys.exit(f"gpu_tune: preflight failed: {e}. Carry the missing package as a wheel in .whl/ "
+             f"(for tomli-w: pip download --no-deps tomli-w==1.2.0 -d .whl)")
+if not torch.cuda.is_available():
+    sys.exit("gpu_tune: preflight failed: torch sees no CUDA GPU")
+import sparsec.kernels as k
+from sparsec.kernels._triton import SETTINGS
+usable = k.load_kernels()
+print(f"preflight: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+      f"triton {triton.__version__}, kernel modules {usable}, settings {SETTINGS}")
+if "block_sparse_attention" not in usable:
+    sys.exit("gpu_tune: preflight failed: the attention kernels are not usable")
+EOF
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 2
+
+# the benchmarks first (each checks its variants before timing them), so a slow test step
+# cannot cost the measurements; the tests get what is left of the deadline
+step "bench_attention" 240 bench_attention.log \
+  "$PY" tools/bench_attention.py --variants v1,v2,v2-split,v2-atomic
+step "bench_sparse_delta" 90 bench_sparse_delta.log "$PY" tools/bench_sparse_delta.py
+step "profile 4k" 45 profile_attention_4k.txt \
+  "$PY" tools/profile_attention.py --length 4096 --density 0.16 --variant v2
+step "host overhead" 45 host_overhead.log \
+  env SPARSEC_AUTOTUNE=0 "$PY" tools/host_overhead.py --iters 100
+step "gpu tests" 200 gpu_tests.log \
+  "$PY" -m pytest -m gpu -q -p no:cacheprovider --maxfail=20 -rfs \
+  tests/kernels tests/ops tests/backends
+
+{
+  echo
+  echo "================ summary ($(( $(date +%s) - START ))s) ================"
+  echo "-- gpu tests:"
+  grep -E "passed|failed|error" "$OUT/gpu_tests.log" 2>/dev/null | tail -n 1
+  grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" 2>/dev/null | head -n 20
+  echo "-- attention (ms, speedups; sparsec = v2):"
+  sed -n '/, torch .*, triton .*: batch/,$p' "$OUT/bench_attention.log" 2>/dev/null | tail -n 40
+  echo "-- sparse delta (ms):"
+  sed -n '/, torch .*, triton .*: weight/,$p' "$OUT/bench_sparse_delta.log" 2>/dev/null \
+    | tail -n 20
+  echo "-- profile at 4k (v2): wall per call and the kernels"
+  grep -E "^== |_kernel|Self CUDA time total" "$OUT/profile_attention_4k.txt" 2>/dev/null \
+    | sed -E 's/ {2,}/ /g' | head -n 20
+  echo "-- host time to issue one call:"
+  sed -n '/^host time per call/,$p' "$OUT/host_overhead.log" 2>/dev/null
+  echo "-- goals:"
+  "$PY" tools/goals.py "$OUT"
+  if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "-- FAILED steps: ${FAILED[*]}"
+  else
+    echo "-- all steps passed"
+  fi
+} 2>&1 | tee -a "$OUT/summary.txt"
+[ ${#FAILED[@]} -eq 0 ] || exit 1
