@@ -15,7 +15,9 @@ tokens. Variants:
   (structured at LoRA r=16's trainable budget; delta at 1% density), compiled into one
   training-step graph (joint-graph, prune-backward, reduce-saved, optimizer-in-backward) that
   runs op by op; suffixes: `-remat` recomputes matrix products too (reduce-saved
-  recompute=matmul), `-inductor` runs the step graph through `torch.compile`;
+  recompute=matmul), `-budgetG` recomputes them only until the predicted peak is under G GiB
+  (reduce-saved recompute=matmul,budget_gib=G), `-inductor` runs the step graph through
+  `torch.compile`;
 - structured-eager / delta-eager: the same sparse parameters trained eagerly (sparsec.train).
 
 Each variant: warm-up steps, then the median step time over timed steps (CUDA events) and the
@@ -166,9 +168,10 @@ def sparsec_compiled(model, cfg, lr, variant, batch, verify):
     method, *flags = variant.split("-")
     program = sparsec.trace(model, (batch[0],))
     program.source = sparsec.ModelSource(name="llama", loss=lm_loss)
-    recompute = "matmul" if "remat" in flags else "pointwise"
-    joint = [f"joint-graph:lr={lr}", "prune-backward", f"reduce-saved:recompute={recompute}",
-             "optimizer-in-backward"]
+    budget = [f[len("budget"):] for f in flags if f.startswith("budget")]
+    recompute = "matmul" if "remat" in flags or budget else "pointwise"
+    reduce = f"reduce-saved:recompute={recompute}" + (f",budget_gib={budget[0]}" if budget else "")
+    joint = [f"joint-graph:lr={lr}", "prune-backward", reduce, "optimizer-in-backward"]
     passes = sparse_passes(method, cfg) + [sparsec.parse_pass_arg(p) for p in joint]
     t0 = time.perf_counter()
     program = sparsec.run_passes(program, passes, verify=verify, inplace=True)
