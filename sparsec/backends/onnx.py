@@ -90,7 +90,7 @@ def lower(program: Program, options: LowerOptions | None = None) -> Compiled:
         section["merged_sparse_ops"] = merged
     _save(onx, path)
     contrib = any(s["form"] == "contrib" for s in sites)
-    section["checker"] = run_checker(path, contrib)
+    section["checker"] = run_checker(path)
     runner, where = _runner(path, opts, contrib, options.verify, notes)
     section["parity_on"] = where
     if options.verify:

@@ -370,11 +370,41 @@ def dense_attention(q, k, v, num, idx, fnum, fidx, mask, geo: Geometry):
     return _finish(out, lse, q, geo, L)
 
 
-def contrib_attention(q, k, v, num, idx, fnum, fidx, mask, geo: Geometry):
-    """`com.microsoft.SparseAttention` on the layout as CSR (one layout per head, cycled)."""
+def _sparse_attention_op():
+    """onnxruntime's `com.microsoft.SparseAttention` (v1) as an onnxscript op. onnx has no
+    schema for contrib ops, so this one is written from onnxruntime's (same inputs,
+    outputs, attributes and types)."""
+    import onnx
     from onnxscript import values as osv
 
-    msft = osv.Opset(CONTRIB_DOMAIN, 1)
+    S = onnx.defs.OpSchema
+    opt, single = S.FormalParameterOption.Optional, S.FormalParameterOption.Single
+
+    def param(name, type_str, option=single):
+        return S.FormalParameter(name, type_str, "", param_option=option)
+
+    inputs = [param("query", "T"), param("key", "T", opt), param("value", "T", opt),
+              param("past_key", "T"), param("past_value", "T"), param("block_row_indices", "M"),
+              param("block_col_indices", "M"), param("total_sequence_length", "M"),
+              param("key_total_sequence_lengths", "M"), param("cos_cache", "T", opt),
+              param("sin_cache", "T", opt)]
+    outputs = [param("output", "T"), param("present_key", "T"), param("present_value", "T")]
+    types = [("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+             ("M", ["tensor(int32)"], "")]
+    A = S.AttrType
+    attributes = [S.Attribute("num_heads", A.INT, "", required=True),
+                  S.Attribute("kv_num_heads", A.INT, "", required=True),
+                  S.Attribute("sparse_block_size", A.INT, "", required=True),
+                  S.Attribute("scale", A.FLOAT, "", required=False),
+                  S.Attribute("do_rotary", A.INT, "", required=False),
+                  S.Attribute("rotary_interleaved", A.INT, "", required=False)]
+    schema = S("SparseAttention", CONTRIB_DOMAIN, 1, "", inputs=inputs, outputs=outputs,
+               type_constraints=types, attributes=attributes)
+    return osv.Op(osv.Opset(CONTRIB_DOMAIN, 1), "SparseAttention", schema)
+
+
+def contrib_attention(q, k, v, num, idx, fnum, fidx, mask, geo: Geometry):
+    """`com.microsoft.SparseAttention` on the layout as CSR (one layout per head, cycled)."""
     i32 = ir.DataType.INT32
     ids, live = _slots(num, idx, fnum, fidx, geo)
     blocks = op.Reshape(_dense_blocks(ids, live, geo), ints(geo.layout_heads, geo.nq, geo.nkv))
@@ -401,9 +431,9 @@ def contrib_attention(q, k, v, num, idx, fnum, fidx, mask, geo: Geometry):
     flat_q = op.Reshape(op.Transpose(q, perm=[0, 2, 1, 3]), ints(0, 0, geo.hq * geo.d))
     flat_k = op.Reshape(op.Transpose(k, perm=[0, 2, 1, 3]), ints(0, 0, geo.hkv * geo.d))
     flat_v = op.Reshape(op.Transpose(v, perm=[0, 2, 1, 3]), ints(0, 0, geo.hkv * geo.d))
-    out, _, _ = msft.SparseAttention(
+    out, _, _ = _sparse_attention_op()(
         flat_q, flat_k, flat_v, cache, cache_v, op.Cast(rows, to=i32), op.Cast(cols, to=i32),
         total, key_lengths, num_heads=geo.hq, kv_num_heads=geo.hkv,
-        sparse_block_size=geo.bq, scale=geo.scale, _num_outputs=3)
+        sparse_block_size=geo.bq, scale=geo.scale)
     out = op.Reshape(out, ints(0, 0, geo.hq, geo.d))
     return op.Transpose(out, perm=[0, 2, 1, 3])
