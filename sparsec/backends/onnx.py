@@ -106,10 +106,34 @@ def lower(program: Program, options: LowerOptions | None = None) -> Compiled:
 def _export(plan: DynamicPlan, opts: OnnxOptions):
     from ..ops.onnx_common import ExportContext, export_context
 
-    ctx = ExportContext(attention=opts.attention, provider=opts.provider)
+    ctx = ExportContext(attention=opts.attention, provider=opts.provider,
+                        hints=_attention_hints(plan.program))
     with export_context(ctx):
         onx = export_onnx(plan.program, opset=opts.opset, dynamic_shapes=plan.dynamic_shapes)
     return onx, ctx.sites
+
+
+def _attention_hints(program: Program) -> list[dict[str, Any]]:
+    """Per attention op (graph order): whether its static layout leaves every query row some
+    key (then the translation needs no empty-row Where: a few % of the attention time)."""
+    from torch import fx
+
+    from ..layouts.block_layout import BlockLayout
+
+    hints: list[dict[str, Any]] = []
+    for n in program.gm.graph.nodes:
+        if n.target is not torch.ops.sparsec.block_sparse_attention.default:
+            continue
+        parts = n.args[3:7]
+        if n.args[7] is not None or not all(isinstance(a, fx.Node) and a.op == "get_attr"
+                                            for a in parts):
+            hints.append({})  # an element mask or a computed layout: rows may be empty
+            continue
+        q_len, kv_len = (int(a.meta["val"].shape[-2]) for a in n.args[:2])
+        layout = BlockLayout(*(program.get_tensor(a.target) for a in parts), q_len, kv_len,
+                             n.args[10], n.args[11], n.args[9])
+        hints.append({"rows_never_empty": bool(layout.to_element_mask().any(-1).all())})
+    return hints
 
 
 def export_onnx(program: Program, path: Path | None = None, *, opset: int | None = None,

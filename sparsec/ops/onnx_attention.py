@@ -114,16 +114,17 @@ def translate_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, 
     geo = geometry(q, k, v, kv_num_blocks, kv_indices, full_kv_indices, scale, causal, block_q,
                    block_kv)
     ctx = current_context()
+    never_empty = ctx.hint(len(ctx.sites)).get("rows_never_empty", False)
     form, reason = _choose(ctx, geo, q.dtype, attn_mask is not None)
     ctx.sites.append({"form": form, **({"note": reason} if reason else {}),
                       "q_len": geo.length, "kv_len": geo.kv_length, "block": [geo.bq, geo.bk],
                       "slots": geo.w, "kv_blocks": geo.nkv})
     args = (q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, attn_mask,
-            geo)
+            geo, never_empty)
     if form == "dense":
         return dense_attention(*args)
     if form == "contrib":
-        out = contrib_attention(*args)
+        out = contrib_attention(*args[:-1])
         return out, gathered_attention(*args)[1]  # lse only if used (dead code otherwise)
     return gathered_attention(*args)
 
@@ -276,15 +277,24 @@ def _split_mask(allowed, mask, gathered, work):
 
 
 # softmax and the empty-row rule --------------------------------------------------------------
-def _attend(scores, bias, values, work):
-    """(out, lse) of softmax(scores + bias) @ values; rows whose bias is all −inf are 0 / −inf."""
+def _scaled_scores(q, kt, geo: Geometry, work):
+    """(q @ kᵀ) · scale, as the reference computes it; onnxruntime folds the scale and the
+    transpose into one FusedMatMul."""
+    return op.Mul(op.MatMul(q, kt), const(geo.scale, np_type(work)))
+
+
+def _attend(scores, bias, values, work, never_empty: bool = False):
+    """(out, lse) of softmax(scores + bias) @ values; rows whose bias is all −inf are 0 / −inf
+    (`never_empty`: the backend proved there are none, so no Where is needed)."""
     scores = op.Add(scores, bias)
     probs = op.Softmax(scores, axis=-1)
     out = op.MatMul(probs, values)
+    lse = op.ReduceLogSumExp(scores, ints(-1), keepdims=0)
+    if never_empty:
+        return out, lse
     seen = op.Not(op.Equal(op.ReduceMax(bias, ints(-1), keepdims=1),
                            const(NEG_INF, np_type(work))))
     out = op.Where(seen, out, const(0.0, np_type(work)))
-    lse = op.ReduceLogSumExp(scores, ints(-1), keepdims=0)
     lse = op.Where(op.Squeeze(seen, ints(-1)), lse, const(NEG_INF, np_type(work)))
     return out, lse
 
@@ -310,7 +320,8 @@ def _empty(q, geo: Geometry):
 
 
 # the forms -----------------------------------------------------------------------------------
-def gathered_attention(q, k, v, num, idx, fnum, fidx, mask, geo: Geometry):
+def gathered_attention(q, k, v, num, idx, fnum, fidx, mask, geo: Geometry,
+                       never_empty: bool = False):
     """Only the kept blocks: [B, Hkv, G, NQ, bq, P] scores."""
     if geo.w == 0:
         return _empty(q, geo)
@@ -318,10 +329,9 @@ def gathered_attention(q, k, v, num, idx, fnum, fidx, mask, geo: Geometry):
     ids, live = _slots(num, idx, fnum, fidx, geo)
     kg = _gather_blocks(cast_to(k, work), ids, geo, geo.d)
     vg = _gather_blocks(cast_to(v, work), ids, geo, geo.dv)
-    qs = op.Mul(cast_to(q, work), const(geo.scale, np_type(work)))
-    qs = _pad_rows(qs, geo.length, geo.nq * geo.bq)
+    qs = _pad_rows(cast_to(q, work), geo.length, geo.nq * geo.bq)
     qs = op.Reshape(qs, ints(0, geo.hkv, geo.g, geo.nq, geo.bq, geo.d))
-    scores = op.MatMul(qs, op.Transpose(kg, perm=[0, 1, 2, 3, 5, 4]))
+    scores = _scaled_scores(qs, op.Transpose(kg, perm=[0, 1, 2, 3, 5, 4]), geo, work)
     pos, ok = _positions(ids, live, geo)
     allowed = op.Unsqueeze(ok, ints(4))                               # [.., NQ, 1, P]
     if geo.causal:
@@ -329,7 +339,7 @@ def gathered_attention(q, k, v, num, idx, fnum, fidx, mask, geo: Geometry):
         allowed = op.And(allowed, op.LessOrEqual(op.Unsqueeze(pos, ints(4)), rows))
     gathered = _gather_mask(mask, pos, q, geo) if mask is not None else None
     allowed, values = _split_mask(allowed, mask, gathered, work)
-    out, lse = _attend(scores, _bias(allowed, values, work), vg, work)
+    out, lse = _attend(scores, _bias(allowed, values, work), vg, work, never_empty)
     return _finish(out, lse, q, geo, geo.nq * geo.bq)
 
 
@@ -341,7 +351,8 @@ def _dense_blocks(ids, live, geo: Geometry):
     return op.Cast(kept, to=ir.DataType.BOOL)
 
 
-def dense_attention(q, k, v, num, idx, fnum, fidx, mask, geo: Geometry):
+def dense_attention(q, k, v, num, idx, fnum, fidx, mask, geo: Geometry,
+                    never_empty: bool = False):
     """The whole [L, S] score matrix under the layout's element mask (computes dropped
     blocks too: the explicit fallback)."""
     work = work_type(q.dtype)
@@ -361,12 +372,11 @@ def dense_attention(q, k, v, num, idx, fnum, fidx, mask, geo: Geometry):
         m = op.Reshape(m, ints(0, geo.hkv, geo.g, ml, ms)) if mh != 1 else \
             op.Unsqueeze(m, ints(2))
         allowed, values = _split_mask(allowed, mask, m, work)
-    qs = op.Mul(cast_to(q, work), const(geo.scale, np_type(work)))
-    qs = op.Reshape(qs, ints(0, geo.hkv, geo.g, L, geo.d))
+    qs = op.Reshape(cast_to(q, work), ints(0, geo.hkv, geo.g, L, geo.d))
     k5 = op.Unsqueeze(cast_to(k, work), ints(2))
     v5 = op.Unsqueeze(cast_to(v, work), ints(2))
-    scores = op.MatMul(qs, op.Transpose(k5, perm=[0, 1, 2, 4, 3]))
-    out, lse = _attend(scores, _bias(allowed, values, work), v5, work)
+    scores = _scaled_scores(qs, op.Transpose(k5, perm=[0, 1, 2, 4, 3]), geo, work)
+    out, lse = _attend(scores, _bias(allowed, values, work), v5, work, never_empty)
     return _finish(out, lse, q, geo, L)
 
 

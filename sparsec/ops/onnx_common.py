@@ -73,12 +73,19 @@ class ExportContext:
     """What the onnx backend asks of the translations during one export, and what they did.
 
     `attention`: "auto" | "gathered" | "dense" | "contrib"; `provider`: "cpu" | "cuda".
-    Translations append one entry per attention site to `sites` (in graph order).
+    Translations append one entry per attention site to `sites` (in graph order) and may read
+    `hints` (same order).
     """
 
     attention: str = "auto"
     provider: str = "cpu"
     sites: list[dict[str, Any]] = field(default_factory=list)
+    hints: list[dict[str, Any]] = field(default_factory=list)  # per site, from the backend
+
+    def hint(self, index: int) -> dict[str, Any]:
+        """What the backend found out about site `index` from the program (e.g. that a static
+        layout leaves no query row empty), or {}."""
+        return self.hints[index] if index < len(self.hints) else {}
 
 
 _CONTEXT: contextvars.ContextVar[ExportContext | None] = contextvars.ContextVar(

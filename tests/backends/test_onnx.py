@@ -213,16 +213,24 @@ def test_contrib_without_cuda_refuses_to_claim_parity(attention_program):
             extra={"attention": "contrib", "dynamic": "none"}))
 
 
-def test_dynamic_layout_exports_with_dynamic_batch(attention_program):
+@pytest.mark.parametrize("layout", ["topk", "learned"])
+def test_dynamic_layout_exports_with_dynamic_batch(attention_program, layout):
+    """Selection in the graph, then gathered blocks with data-dependent indices; a learned
+    gate's trained weights reach the re-traced (dynamic-batch) program by name."""
     program = sparsec.compile(attention_program.source.module,
                               attention_program.example_inputs, verify=False,
-                              passes=["block-sparse-attention:layout=topk,topk=1,block=16,"
+                              passes=[f"block-sparse-attention:layout={layout},topk=1,block=16,"
                                       "window=16,sink=16"]).program
+    with torch.no_grad():
+        for name, p in program.gm.named_parameters():
+            if ".gates." in name:  # as if trained: no longer the identity it starts as
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
     c = sparsec.lower(program, "onnx")
     o = c.report["onnx"]
     assert o["max_rel_err"] <= 1e-4 and o["dynamic_axes"] == {"tokens": {"0": "batch"}}
     assert o["second_shape"]["max_rel_err"] <= 1e-4
-    assert {s["layout"] for s in o["attention"]["sites"]} == {"topk"}
+    assert {s["layout"] for s in o["attention"]["sites"]} == {layout}
+    assert {s["form"] for s in o["attention"]["sites"]} == {"gathered"}
 
 
 @pytest.mark.parametrize("extra,match", [
