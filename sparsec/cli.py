@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from .errors import SparsecError
+from .errors import BadInputError, SparsecError
 
 __all__ = ["main", "cli"]
 
@@ -68,22 +68,36 @@ def cli() -> None:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every pass's numerics on the example inputs.")
 @click.option("--opset", type=int, help="ONNX opset (onnx backend).")
+@click.option("--onnx-attention", type=click.Choice(["auto", "gathered", "dense", "contrib"]),
+              help="onnx: block-sparse attention as gathered blocks (auto, default), the dense "
+                   "masked form, or com.microsoft.SparseAttention (contrib).")
+@click.option("--onnx-provider", type=click.Choice(["cpu", "cuda"]),
+              help="onnx: the execution provider the model is for (cuda allows the contrib op).")
+@click.option("--onnx-dynamic", type=click.Choice(["auto", "batch", "none"]),
+              help="onnx: dynamic batch and sequence (auto, default), batch only, or none.")
 @click.option("--deltas", "deltas", type=click.Path(path_type=Path),
               help="Trained deltas (from `sparsec train`) to deploy; onnx merges them.")
 @verbose_option
 @handle_errors
 def compile_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...], backend: str,
                 out_dir: Path | None, force: bool, dump_dir: Path | None, verify: bool,
-                opset: int | None, deltas: Path | None, verbose: bool) -> None:
+                opset: int | None, onnx_attention: str | None, onnx_provider: str | None,
+                onnx_dynamic: str | None, deltas: Path | None, verbose: bool) -> None:
     """Trace MODEL.py, run the passes and lower it with a backend."""
     from .api import compile as compile_model
     from .report import render_summary
 
+    onnx_opts = {"opset": opset, "attention": onnx_attention, "provider": onnx_provider,
+                 "dynamic": onnx_dynamic}
+    onnx_opts = {k: v for k, v in onnx_opts.items() if v is not None}
+    if onnx_opts and backend != "onnx":
+        flag = next(iter(onnx_opts))
+        flag = "--opset" if flag == "opset" else f"--onnx-{flag}"
+        raise BadInputError(f"{flag} is an option of the onnx backend; add --backend onnx")
     with _status(f"compiling {model_file.name}", verbose):
         compiled = compile_model(model_file, recipe=recipe, passes=pass_args, backend=backend,
                                  out_dir=out_dir, verify=verify, dump_dir=dump_dir, force=force,
-                                 backend_options={"opset": opset} if opset else None,
-                                 deltas=deltas)
+                                 backend_options=onnx_opts or None, deltas=deltas)
     render_summary(compiled.summary)
     if out_dir is not None:
         click.echo(f"output: {out_dir}/")

@@ -132,8 +132,9 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, source: ModelSource | 
     ep = _export(model, inputs, source.path if source else None)
     gm = ep.module()
     _drop_guards(gm)
-    program = Program(gm=gm, example_inputs=inputs,
-                      source=source or ModelSource(name=type(model).__name__))
+    source = source or ModelSource(name=type(model).__name__)
+    source.module = model
+    program = Program(gm=gm, example_inputs=inputs, source=source)
     if check:
         _check_trace(model, program)
     return program

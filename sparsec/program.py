@@ -53,6 +53,8 @@ class ModelSource:
     path: str | None = None
     loss: Callable[[Any, Any], torch.Tensor] | None = None
     batches: Callable[[], Any] | None = None
+    # The eager module that was traced: the onnx backend re-traces it with dynamic shapes.
+    module: torch.nn.Module | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

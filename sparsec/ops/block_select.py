@@ -106,3 +106,33 @@ def _vs_fake(q, k, scale, causal, block, vertical, slash, sink, window):
     L, S = int(q.shape[2]), int(k.shape[2])  # widths follow the lengths: specialize them
     widths = vertical_slash_widths(L, S, block, causal, vertical, slash, sink, window)
     return _layout_fake(q, b, h, math.ceil(L / block), widths)
+
+
+# ONNX translations -----------------------------------------------------------------------------
+# Kept apart from the dispatch above; they live in sparsec.ops.onnx_select, imported only when a
+# model is exported.
+from . import onnx_translation  # noqa: E402
+
+
+@onnx_translation(block_scores_op._opoverload)
+def _block_scores_onnx(q, k, scale: float, causal: bool, block_q: int, block_kv: int):
+    from .onnx_select import block_scores_onnx
+
+    return block_scores_onnx(q, k, scale, causal, block_q, block_kv)
+
+
+@onnx_translation(select_blocks_op._opoverload)
+def _select_blocks_onnx(scores, q_len: int, kv_len: int, causal: bool, block_q: int,
+                        block_kv: int, topk: int, threshold: float, sink: int, window: int):
+    from .onnx_select import select_blocks_onnx
+
+    return select_blocks_onnx(scores, q_len, kv_len, causal, block_q, block_kv, topk, threshold,
+                              sink, window)
+
+
+@onnx_translation(select_vertical_slash_op._opoverload)
+def _select_vertical_slash_onnx(q, k, scale: float, causal: bool, block: int, vertical: int,
+                                slash: int, sink: int, window: int):
+    from .onnx_select import select_vertical_slash_onnx
+
+    return select_vertical_slash_onnx(q, k, scale, causal, block, vertical, slash, sink, window)

@@ -194,3 +194,18 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *,
     out, lse = op(q, k, v, *layout.tensors(), attn_mask, scale, layout.causal, layout.block_q,
                   layout.block_kv)
     return (out, lse) if return_lse else out
+
+
+# ONNX translation ------------------------------------------------------------------------------
+# Kept apart from the dispatch above: the forms (gathered blocks, dense, onnxruntime's contrib
+# op) live in sparsec.ops.onnx_attention, imported only when a model is exported.
+from . import onnx_translation  # noqa: E402
+
+
+@onnx_translation(attention_op._opoverload)
+def _attention_onnx(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                    attn_mask, scale: float, causal: bool, block_q: int, block_kv: int):
+    from .onnx_attention import translate_attention
+
+    return translate_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks,
+                               full_kv_indices, attn_mask, scale, causal, block_q, block_kv)

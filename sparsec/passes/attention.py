@@ -51,7 +51,7 @@ class BlockSparseAttention(Pass):
     name = "block-sparse-attention"
     summary = "rewrite attention into block-sparse form over a layout"
     establishes = frozenset({Prop.BLOCK_SPARSE_ATTENTION})
-    exportable = False  # until the ONNX translation of the op lands
+    exportable = True  # every layout: sparsec.ops.onnx_attention / onnx_select (docs/onnx.md)
 
     layout: str = option("sliding-window", "which layout", choices=LAYOUTS)
     block: int = option(64, "block size in tokens (queries and keys)", choices=BLOCK_SIZES)
