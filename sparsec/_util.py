@@ -12,10 +12,20 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["quiet", "atomic_write_bytes", "atomic_write_text", "remove_tree", "first_line"]
+__all__ = ["quiet", "deepcopy", "atomic_write_bytes", "atomic_write_text", "remove_tree",
+           "first_line"]
 
 _NOISY = ("torch", "torch._dynamo", "torch.fx", "torch.export", "torch._export", "torch.onnx",
           "onnxscript")
+
+
+def deepcopy(obj, memo: dict | None = None):
+    """copy.deepcopy without the FutureWarning torch 2.13's pytree specs raise on copy."""
+    import copy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(obj, memo)
 
 
 @contextlib.contextmanager

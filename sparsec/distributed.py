@@ -528,7 +528,7 @@ def _report(compiled: Any, trainer: DistributedTrainer, saver: _Saver, env: Dist
     from .report import build_report
 
     program = trainer.program
-    section = _train_section(trainer, lr, error is None)
+    section = _train_section(trainer, error is None)
     seconds = trainer.stats.seconds
     section.update(tokens=trainer.tokens, tokens_per_s=trainer.tokens / seconds if seconds else 0.0,
                    deltas_step=saver.step, global_step=trainer.global_step)

@@ -243,9 +243,9 @@ def eager_step(forward: fx.GraphModule, loss: Callable, n_inputs: int, batch: tu
                ) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
     """One eager training step on a copy of `forward`: (loss, {"gradients": …, "updates": …}
     by trainable parameter name)."""
-    import copy
+    from ._util import deepcopy
 
-    gm = copy.deepcopy(forward)
+    gm = deepcopy(forward)
     params = dict(gm.named_parameters())
     for n, p in params.items():
         p.requires_grad_(n in trainable)
@@ -297,11 +297,10 @@ def step_report(program: Program) -> dict[str, Any]:
 def _eager_full_ft_peak(info: JointInfo, loss: Callable, batch: tuple,
                         device: torch.device) -> int:
     """Peak of the second eager step (optimizer state exists) with every weight trainable."""
-    import copy
-
+    from ._util import deepcopy
     from .memory import measure_peak, tensor_bytes
 
-    gm = copy.deepcopy(info.forward)
+    gm = deepcopy(info.forward)
     params = list(gm.parameters())
     for p in params:
         p.requires_grad_(True)

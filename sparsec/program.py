@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
-import warnings
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Callable, Iterator
@@ -135,12 +133,23 @@ class Program:
         joint = self.state.get("joint")
         return joint.forward if joint is not None else self.gm
 
+    def forward_program(self) -> "Program":
+        """This program for inference: itself, or for a training-step program the forward
+        graph it keeps (sharing parameters, so it sees every step taken) as a forward program
+        with the same history, source and pass state."""
+        joint = self.state.get("joint")
+        if joint is None:
+            return self
+        state = {k: v for k, v in self.state.items() if k != "joint"}
+        props = (self.props - {Prop.JOINT_GRAPH, Prop.BACKWARD_PRUNED}) | {Prop.FORWARD_GRAPH}
+        return Program(gm=joint.forward, example_inputs=self.example_inputs[:joint.n_model_inputs],
+                       props=props, history=list(self.history), source=self.source, state=state)
+
     def copy(self) -> "Program":
         """A deep copy (graph, parameters, state); the model source is shared."""
-        memo = {id(self.source): self.source}
-        with warnings.catch_warnings():  # torch's pytree specs warn on deepcopy in 2.13
-            warnings.simplefilter("ignore", FutureWarning)
-            return copy.deepcopy(self, memo)
+        from ._util import deepcopy
+
+        return deepcopy(self, {id(self.source): self.source})
 
     # parameters --------------------------------------------------------------------------
     def param_counts(self) -> dict[str, int]:

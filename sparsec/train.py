@@ -72,6 +72,10 @@ class Trainer:
     `lr_overrides` maps parameter-name globs to learning rates (e.g. a task head's). The loss
     is `loss(output, batch)` (default: model.py's `loss`); a batch is a tuple whose first
     `len(example_inputs)` items are the model's inputs.
+
+    A training-step program (after `joint-graph`) runs its traced step instead: loss, backward
+    and the optimizer chosen in the recipe are in the graph, so the optimizer arguments here
+    are not used (prune–regrow and `lr_overrides` are refused).
     """
 
     def __init__(self, program: Program, *, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -87,11 +91,17 @@ class Trainer:
         if not named:
             raise BadInputError("nothing to train: every parameter is frozen; add a "
                                 "sparse-finetune pass to the recipe")
-        self.optimizer = torch.optim.AdamW(_groups(named, lr, lr_overrides or {}), lr=lr,
-                                           betas=betas, eps=eps, weight_decay=weight_decay)
-        self.n_inputs = len(program.example_inputs)
+        self.joint = program.state.get("joint")
         self.regrow_window = max(1, regrow_window)
         self.regrow_targets = _regrow_targets(program)
+        if self.joint is not None:
+            _check_joint(program, self.regrow_targets, lr_overrides)
+            self.optimizer = None  # the step graph updates parameters and optimizer state
+            self.n_inputs = self.joint.n_model_inputs
+        else:
+            self.optimizer = torch.optim.AdamW(_groups(named, lr, lr_overrides or {}), lr=lr,
+                                               betas=betas, eps=eps, weight_decay=weight_decay)
+            self.n_inputs = len(program.example_inputs)
         self.stats = TrainStats()
         # what runs the forward (a distributed trainer may run a sharded copy of program.gm)
         self.module: Callable[..., Any] = program.gm
@@ -115,6 +125,8 @@ class Trainer:
         """Forward, loss, backward and one AdamW step on `batch`; returns the loss."""
         batch = self._prepare(batch)
         start = time.perf_counter()
+        if self.joint is not None:
+            return self._finish_step(self._joint_loss(batch), batch, start)
         accumulating = [t for t in self.regrow_targets if self._accumulates(t)]
         for t in accumulating:
             t.weight.requires_grad_(True)
@@ -137,11 +149,25 @@ class Trainer:
                 grown = self._regrow(t)
                 self.stats.regrown_entries += grown
                 self.stats.regrows += int(grown > 0)
+        return self._finish_step(loss, batch, start)
+
+    def _joint_loss(self, batch: tuple) -> torch.Tensor:
+        out = self.program.gm(*batch)
+        self.stats.steps += 1
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def _finish_step(self, loss: torch.Tensor, batch: tuple, start: float) -> float:
         value = self._loss_value(loss)
         self.stats.losses.append(value)
         self.stats.tokens += batch_tokens(batch[:self.n_inputs])
         self.stats.seconds += time.perf_counter() - start
         return value
+
+    def learning_rate(self) -> float:
+        """The base learning rate the steps use (the recipe's, for a traced step)."""
+        if self.joint is not None:
+            return self.joint.optimizer.lr
+        return self.optimizer.defaults["lr"]
 
     def fit(self, batches: Callable[[], Iterable[Any]] | Iterable[Any], steps: int,
             on_step: Callable[[int, float], None] | None = None) -> TrainStats:
@@ -206,6 +232,17 @@ def _regrow_targets(program: Program) -> list[_RegrowTarget]:
                                  program.gm.get_parameter(p["values"]), rec["regrow_every"],
                                  rec["regrow_fraction"]))
     return out
+
+
+def _check_joint(program: Program, regrow: list, lr_overrides: dict | None) -> None:
+    """What a traced training step cannot do: its optimizer is fixed in the graph."""
+    if regrow:
+        raise BadInputError("prune-regrow (regrow_every) changes which entries train, but the "
+                            "joint-graph step is traced for fixed indices; set regrow_every = 0 "
+                            "or drop the joint-graph passes from the recipe")
+    if lr_overrides:
+        raise BadInputError("per-parameter learning rates need the eager step; set lr in the "
+                            "joint-graph pass or drop the joint-graph passes from the recipe")
 
 
 def _groups(named: list[tuple[str, torch.nn.Parameter]], lr: float,
@@ -296,7 +333,7 @@ def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (
     compiled.trainer = trainer
     if out_dir is None:
         trainer.fit(program.source.batches, steps, _callback(trainer, on_step, None, 0))
-        program.state.setdefault("report", {})["train"] = _train_section(trainer, lr, True)
+        program.state.setdefault("report", {})["train"] = _train_section(trainer, True)
         return TrainRun(compiled, trainer, build_report(compiled))
     error: BaseException | None = None
     with staged_output(out_dir, force=force) as staging:
@@ -309,7 +346,7 @@ def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (
             if saver.step is None:
                 raise
             error = e
-        section = _train_section(trainer, lr, error is None)
+        section = _train_section(trainer, error is None)
         section["deltas_step"] = saver.step
         if error is not None:
             section["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
@@ -342,5 +379,8 @@ def _callback(trainer: Trainer, on_step: Any, saver: _Saver | None, every: int):
     return call
 
 
-def _train_section(trainer: Trainer, lr: float, completed: bool) -> dict[str, Any]:
-    return {"completed": completed, "lr": lr, **trainer.stats.to_json()}
+def _train_section(trainer: Trainer, completed: bool) -> dict[str, Any]:
+    section = {"completed": completed, "lr": trainer.learning_rate(), **trainer.stats.to_json()}
+    if trainer.joint is not None:
+        section["step"] = f"traced (joint-graph, {trainer.joint.optimizer.name})"
+    return section

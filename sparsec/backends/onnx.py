@@ -74,6 +74,7 @@ class OnnxOptions:
 def lower(program: Program, options: LowerOptions | None = None) -> Compiled:
     options = options or LowerOptions()
     opts = OnnxOptions.from_extra(options.extra)
+    program = program.forward_program()  # a training step deploys its forward graph
     tmp = None if options.out_dir else tempfile.TemporaryDirectory(prefix="sparsec-onnx-")
     out_dir = Path(options.out_dir or tmp.name)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 
 from .._util import first_line, quiet
 from ..pipeline import compare_outputs, run_passes, tolerance
-from ..program import Program
+from ..program import Program, Prop
 
 __all__ = ["DynamicPlan", "plan_dynamic", "resize_inputs", "second_shape", "SKIPPED_PASSES"]
 
@@ -180,11 +180,15 @@ def _rerun_passes(twin: Program, original: Program) -> None:
     from ..passes.base import get_pass
     from ..recipe import make_pass
 
-    records = [r for r in original.history if r.modified and r.name not in SKIPPED_PASSES]
-    passes = []
-    for r in records:
-        opts = {k: tuple(v) if isinstance(v, list) else v for k, v in r.options.items()}
-        passes.append(make_pass(get_pass(r.name), opts))
+    records, passes = [], []
+    for r in original.history:
+        cls = get_pass(r.name)
+        if Prop.JOINT_GRAPH in cls.requires | cls.establishes:
+            break  # the training step: what follows does not shape the forward graph
+        if r.modified and r.name not in SKIPPED_PASSES:
+            opts = {k: tuple(v) if isinstance(v, list) else v for k, v in r.options.items()}
+            records.append(r)
+            passes.append(make_pass(cls, opts))
     try:
         run_passes(twin, passes, verify=False, inplace=True)
     except Exception as e:

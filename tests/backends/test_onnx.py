@@ -247,3 +247,18 @@ def test_bad_options_are_one_line_errors(attention_program, extra, match):
 def test_onnx_options_need_the_onnx_backend(run_cli, tiny_llama_path):
     r = run_cli("compile", tiny_llama_path, "--onnx-attention", "dense")
     assert r.returncode == 2 and "--onnx-attention is an option of the onnx backend" in r.stderr
+
+
+def test_training_step_program_deploys_its_forward_graph(tiny_llama_path, tmp_path):
+    """A recipe that ends in the joint-graph passes exports the forward graph it keeps (deltas
+    merged, no optimizer state), with dynamic batch and sequence like any forward program."""
+    passes = ["sparse-finetune:method=delta,density=0.05", "joint-graph:lr=0.01",
+              "prune-backward", "reduce-saved", "optimizer-in-backward"]
+    c = sparsec.compile(tiny_llama_path, passes=passes, backend="onnx", out_dir=tmp_path / "o")
+    o = c.report["onnx"]
+    assert o["max_rel_err"] <= 1e-4 and o["merged_sparse_ops"] == 14
+    assert o["dynamic_axes"] == {"tokens": {"0": "batch", "1": "seq"}}
+    model = onnx.load(str(tmp_path / "o" / "model.onnx"))
+    names = [i.name for i in model.graph.initializer]
+    assert not [n for n in names if "optim" in n or "delta" in n], names
+    assert [i.name for i in model.graph.input] == ["tokens"]
