@@ -34,7 +34,7 @@ def _eager_updates(forward, trainable, batch, n_inputs, loss, steps, config):
         value = loss(gm(*batch[:n_inputs]), batch)
         value.backward()
         opt.step()
-        losses.append(float(value))
+        losses.append(float(value.detach()))
     return losses, {n: params[n].detach() for n in trainable}
 
 
