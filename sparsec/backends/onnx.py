@@ -93,7 +93,7 @@ def lower(program: Program, options: LowerOptions | None = None) -> Compiled:
     contrib = any(s["form"] == "contrib" for s in sites)
     section["checker"] = run_checker(path)
     runner, where = _runner(path, opts, contrib, options.verify, notes)
-    section["parity_on"] = where
+    section["parity_on"] = where if options.verify else "none (--no-verify)"
     if options.verify:
         section.update(_parity(program, runner))
         if plan.dynamic:
@@ -214,7 +214,8 @@ def _runner(path: Path, opts: OnnxOptions, contrib: bool, verify: bool,
 
     available = ort.get_available_providers()
     if opts.provider == "cuda" and "CUDAExecutionProvider" in available:
-        return OnnxRunner(path, ["CUDAExecutionProvider", "CPUExecutionProvider"]), "cuda"
+        return _load(path, ["CUDAExecutionProvider", "CPUExecutionProvider"], verify,
+                     notes), "cuda"
     if contrib:
         msg = ("the model uses com.microsoft.SparseAttention, which runs on onnxruntime's CUDA "
                "execution provider only (this onnxruntime has "
@@ -226,7 +227,24 @@ def _runner(path: Path, opts: OnnxOptions, contrib: bool, verify: bool,
         return _Unrunnable(path, msg), "none"
     if opts.provider == "cuda":
         notes.append("onnxruntime has no CUDA execution provider here: parity checked on the CPU")
-    return OnnxRunner(path), "cpu"
+    return _load(path, ["CPUExecutionProvider"], verify, notes), "cpu"
+
+
+def _load(path: Path, providers: list[str], verify: bool, notes: list[str]):
+    """An OnnxRunner, or a clear error where onnxruntime cannot load the model (e.g. a dtype
+    its CPU kernels lack); without verification, a note and a runner that says why."""
+    try:
+        return OnnxRunner(path, providers)
+    except Exception as e:  # onnxruntime raises its own pybind exception types
+        msg = f"onnxruntime cannot load {path.name}: {first_line(e)}"
+        if not verify:
+            notes.append(f"{msg}: parity not checked")
+            return _Unrunnable(path, msg)
+        if "implementation" in str(e).lower():
+            raise BadInputError(f"{msg}; export in float32 or float16 (onnxruntime has few "
+                                "bfloat16 kernels), or pass --no-verify to write the model "
+                                "unchecked") from None
+        raise SparsecError(msg) from None
 
 
 class OnnxRunner:

@@ -262,3 +262,15 @@ def test_training_step_program_deploys_its_forward_graph(tiny_llama_path, tmp_pa
     names = [i.name for i in model.graph.initializer]
     assert not [n for n in names if "optim" in n or "delta" in n], names
     assert [i.name for i in model.graph.input] == ["tokens"]
+
+
+def test_a_model_onnxruntime_cannot_load_is_a_clear_error(tiny_llama_path):
+    """bfloat16: onnxruntime's CPU provider lacks kernels (Mul); a one-line BadInputError with
+    the fix, and under --no-verify a note instead."""
+    tl = sparsec.load_model_file(tiny_llama_path).module
+    model = tl.model().to(torch.bfloat16)
+    with pytest.raises(BadInputError, match="export in float32 or float16"):
+        sparsec.compile(model, tl.example_inputs(), backend="onnx")
+    c = sparsec.compile(model, tl.example_inputs(), backend="onnx", verify=False)
+    assert c.report["onnx"]["parity_on"] == "none (--no-verify)"
+    assert any("parity not checked" in n for n in c.notes)
