@@ -274,3 +274,27 @@ def test_a_model_onnxruntime_cannot_load_is_a_clear_error(tiny_llama_path):
     c = sparsec.compile(model, tl.example_inputs(), backend="onnx", verify=False)
     assert c.report["onnx"]["parity_on"] == "none (--no-verify)"
     assert any("parity not checked" in n for n in c.notes)
+
+
+class _Causal(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.gpu
+def test_contrib_form_runs_on_onnxruntime_cuda(tmp_path):
+    """The exported com.microsoft.SparseAttention (float16, head size 128, blocks of 64) runs
+    in onnxruntime's CUDA execution provider and matches the PyTorch program."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime has no CUDA execution provider (onnxruntime-gpu not installed)")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 512, 128, generator=g).half() for _ in range(3))
+    c = sparsec.compile(_Causal(), (q, k, v), backend="onnx", out_dir=tmp_path / "o",
+                        passes=["block-sparse-attention:block=64,window=128,sink=64"],
+                        backend_options={"attention": "contrib", "provider": "cuda",
+                                         "dynamic": "none"})
+    o = c.report["onnx"]
+    assert [s["form"] for s in o["attention"]["sites"]] == ["contrib"]
+    assert o["parity_on"] == "cuda" and o["max_rel_err"] <= 2e-2
