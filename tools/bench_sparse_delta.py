@@ -5,7 +5,9 @@ forward variants of y = x (W + Δ)ᵀ, in one run.
     python tools/bench_sparse_delta.py --quick          # 0.1% and 1% only
 
 Gradient: `sampled` (sparsec's Triton kernel: transposed x + row-windowed sampled products,
-the token sum cut into ranges that fill the GPU; `v1` = one range, the first version),
+the token sum cut into ranges that fill the GPU, one small block product per row window and
+token tile; `v1` = the first version (one range, per-entry one-hot selection), `v2` = the
+second (ranges, one-hot selection)),
 `dense` (gradᵀ·x through cuBLAS, then a gather), `auto` (what `sampled_grad` runs: sampled
 where its median, measured on the first call, is 10% under dense; cached; the choice is made
 three times afresh per density and `stable` says how often it agreed) at 0.1% and 1%
@@ -34,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsec.kernels import sparse_delta as K  # noqa: E402
 
+# the earlier versions of the sampled kernel, for the v1 and v2 columns
+V1 = {"form": "onehot", "splits": 1, "tokens": 64, "warps": 4}
+V2 = {"form": "onehot", "tokens": 64, "warps": 8}
 SWEEP = (1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 5e-2)
 
 
@@ -81,7 +86,9 @@ def grad_rows(args, sets):
         errs = {"sampled": check_grad("sampled", K.sampled_grad_sampled(g0, x0, idx, in_f), g0,
                                       x0, idx, in_f),
                 "sampled_v1": check_grad("sampled v1", K.sampled_grad_sampled(
-                    g0, x0, idx, in_f, splits=1, warps=4), g0, x0, idx, in_f),
+                    g0, x0, idx, in_f, **V1), g0, x0, idx, in_f),
+                "sampled_v2": check_grad("sampled v2", K.sampled_grad_sampled(
+                    g0, x0, idx, in_f, **V2), g0, x0, idx, in_f),
                 "dense": check_grad("dense", K.sampled_grad_dense(g0, x0, idx, in_f), g0, x0,
                                     idx, in_f)}
         # the automatic choice, made afresh three times (as three processes would): a robust
@@ -97,23 +104,25 @@ def grad_rows(args, sets):
                "sampled_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f),
                                    sets),
                "sampled_v1_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f,
-                                                                       splits=1, warps=4),
-                                      sets),
+                                                                       **V1), sets),
+               "sampled_v2_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f,
+                                                                       **V2), sets),
                "auto_ms": bench(lambda s: K.sampled_grad(s[0], s[1], idx, in_f), sets)}
         if dense_ms is None:  # the dense product does not depend on the density
             dense_ms = bench(lambda s: K.sampled_grad_dense(s[0], s[1], idx, in_f), sets)
         row["dense_ms"] = dense_ms
         rows.append(row)
         print(f"  density {d:.2%}: sampled {row['sampled_ms']:.3f} ms ({row['splits']} token "
-              f"splits), v1 {row['sampled_v1_ms']:.3f} ms, dense {dense_ms:.3f} ms, auto "
+              f"splits), v1 {row['sampled_v1_ms']:.3f} ms, v2 {row['sampled_v2_ms']:.3f} ms, "
+              f"dense {dense_ms:.3f} ms, auto "
               f"({choice}; choices {choices}) {row['auto_ms']:.3f} ms", flush=True)
     transpose_ms = bench(lambda s: K.transpose(s[1]), sets)
-    # tiles of the sampled kernel at 0.1% (default: 64 tokens per tile, 8 warps), for the
+    # tiles of the sampled kernel at 0.1% (default: 32 tokens per tile, 4 warps), for the
     # next round's choice of defaults; each checked first
     idx = indices(out_f, in_f, 1e-3, seed=1000)
     g0, x0 = sets[0]
     sweep = {}
-    for tokens, warps in ((64, 4), (64, 8), (128, 8), (32, 4)):
+    for tokens, warps in ((32, 4), (32, 2), (64, 4), (16, 4)):
         def fn(s, tokens=tokens, warps=warps):
             return K.sampled_grad_sampled(s[0], s[1], idx, in_f, tokens=tokens, warps=warps)
         try:  # a failing tile is reported, not fatal: the tables above are the results
@@ -215,12 +224,14 @@ def main(argv=None) -> int:
         Path(path).write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}: weight "
           f"{o}x{i}, {T} tokens, {args.dtype}; median ms (do_bench)")
-    print(f"{'density':>8} {'k':>9} | {'sampled':>8} {'v1':>8} {'dense+g':>8} {'auto':>8} "
+    print(f"{'density':>8} {'k':>9} | {'sampled':>8} {'v1':>8} {'v2':>8} {'dense+g':>8} "
+          f"{'auto':>8} "
           f"{'choice':>8} {'stable':>6} | {'dense/sampled':>13} {'auto/dense':>10}")
     for r in rows:
         stable = f"{r['choices'].count(r['auto_choice'])}/{len(r['choices'])}"
         print(f"{r['density']:8.2%} {r['k']:9d} | {r['sampled_ms']:8.3f} "
-              f"{r['sampled_v1_ms']:8.3f} {r['dense_ms']:8.3f} {r['auto_ms']:8.3f} "
+              f"{r['sampled_v1_ms']:8.3f} {r['sampled_v2_ms']:8.3f} {r['dense_ms']:8.3f} "
+              f"{r['auto_ms']:8.3f} "
               f"{r['auto_choice']:>8} {stable:>6} | "
               f"{r['dense_ms'] / r['sampled_ms']:12.2f}x {r['auto_ms'] / r['dense_ms']:9.2f}x")
     sweep = next((r["tile_sweep"] for r in rows if "tile_sweep" in r), {})

@@ -126,6 +126,41 @@ def _sampled_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, t_per,
 
 
 @triton.jit
+def _block_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, t_per,
+                  E: tl.constexpr, RW: tl.constexpr, TT: tl.constexpr, FP32: tl.constexpr):
+    """As `_sampled_kernel`, but per row window the program computes the whole small block
+    gradᵀ[window rows] · x[:, the chunk's E columns] ([RW, E], one matrix product per token
+    tile, float32 accumulators) and picks each entry's element out of it once, after the token
+    loop: no per-tile selection, multiply or cross-thread reduction."""
+    e = tl.program_id(0) * E + tl.arange(0, E)
+    t_lo = tl.program_id(1) * t_per
+    t_hi = tl.minimum(t_lo + t_per, T)
+    Out += tl.program_id(1).to(tl.int64) * K
+    live = e < K
+    flat = tl.load(Idx + e, mask=live, other=0).to(tl.int64)
+    r = flat // IN
+    c = flat % IN
+    r_lo = tl.min(tl.where(live, r, OUT), 0)
+    r_hi = tl.max(tl.where(live, r, -1), 0)
+    n_win = tl.maximum(r_hi - r_lo, 0) // RW + 1
+    acc = tl.zeros([E], dtype=tl.float32)
+    x_rows = XT + c[:, None] * T
+    for w in range(0, n_win):
+        cols = r_lo + w * RW + tl.arange(0, RW)
+        block = tl.zeros([RW, E], dtype=tl.float32)
+        for t0 in range(t_lo, t_hi, TT):
+            t = t0 + tl.arange(0, TT)
+            g = tl.load(G + t[:, None].to(tl.int64) * sgt + cols[None, :] * sgo,
+                        mask=(t[:, None] < t_hi) & (cols[None, :] < OUT), other=0.0)  # [TT, RW]
+            xs = tl.load(x_rows + t[None, :], mask=live[:, None] & (t[None, :] < t_hi),
+                         other=0.0)                                                # [E, TT]
+            block = mma(tl.trans(g), tl.trans(xs), block, FP32)                   # [RW, E]
+        mine = (r[None, :] - r_lo - w * RW) == tl.arange(0, RW)[:, None]
+        acc += tl.sum(tl.where(mine, block, 0.0), 0)
+    tl.store(Out + e, acc.to(Out.dtype.element_ty), mask=live)
+
+
+@triton.jit
 def _reduce_kernel(Part, Out, K, SPLITS, BLOCK: tl.constexpr):
     """Out[e] = Σ_s Part[s, e] (float32 partial sums of the token splits), in Out's dtype."""
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -171,7 +206,7 @@ def _sm_count(device) -> int:
     return _SM_COUNT[device]
 
 
-def token_splits(chunks: int, T: int, device, tokens: int = 64) -> int:
+def token_splits(chunks: int, T: int, device, tokens: int = 32) -> int:
     """How many token ranges to cut the sum into: enough programs for ~4 per SM (few
     chunks at low density would leave most of the GPU idle), each range at least 8 token
     tiles long. Programs of one range run together (the grid's slow axis), so the rows of xᵀ
@@ -182,13 +217,15 @@ def token_splits(chunks: int, T: int, device, tokens: int = 64) -> int:
 
 def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
                          in_features: int, *, entries: int | None = None,
-                         window: int | None = None, tokens: int = 64,
-                         splits: int | None = None, warps: int = 8) -> torch.Tensor:
+                         window: int | None = None, tokens: int = 32,
+                         splits: int | None = None, warps: int = 4, stages: int = 3,
+                         form: str = "block") -> torch.Tensor:
     """The sampled path (see the module docstring); output in grad's dtype. `splits` token
     ranges (default `token_splits`; 1 = the first version: every program runs over all
-    tokens) are summed by `_reduce_kernel`. 8 warps: 119 registers per thread on sm_90 where
-    4 warps need 222 (tools/kernel_report.py), twice the warps per SM to hide the loads'
-    latency (the first version: 4)."""
+    tokens) are summed by `_reduce_kernel`. `form`: "block" (`_block_kernel`, the default)
+    or "onehot" (`_sampled_kernel`: the first version with splits=1, tokens=64, warps=4, the
+    second with tokens=64, warps=8). Defaults from tools/profile_sampled.py's sweep on the
+    H100 at 0.1% (32 tokens per tile and 4 warps: 0.158 ms against 0.210 at 64 and 8)."""
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     T, out_f = g2.shape
@@ -207,10 +244,11 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
     n_split = cdiv(T, t_per)
     part = out if n_split == 1 else \
         torch.empty(n_split, k, dtype=torch.float32, device=grad.device)
-    _sampled_kernel[(chunks, n_split)](
+    kernel = _block_kernel if form == "block" else _sampled_kernel
+    kernel[(chunks, n_split)](
         g2, xt, indices.contiguous(), part, k, T, in_features, out_f, *g2.stride(), t_per,
         E=e, RW=rw, TT=tokens, FP32=grad.dtype == torch.float32, num_warps=warps,
-        num_stages=3)
+        num_stages=stages)
     if n_split > 1:
         _reduce_kernel[(cdiv(k, 1024),)](part, out, k, n_split, BLOCK=1024)
     return out

@@ -39,12 +39,13 @@ CASES = {  # T, out, in, density, dtype, entries, window, batch
 }
 
 
+@pytest.mark.parametrize("form", ["block", "onehot"])
 @pytest.mark.parametrize("name", CASES)
-def test_sampled_kernel_matches_reference(name):
+def test_sampled_kernel_matches_reference(name, form):
     T, out_f, in_f, density, dtype, entries, window, batch = CASES[name]
     grad, x, idx = make(T, out_f, in_f, density, dtype, seed=len(name), batch=batch)
     got = K.sampled_grad_sampled(grad, x, idx, in_f, entries=entries, window=window,
-                                 tokens=32)
+                                 tokens=32, form=form)
     assert got.dtype == dtype and got.shape == idx.shape
     assert rel_err(got.cpu(), reference(grad, x, idx, in_f)) < TOL[dtype]
 
@@ -68,10 +69,12 @@ def test_token_splits_fill_the_gpu_but_keep_ranges_long():
     assert K.token_splits(2, 300, dev) == 1  # too few tokens to split
 
 
-def test_unsorted_indices_are_still_right():
+@pytest.mark.parametrize("form", ["block", "onehot"])
+def test_unsorted_indices_are_still_right(form):
     grad, x, idx = make(40, 50, 40, 0.05, torch.float32, seed=2)
     idx = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(0))]
-    got = K.sampled_grad_sampled(grad, x, idx, 40, entries=16, window=16, tokens=32)
+    got = K.sampled_grad_sampled(grad, x, idx, 40, entries=16, window=16, tokens=32,
+                                 form=form)
     assert rel_err(got.cpu(), reference(grad, x, idx, 40)) < TOL[torch.float32]
 
 
