@@ -144,6 +144,8 @@ def train_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...],
     else:
         from .train import train_model as train
         extra = {}
+        if _is_default("lr"):
+            lr = None  # AdamW's default, or the recipe's optimizer for a traced step
     with _TrainProgress(steps) as progress:
         run = train(model_file, steps=steps, recipe=recipe, passes=pass_args, out_dir=out_dir,
                     lr=lr, save_every=save_every, force=force, verify=verify,

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from .errors import BadInputError
-from .program import Program
+from .program import Program, Prop
 
 __all__ = ["Trainer", "TrainStats", "TrainRun", "train_model", "batch_tokens", "peak_memory"]
 
@@ -295,12 +295,15 @@ class TrainRun:
 
 
 def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (),
-                out_dir: Any = None, lr: float = 1e-3, save_every: int = 0, force: bool = False,
+                out_dir: Any = None, lr: float | None = None, save_every: int = 0,
+                force: bool = False,
                 verify: bool = True,
                 on_step: Callable[[int, float, TrainStats], None] | None = None) -> TrainRun:
     """Compile `model` (a model.py path or a Program) with the recipe, train `steps` steps on
     model.py's batches, and with `out_dir` write deltas.safetensors (every `save_every` steps
-    and at the end), recipe.toml and report.json there.
+    and at the end), recipe.toml and report.json there. `lr`: AdamW's learning rate (default
+    1e-3); a recipe with joint-graph passes trains with the optimizer it sets, so `lr` is
+    refused there.
 
     The output directory is staged: it appears complete or not at all. If training fails
     after a checkpoint was saved, the directory still appears with that checkpoint and a
@@ -318,6 +321,10 @@ def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (
     if steps < 1:
         raise BadInputError(f"--steps is {steps}; train at least one step")
     pass_list = resolve_passes(recipe, passes)
+    joint = [p.name for p in pass_list if Prop.JOINT_GRAPH in p.establishes]
+    if joint and lr is not None:
+        raise BadInputError(f"--lr {lr:g} is not used: the recipe's {joint[0]} pass sets the "
+                            "optimizer of the traced step; set lr in that pass instead")
     program = model if isinstance(model, Program) else trace_file(model)
     if program.source.batches is None:
         raise BadInputError(f"{program.source.name}: training needs batches(); define it in "
@@ -329,7 +336,7 @@ def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (
         raise BadInputError("the recipe has no sparse-finetune pass, so there is nothing to save "
                             "as deltas; add one (see docs/finetune.md)")
     compiled = lower(program, "eager")
-    trainer = Trainer(program, lr=lr)
+    trainer = Trainer(program, lr=1e-3 if lr is None else lr)
     compiled.trainer = trainer
     if out_dir is None:
         trainer.fit(program.source.batches, steps, _callback(trainer, on_step, None, 0))

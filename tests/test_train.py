@@ -178,3 +178,8 @@ def test_cli_trains_a_joint_recipe(run_cli, tiny_llama_path, tmp_path):
     train = json.loads((tmp_path / "out" / "report.json").read_text())["train"]
     assert train["steps"] == 2 and train["step"] == "traced (joint-graph, adamw)"
     assert (tmp_path / "out" / "deltas.safetensors").exists()
+    # --lr would be silently unused: refused, before anything is traced or written
+    r = run_cli("train", tiny_llama_path, "--recipe", recipe, "--steps", "2", "--lr", "0.1",
+                "-o", tmp_path / "out2")
+    assert r.returncode == 2 and "set lr in that pass" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out2").exists()
