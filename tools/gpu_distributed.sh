@@ -12,37 +12,9 @@
 # (NCCL_NVLS_ENABLE=0 unless the environment already sets it).
 set -uo pipefail
 
-cd "$(dirname "$0")/.." || exit 2
-OUT=${OUT:-$PWD/gpu_distributed_out}
-mkdir -p "$OUT" || { echo "gpu_distributed: cannot create $OUT" >&2; exit 2; }
-PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+TOOL=gpu_distributed
+source "$(dirname "$0")/gpu_lib.sh"
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-START=$(date +%s)
-FAILED=()
-
-step() {  # step NAME LIMIT_SECONDS LOG COMMAND...
-  local name=$1 limit=$2 log=$3
-  shift 3
-  echo "== $name (limit ${limit}s) =="
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$log"
-  local rc=${PIPESTATUS[0]}
-  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-    echo "gpu_distributed: $name ran past ${limit}s and was stopped (see $OUT/$log)"
-    FAILED+=("$name (timeout)")
-  elif [ "$rc" -ne 0 ]; then
-    echo "gpu_distributed: $name failed with exit code $rc (see $OUT/$log)"
-    FAILED+=("$name (exit $rc)")
-  fi
-  echo "== $name done at $(( $(date +%s) - START ))s =="
-}
-
-# Python packages the machine lacks travel as wheels in .whl/ (sparsec needs tomli-w).
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/sparsec_site .whl/*.whl || { echo "gpu_distributed: installing .whl/ failed"; exit 2; }
-  export PYTHONPATH="/tmp/sparsec_site:$PYTHONPATH"
-fi
 
 "$PY" - <<'EOF' 2>&1 | tee "$OUT/summary.txt"
 import sys

@@ -21,44 +21,10 @@
 # 2.11, triton 3.6); Python packages the machine lacks travel as wheels in .whl/.
 set -uo pipefail
 
-cd "$(dirname "$0")/.." || exit 2
-OUT=${OUT:-$PWD/gpu_tune_out}
-mkdir -p "$OUT" || { echo "gpu_tune: cannot create $OUT" >&2; exit 2; }
-PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
+TOOL=gpu_tune
 DEADLINE=${DEADLINE:-470}
-START=$(date +%s)
-FAILED=()
-
-step() {  # step NAME LIMIT_SECONDS LOG COMMAND...
-  local name=$1 limit=$2 log=$3
-  shift 3
-  local left=$(( DEADLINE - ($(date +%s) - START) ))
-  if [ "$left" -lt 20 ]; then
-    echo "== $name skipped: ${left}s left of the ${DEADLINE}s deadline =="
-    FAILED+=("$name (skipped: time)")
-    return
-  fi
-  [ "$limit" -gt "$left" ] && limit=$left
-  echo "== $name (limit ${limit}s) =="
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$log"
-  local rc=${PIPESTATUS[0]}
-  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-    echo "gpu_tune: $name ran past ${limit}s and was stopped (see $OUT/$log)"
-    FAILED+=("$name (timeout)")
-  elif [ "$rc" -ne 0 ]; then
-    echo "gpu_tune: $name failed with exit code $rc (see $OUT/$log)"
-    FAILED+=("$name (exit $rc)")
-  fi
-  echo "== $name done at $(( $(date +%s) - START ))s =="
-}
-
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/sparsec_site .whl/*.whl || { echo "gpu_tune: installing .whl/ failed"; exit 2; }
-  export PYTHONPATH="/tmp/sparsec_site:$PYTHONPATH"
-fi
+source "$(dirname "$0")/gpu_lib.sh"
+export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 
 "$PY" - <<'EOF' 2>&1 | tee "$OUT/summary.txt"
 import sys
