@@ -224,9 +224,12 @@ def test_bad_inputs(tmp_path, tiny_llama_path):
 
 # NCCL on 2 GPUs -----------------------------------------------------------------------------
 def _two_gpus() -> None:
+    """Skip (reported, never counted as passed) on a machine with fewer than 2 GPUs: `pytest
+    -m gpu tests` on one GPU runs everything else; tools/gpu_distributed.sh, which runs these
+    on 2 GPUs, fails in its preflight where they cannot run."""
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n < 2:
-        pytest.fail(f"the NCCL tests need 2 CUDA GPUs, this machine has {n}")
+        pytest.skip(f"the NCCL tests need 2 CUDA GPUs, this machine has {n}")
 
 
 @pytest.mark.gpu
