@@ -18,7 +18,8 @@ def _outputs_and_grads(module, program, inputs):
     for _, p in program.trainable_parameters():
         p.grad = None
     out = module(*inputs)
-    out.float().square().mean().backward()
+    if out.requires_grad:  # a drawn model may have no parameters at all (e.g. one ReLU)
+        out.float().square().mean().backward()
     return out.detach(), {n: p.grad.clone() for n, p in program.trainable_parameters()
                           if p.grad is not None}
 
