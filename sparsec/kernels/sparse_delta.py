@@ -3,12 +3,14 @@
 `sparsec::sampled_grad(grad, x, indices, in_features)` is dW.flatten()[indices] for
 dW = gradᵀ·x (grad [T, out], x [T, in]): only k of the out·in entries. Two ways to get them:
 
-- **sampled** (`_sampled_kernel`): x is copied transposed once (`_transpose_kernel`, so each
+- **sampled** (`_block_kernel`): x is copied transposed once (`_transpose_kernel`, so each
   entry's column of x is one contiguous row); the sorted indices are cut into chunks of E
   entries, one program each. A chunk spans few rows of W (its entries are sorted), so the
-  program loads grad in [tokens × RW rows] windows (coalesced), picks each entry's grad column
-  out of the window with a one-hot matrix product (exact: one non-zero term per output) and
-  multiplies it with the entry's row of xᵀ, accumulating in float32. The token sum is cut
+  program loads grad in [tokens × RW rows] windows (coalesced) and the chunk's E rows of xᵀ,
+  accumulates their product gradᵀ[RW rows] · x[:, E columns] in a float32 [RW × E] block on
+  the tensor cores, and after the token loop takes each entry's own element of the block.
+  (`_sampled_kernel`, the earlier form, picked each entry's grad column per token tile with
+  a one-hot product instead: `form="onehot"`.) The token sum is cut
   into ranges (`token_splits`: ~4 programs per SM however few chunks there are) that run one
   after another along the grid's slow axis, so the xᵀ rows several chunks share are re-read
   from L2 within a range; float32 partial sums are added by `_reduce_kernel`. grad and xᵀ are
@@ -244,7 +246,7 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
     n_split = cdiv(T, t_per)
     part = out if n_split == 1 else \
         torch.empty(n_split, k, dtype=torch.float32, device=grad.device)
-    kernel = _block_kernel if form == "block" else _sampled_kernel
+    kernel = {"block": _block_kernel, "onehot": _sampled_kernel}[form]
     kernel[(chunks, n_split)](
         g2, xt, indices.contiguous(), part, k, T, in_features, out_f, *g2.stride(), t_per,
         E=e, RW=rw, TT=tokens, FP32=grad.dtype == torch.float32, num_warps=warps,
