@@ -92,6 +92,15 @@ def setup(backend: str | None = None) -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local, backend, device, owns)
 
 
+def leave_together(env: DistEnv) -> None:
+    """A barrier after a successful run: rank 0 writes the outputs while the others would
+    already tear the group down, and a gloo peer that leaves early can abort the process
+    ("terminate called without an active exception", seen once in 2-rank CPU runs). Not
+    after a failure, where the other ranks may never arrive (torchrun stops them)."""
+    if env.world_size > 1 and dist.is_initialized():
+        dist.barrier()
+
+
 def teardown(env: DistEnv) -> None:
     if env.owns_group and dist.is_initialized():
         dist.destroy_process_group()
@@ -308,9 +317,11 @@ def train_distributed(model: Any, *, steps: int, recipe: Any = None, passes: tup
     env = setup(backend)
     previous = _on_sigterm()
     try:
-        return _run(env, model, steps=steps, recipe=recipe, passes=passes, out_dir=out_dir,
-                    lr=lr, save_every=save_every, force=force, verify=verify, resume=resume,
-                    fsdp=fsdp, on_step=on_step)
+        run = _run(env, model, steps=steps, recipe=recipe, passes=passes, out_dir=out_dir,
+                   lr=lr, save_every=save_every, force=force, verify=verify, resume=resume,
+                   fsdp=fsdp, on_step=on_step)
+        leave_together(env)
+        return run
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
