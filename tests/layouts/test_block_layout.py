@@ -12,16 +12,6 @@ from sparsec.layouts import BlockLayout, bigbird, dense, dilated, per_head, slid
 from sparsec.layouts.block_layout import block_geometry
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: one intra-op thread is faster and immune to a busy machine
-    (two threads on two shared cores were 5x slower in this suite)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def brute_blocks(rule, L, S, bq, bk):
     """keep[i, j] = some in-range (t, s) of block (i, j) satisfies rule(t, s)."""
     nq, nkv = math.ceil(L / bq), math.ceil(S / bk)

@@ -22,16 +22,6 @@ from sparsec.layouts.dynamic import (
 from sparsec.ops.block_select import block_scores_op, select_blocks_op, select_vertical_slash_op
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: one intra-op thread is faster and immune to a busy machine
-    (two threads on two shared cores were 5x slower in this suite)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_pool_blocks_means_ragged_tail():
     x = torch.randn(2, 3, 37, 4, dtype=torch.float64)
     got = pool_blocks(x, 16)

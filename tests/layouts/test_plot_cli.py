@@ -5,23 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from sparsec.cli import cli
 from sparsec.errors import BadInputError
 from sparsec.layouts import sliding_window
 from sparsec.layouts.plot import plot_layout
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: one intra-op thread is faster and immune to a busy machine
-    (two threads on two shared cores were 5x slower in this suite)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

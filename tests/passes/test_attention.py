@@ -21,16 +21,6 @@ from sparsec.testing import check_pass
 from sparsec.testing import strategies as sst
 from sparsec.testing.models import LayerSpec, ModelSpec, build_model, inputs_for
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: one intra-op thread is faster and immune to a busy machine
-    (two threads on two shared cores were 5x slower in this suite)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 ISSUE_RECIPE = """
 [[pass]]
 name = "block-sparse-attention"

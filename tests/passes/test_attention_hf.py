@@ -9,17 +9,6 @@ import sparsec
 from sparsec.passes.attention import BlockSparseAttention
 from sparsec.testing import check_pass
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tensors here are tiny: one intra-op thread is faster and immune to a busy machine
-    (two threads on two shared cores were 5x slower in this suite)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 transformers = pytest.importorskip("transformers")
 
 LAYERS, LENGTH = 2, 40
