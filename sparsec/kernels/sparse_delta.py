@@ -93,21 +93,28 @@ def _window_dot(acc, G, xs, r, w0, t, T, OUT, sgt, sgo, E: tl.constexpr, RW: tl.
 
 
 @triton.jit
-def _sampled_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, t_per,
-                    E: tl.constexpr, RW: tl.constexpr, TT: tl.constexpr, FP32: tl.constexpr):
-    """Program (chunk, split): the chunk's E entries over tokens [split·t_per, +t_per);
-    one split writes the result, several write float32 partial sums (row `split` of Out)."""
+def _chunk(Idx, K, IN, OUT, E: tl.constexpr, RW: tl.constexpr):
+    """This program's chunk of E sorted entries: (entry ids, which are real, their rows and
+    columns in W, the first row, how many RW-row windows the rows span)."""
     e = tl.program_id(0) * E + tl.arange(0, E)
-    t_lo = tl.program_id(1) * t_per
-    t_hi = tl.minimum(t_lo + t_per, T)
-    Out += tl.program_id(1).to(tl.int64) * K
     live = e < K
     flat = tl.load(Idx + e, mask=live, other=0).to(tl.int64)
     r = flat // IN
     c = flat % IN
     r_lo = tl.min(tl.where(live, r, OUT), 0)
     r_hi = tl.max(tl.where(live, r, -1), 0)
-    n_win = tl.maximum(r_hi - r_lo, 0) // RW + 1
+    return e, live, r, c, r_lo, tl.maximum(r_hi - r_lo, 0) // RW + 1
+
+
+@triton.jit
+def _sampled_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, t_per,
+                    E: tl.constexpr, RW: tl.constexpr, TT: tl.constexpr, FP32: tl.constexpr):
+    """Program (chunk, split): the chunk's E entries over tokens [split·t_per, +t_per);
+    one split writes the result, several write float32 partial sums (row `split` of Out)."""
+    e, live, r, c, r_lo, n_win = _chunk(Idx, K, IN, OUT, E, RW)
+    t_lo = tl.program_id(1) * t_per
+    t_hi = tl.minimum(t_lo + t_per, T)
+    Out += tl.program_id(1).to(tl.int64) * K
     acc = tl.zeros([E], dtype=tl.float32)
     x_rows = XT + c[:, None] * T
     if n_win == 1:  # the common case: one window, a loop the compiler can pipeline
@@ -134,17 +141,10 @@ def _block_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, t_per,
     gradᵀ[window rows] · x[:, the chunk's E columns] ([RW, E], one matrix product per token
     tile, float32 accumulators) and picks each entry's element out of it once, after the token
     loop: no per-tile selection, multiply or cross-thread reduction."""
-    e = tl.program_id(0) * E + tl.arange(0, E)
+    e, live, r, c, r_lo, n_win = _chunk(Idx, K, IN, OUT, E, RW)
     t_lo = tl.program_id(1) * t_per
     t_hi = tl.minimum(t_lo + t_per, T)
     Out += tl.program_id(1).to(tl.int64) * K
-    live = e < K
-    flat = tl.load(Idx + e, mask=live, other=0).to(tl.int64)
-    r = flat // IN
-    c = flat % IN
-    r_lo = tl.min(tl.where(live, r, OUT), 0)
-    r_hi = tl.max(tl.where(live, r, -1), 0)
-    n_win = tl.maximum(r_hi - r_lo, 0) // RW + 1
     acc = tl.zeros([E], dtype=tl.float32)
     x_rows = XT + c[:, None] * T
     for w in range(0, n_win):
