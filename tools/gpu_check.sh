@@ -21,25 +21,7 @@ QUICK_ARGS=()
 [ "${QUICK:-0}" = "1" ] && QUICK_ARGS=(--quick)
 
 # preflight: stop here if there is no GPU or sparsec and its kernels cannot load
-"$PY" - <<'EOF' 2>&1 | tee "$OUT/summary.txt"
-import sys
-try:
-    import torch
-    import triton
-    import sparsec  # noqa: F401
-except ImportError as e:
-    sys.exit(f"gpu_check: preflight failed: {e}. Carry the missing package as a wheel in .whl/ "
-             f"(for tomli-w: pip download --no-deps tomli-w==1.2.0 -d .whl)")
-if not torch.cuda.is_available():
-    sys.exit("gpu_check: preflight failed: torch sees no CUDA GPU")
-import sparsec.kernels as k
-usable = k.load_kernels()
-print(f"preflight: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-      f"triton {triton.__version__}, kernel modules {usable}")
-if "block_sparse_attention" not in usable:
-    sys.exit("gpu_check: preflight failed: the attention kernels are not usable")
-EOF
-[ "${PIPESTATUS[0]}" -eq 0 ] || exit 2
+preflight_kernels
 
 step "gpu tests" 180 gpu_tests.log \
   "$PY" -m pytest -m gpu -q -p no:cacheprovider --maxfail=20 -rfs \

@@ -2,7 +2,8 @@
 # run. Before sourcing, set TOOL (the script's name, for messages) and optionally DEADLINE (a
 # step that would start with less than 20 s of it left is skipped). After sourcing: the
 # repository root is the working directory, $OUT exists, $PY is the interpreter, the wheels in
-# .whl/ are installed, and `step` runs one step.
+# .whl/ are installed, `step` runs one step and `preflight_kernels` stops the script (exit 2)
+# unless a CUDA GPU, sparsec and its attention kernels are usable.
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 OUT=${OUT:-$PWD/${TOOL}_out}
@@ -44,3 +45,28 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     --target /tmp/sparsec_site .whl/*.whl || { echo "$TOOL: installing .whl/ failed"; exit 2; }
   export PYTHONPATH="/tmp/sparsec_site:$PYTHONPATH"
 fi
+
+preflight_kernels() {  # writes $OUT/summary.txt (the scripts append their summary to it)
+  TOOL=$TOOL "$PY" - <<'EOF' 2>&1 | tee "$OUT/summary.txt"
+import os
+import sys
+tool = os.environ["TOOL"]
+try:
+    import torch
+    import triton
+    import sparsec  # noqa: F401
+except ImportError as e:
+    sys.exit(f"{tool}: preflight failed: {e}. Carry the missing package as a wheel in .whl/ "
+             f"(for tomli-w: pip download --no-deps tomli-w==1.2.0 -d .whl)")
+if not torch.cuda.is_available():
+    sys.exit(f"{tool}: preflight failed: torch sees no CUDA GPU")
+import sparsec.kernels as k
+from sparsec.kernels._triton import SETTINGS
+usable = k.load_kernels()
+print(f"preflight: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+      f"triton {triton.__version__}, kernel modules {usable}, settings {SETTINGS}")
+if "block_sparse_attention" not in usable:
+    sys.exit(f"{tool}: preflight failed: the attention kernels are not usable")
+EOF
+  [ "${PIPESTATUS[0]}" -eq 0 ] || exit 2
+}

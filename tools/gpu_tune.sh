@@ -26,26 +26,7 @@ DEADLINE=${DEADLINE:-470}
 source "$(dirname "$0")/gpu_lib.sh"
 export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
 
-"$PY" - <<'EOF' 2>&1 | tee "$OUT/summary.txt"
-import sys
-try:
-    import torch
-    import triton
-    import sparsec  # noqa: F401
-except ImportError as e:
-    sys.exit(f"gpu_tune: preflight failed: {e}. Carry the missing package as a wheel in .whl/ "
-             f"(for tomli-w: pip download --no-deps tomli-w==1.2.0 -d .whl)")
-if not torch.cuda.is_available():
-    sys.exit("gpu_tune: preflight failed: torch sees no CUDA GPU")
-import sparsec.kernels as k
-from sparsec.kernels._triton import SETTINGS
-usable = k.load_kernels()
-print(f"preflight: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-      f"triton {triton.__version__}, kernel modules {usable}, settings {SETTINGS}")
-if "block_sparse_attention" not in usable:
-    sys.exit("gpu_tune: preflight failed: the attention kernels are not usable")
-EOF
-[ "${PIPESTATUS[0]}" -eq 0 ] || exit 2
+preflight_kernels
 
 # the benchmarks first (each checks its variants before timing them), so a slow test step
 # cannot cost the measurements; the tests get what is left of the deadline
