@@ -1,24 +1,23 @@
 #!/usr/bin/env bash
-# sparsec GPU tuning run (issue 6, second round): tests, then old and new kernels side by side.
+# sparsec GPU tuning run (issue 6, third round): benchmarks with their baselines, then tests.
 #
 #   OUT=/path/to/logs tools/gpu_tune.sh        # from the repository root or anywhere
 #
 # Steps, in order, each with a time limit and all under one deadline (DEADLINE seconds,
 # default 470: the whole run fits in 8 minutes; a step that would start with less than 20 s
 # left is skipped and reported):
-#   1. attention     tools/bench_attention.py: SDPA, Flex and the sparsec variants v1 (first
-#                    version), v2 (new default), v2-split, v2-atomic; every variant checked
-#                    against Flex before timing                              -> bench_attention.log/.json
-#   2. sparse delta  tools/bench_sparse_delta.py: sampled v2 and v1, dense, auto (choice made
-#                    three times afresh per density)                          -> bench_sparse_delta.log/.json
-#   3. profile       tools/profile_attention.py at 4k, 16%, v2               -> profile_attention_4k.txt
-#   4. host time     tools/host_overhead.py: µs to issue one call, old vs new -> host_overhead.log
-#   5. gpu tests     pytest -m gpu tests/kernels tests/ops tests/backends    -> gpu_tests.log
-# Eight files in $OUT, the most a device run brings back.
+#   1. attention     tools/bench_attention.py: SDPA, Flex and the sparsec variants v2 (the
+#                    default: backward chosen per shape), v2-split, v2-atomic; every variant
+#                    checked against Flex before timing                       -> bench_attention.log/.json
+#   2. sparse delta  tools/bench_sparse_delta.py: sampled (v4) beside v3 and v2, dense, auto
+#                    (choice made three times afresh per density), a tile sweep at 0.1%
+#                                                                             -> bench_sparse_delta.log/.json
+#   3. gpu tests     pytest -m gpu tests/kernels tests/ops tests/backends    -> gpu_tests.log
 # Last it prints the summary: test result, the tables, and tools/goals.py (each goal, the
 # measured ratio, met or missed); the same goes to $OUT/summary.txt. Exit status 1 if a step
 # failed or timed out. Needs a CUDA GPU with torch and triton (written for the H100, torch
 # 2.11, triton 3.6); Python packages the machine lacks travel as wheels in .whl/.
+# (tools/profile_attention.py and tools/host_overhead.py, steps of the second round, run alone.)
 set -uo pipefail
 
 TOOL=gpu_tune
@@ -30,13 +29,9 @@ preflight_kernels
 
 # the benchmarks first (each checks its variants before timing them), so a slow test step
 # cannot cost the measurements; the tests get what is left of the deadline
-step "bench_attention" 240 bench_attention.log \
-  "$PY" tools/bench_attention.py --variants v1,v2,v2-split,v2-atomic
-step "bench_sparse_delta" 90 bench_sparse_delta.log "$PY" tools/bench_sparse_delta.py
-step "profile 4k" 45 profile_attention_4k.txt \
-  "$PY" tools/profile_attention.py --length 4096 --density 0.16 --variant v2
-step "host overhead" 45 host_overhead.log \
-  env SPARSEC_AUTOTUNE=0 "$PY" tools/host_overhead.py --iters 100
+step "bench_attention" 230 bench_attention.log \
+  "$PY" tools/bench_attention.py --variants v2,v2-split,v2-atomic
+step "bench_sparse_delta" 120 bench_sparse_delta.log "$PY" tools/bench_sparse_delta.py
 step "gpu tests" 200 gpu_tests.log \
   "$PY" -m pytest -m gpu -q -p no:cacheprovider --maxfail=20 -rfs \
   tests/kernels tests/ops tests/backends
@@ -52,11 +47,7 @@ step "gpu tests" 200 gpu_tests.log \
   echo "-- sparse delta (ms):"
   sed -n '/, torch .*, triton .*: weight/,$p' "$OUT/bench_sparse_delta.log" 2>/dev/null \
     | tail -n 20
-  echo "-- profile at 4k (v2): wall per call and the kernels"
-  grep -E "^== |_kernel|Self CUDA time total" "$OUT/profile_attention_4k.txt" 2>/dev/null \
-    | sed -E 's/ {2,}/ /g' | head -n 20
-  echo "-- host time to issue one call:"
-  sed -n '/^host time per call/,$p' "$OUT/host_overhead.log" 2>/dev/null
+  grep -E "sampled tiles at 0.1%" "$OUT/bench_sparse_delta.log" 2>/dev/null | head -n 1
   echo "-- goals:"
   "$PY" tools/goals.py "$OUT"
   if [ ${#FAILED[@]} -gt 0 ]; then

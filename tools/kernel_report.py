@@ -88,8 +88,11 @@ def _resources(compiled) -> dict:
         sass = subprocess.run([str(tools / "cuobjdump"), "--dump-sass", str(path)],
                               capture_output=True, text=True).stdout
     field = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    ttgir = compiled.asm.get("ttgir", "")
     return {"regs": field.get("REG"), "stack": field.get("STACK"), "local": field.get("LOCAL"),
             "smem": compiled.metadata.shared,
+            # loads the software pipeliner turned into asynchronous copies (0: none pipelined)
+            "async": len(re.findall(r"async_copy_global_to_local|async_tma_copy", ttgir)),
             "mma": "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else
             "FFMA" if "FFMA" in sass else "-"}
 
@@ -162,7 +165,7 @@ def _sparse_delta(args):
     T, out_f, in_f = 8192, 4096, 4096
     g = torch.empty(T, out_f, dtype=dtype, device="meta")
     x = torch.empty(T, in_f, dtype=dtype, device="meta")
-    for name in ("_transpose_kernel", "_sampled_kernel", "_reduce_kernel"):
+    for name in ("_transpose_kernel", "_block_kernel", "_reduce_kernel"):
         setattr(sd, name, _Compile(getattr(sd, name), name.strip("_").replace("_kernel", "")))
     for density in (0.001, 0.01):
         k = int(density * out_f * in_f)
@@ -198,12 +201,12 @@ def main(argv=None) -> int:
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, head dim "
           f"{args.head_dim}, block {args.block}")
     print(f"{'kernel':17} {'BLOCK_M':>7} {'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'regs':>4} "
-          f"{'stack':>5} {'smem':>6} mma")
+          f"{'stack':>5} {'smem':>6} {'async':>5} mma")
     for r in RESULTS:
         m = r["meta"]
         print(f"{r['kernel']:17} {m.get('BLOCK_M', '-'):>7} {m.get('BLOCK_N', '-'):>7} "
               f"{r['warps'] or '-':>5} {r['stages'] or '-':>6} {r['regs']:>4} {r['stack']:>5} "
-              f"{r['smem']:>6} {r['mma']}")
+              f"{r['smem']:>6} {r['async']:>5} {r['mma']}")
     return 0
 
 

@@ -77,8 +77,7 @@ def mask_args(attn_mask: torch.Tensor | None, batch: int, heads: int, q_len: int
 
 
 # transposed layout ------------------------------------------------------------------------
-_TRANSPOSED: dict[int, tuple] = {}
-_TRANSPOSED_MAX = 32
+_TRANSPOSED = _triton.TensorCache(32)
 
 
 def _transpose_list(num: torch.Tensor, idx: torch.Tensor, nkv: int
@@ -111,23 +110,9 @@ def transposed_layout(num: torch.Tensor, idx: torch.Tensor, fnum: torch.Tensor,
     """(partial row_ptr, partial q blocks, full row_ptr, full q blocks), cached per layout:
     a layout reused across steps (static layouts) is transposed once. The cache holds weak
     references and the tensors' version counters, so a new or modified layout never hits."""
-    tensors = (num, idx, fnum, fidx)
-    key = tuple(id(t) for t in tensors) + (nkv,)
-    hit = _TRANSPOSED.get(key)
-    if hit is not None:
-        refs, versions, value = hit
-        if all(r() is t for r, t in zip(refs, tensors)) and \
-                versions == tuple(t._version for t in tensors):
-            return value
-    value = (*_transpose_list(num, idx, nkv), *_transpose_list(fnum, fidx, nkv))
-    if len(_TRANSPOSED) >= _TRANSPOSED_MAX:
-        _TRANSPOSED.pop(next(iter(_TRANSPOSED)))
-    try:
-        refs = tuple(weakref.ref(t) for t in tensors)
-    except TypeError:  # pragma: no cover - tensors that refuse weak references: no caching
-        return value
-    _TRANSPOSED[key] = (refs, tuple(t._version for t in tensors), value)
-    return value
+    return _TRANSPOSED.get(
+        (num, idx, fnum, fidx), (nkv,),
+        lambda: (*_transpose_list(num, idx, nkv), *_transpose_list(fnum, fidx, nkv)))
 
 
 # plans -------------------------------------------------------------------------------------

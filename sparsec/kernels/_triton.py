@@ -13,11 +13,12 @@ modules still import (their references work; their launchers are never called: t
 
 import contextlib
 import os
+import weakref
 from dataclasses import dataclass, fields
 
 __all__ = ["HAS_TRITON", "triton", "tl", "interpreting", "autotune_enabled", "cdiv",
            "next_pow2", "on_cuda", "enabled", "no_sync_allowed", "FORCE_REFERENCE", "SETTINGS",
-           "Settings", "settings"]
+           "Settings", "settings", "TensorCache"]
 
 try:
     import triton
@@ -154,3 +155,39 @@ def cdiv(a: int, b: int) -> int:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+class TensorCache:
+    """Values derived from tensors (a transposed layout, row bounds of sorted indices), kept
+    while those tensors live unmodified: a hit needs the same tensor objects (weak references)
+    at the same version counters, so a new or modified tensor never hits. At most `size`
+    entries; the oldest goes first. While a CUDA graph is being captured nothing is read or
+    stored: the graph must own what it reads (an evicted cached value would be freed under
+    it)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: dict = {}
+
+    def get(self, tensors: tuple, extra: tuple, make):
+        """The cached value for (tensors, extra), or make()'s, stored."""
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return make()
+        key = tuple(id(t) for t in tensors) + tuple(extra)
+        versions = tuple(t._version for t in tensors)
+        hit = self.entries.get(key)
+        if hit is not None and hit[1] == versions and \
+                all(r() is t for r, t in zip(hit[0], tensors)):
+            return hit[2]
+        value = make()
+        try:
+            refs = tuple(weakref.ref(t) for t in tensors)
+        except TypeError:  # pragma: no cover - tensors that refuse weak references
+            return value
+        self.entries.pop(key, None)
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = (refs, versions, value)
+        return value

@@ -91,9 +91,14 @@ def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, dqa
     for it in range(start * SUBS, end * SUBS):
         qb = tl.load(qblocks + it // SUBS)
         m0 = qb * BLOCK_Q + (it % SUBS) * BLOCK_M
-        live = m0 < L
-        if PARTIAL and CAUSAL:  # query sub-tile entirely before this key tile: nothing visible
-            live = live & (m0 + BLOCK_M - 1 >= n0)
+        # Full lists test nothing at run time: a branch around the loads would keep the
+        # software pipeliner from overlapping them with the products (rows past L, in the
+        # ragged last query block, load as zeros with lse +inf and add nothing).
+        live = True
+        if PARTIAL:
+            live = m0 < L
+            if CAUSAL:  # query sub-tile entirely before this key tile: nothing visible
+                live = live & (m0 + BLOCK_M - 1 >= n0)
         if live:
             offs_m = m0 + tl.arange(0, BLOCK_M)
             q = load_rows(q_base, offs_m, L, offs_d, sqm, sqd, D, BLOCK_D, True)

@@ -37,11 +37,11 @@ import os
 import torch
 
 from ._attention_common import mma
-from ._triton import HAS_TRITON, cdiv, next_pow2, no_sync_allowed, on_cuda, tl, triton
+from ._triton import HAS_TRITON, TensorCache, cdiv, next_pow2, no_sync_allowed, on_cuda, tl, triton
 
 __all__ = ["HAS_TRITON", "sparse_delta_ref", "sampled_grad_ref", "sampled_grad",
            "sampled_grad_sampled", "sampled_grad_dense", "choose_method", "transpose",
-           "token_splits", "MARGIN"]
+           "token_splits", "window_tiles", "row_bounds", "MARGIN"]
 
 
 # references -------------------------------------------------------------------------------
@@ -163,6 +163,40 @@ def _block_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, t_per,
 
 
 @triton.jit
+def _window_kernel(G, XT, Idx, Bounds, Out, K, T, IN, OUT, sgt, sgo, t_per,
+                   E: tl.constexpr, RW: tl.constexpr, TT: tl.constexpr, FP32: tl.constexpr):
+    """Program (row window w, token split): the entries whose row lies in rows
+    [w·RW, (w+1)·RW) — the range Bounds[w]..Bounds[w+1] of the sorted indices — in chunks of
+    E (one chunk unless the window holds more), each computed as the block
+    gradᵀ[window rows] · x[:, the chunk's columns] ([RW, E], float32) over the split's tokens,
+    then each entry's own element taken out of it. Windows are aligned and disjoint, so every
+    element of grad is read by one program per split."""
+    w = tl.program_id(0)
+    lo = tl.load(Bounds + w)
+    hi = tl.load(Bounds + w + 1)
+    t_lo = tl.program_id(1) * t_per
+    t_hi = tl.minimum(t_lo + t_per, T)
+    Out += tl.program_id(1).to(tl.int64) * K
+    rows = w * RW + tl.arange(0, RW)
+    for e0 in range(lo, hi, E):
+        e = e0 + tl.arange(0, E)
+        live = e < hi
+        flat = tl.load(Idx + e, mask=live, other=0).to(tl.int64)
+        x_rows = XT + (flat % IN)[:, None] * T
+        block = tl.zeros([RW, E], dtype=tl.float32)
+        for t0 in range(t_lo, t_hi, TT):
+            t = t0 + tl.arange(0, TT)
+            g = tl.load(G + t[:, None].to(tl.int64) * sgt + rows[None, :] * sgo,
+                        mask=(t[:, None] < t_hi) & (rows[None, :] < OUT), other=0.0)  # [TT, RW]
+            xs = tl.load(x_rows + t[None, :], mask=live[:, None] & (t[None, :] < t_hi),
+                         other=0.0)                                                # [E, TT]
+            block = mma(tl.trans(g), tl.trans(xs), block, FP32)                   # [RW, E]
+        mine = (flat // IN - w * RW)[None, :] == tl.arange(0, RW)[:, None]
+        tl.store(Out + e, tl.sum(tl.where(mine, block, 0.0), 0).to(Out.dtype.element_ty),
+                 mask=live)
+
+
+@triton.jit
 def _reduce_kernel(Part, Out, K, SPLITS, BLOCK: tl.constexpr):
     """Out[e] = Σ_s Part[s, e] (float32 partial sums of the token splits), in Out's dtype."""
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -177,14 +211,20 @@ def _usable(*tensors) -> bool:
     return on_cuda(*tensors)
 
 
-def transpose(x: torch.Tensor) -> torch.Tensor:
-    """xᵀ as a new contiguous tensor (Triton tiles; torch elsewhere)."""
+TRANSPOSE_TILE = (64, 64, 4)  # rows, columns, warps
+
+
+def transpose(x: torch.Tensor, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """xᵀ as a new contiguous tensor (Triton tiles of `tile` = (rows, columns, warps); torch
+    elsewhere)."""
     if not _usable(x):
         return x.t().contiguous()
     r, c = x.shape
     y = torch.empty(c, r, dtype=x.dtype, device=x.device)
+    br, bc, warps = tile or TRANSPOSE_TILE
     if x.numel():
-        _transpose_kernel[(cdiv(r, 64), cdiv(c, 64))](x, y, r, c, *x.stride(), BR=64, BC=64)
+        _transpose_kernel[(cdiv(r, br), cdiv(c, bc))](x, y, r, c, *x.stride(), BR=br, BC=bc,
+                                                     num_warps=warps)
     return y
 
 
@@ -195,6 +235,35 @@ def tiles(k: int, out_features: int) -> tuple[int, int]:
     entries = 64
     span = entries / per_row
     return entries, int(min(128, max(16, next_pow2(int(span * 1.25) + 1))))
+
+
+def window_tiles(k: int, out_features: int) -> tuple[int, int]:
+    """(entries per chunk E, window rows RW) of the window form: the widest window (16…128
+    rows) whose entries — Poisson-like, per_row·RW on average — fit one chunk of at most 128
+    with four standard deviations to spare, and E the power of two that holds them (32…256;
+    a window holding more loops over chunks, reading its grad rows again)."""
+    per_row = k / max(out_features, 1)
+    for rw in (128, 64, 32, 16):
+        mean = per_row * rw
+        need = mean + 4 * math.sqrt(mean) + 1
+        if need <= 128:
+            break
+    return min(256, max(32, next_pow2(math.ceil(need)))), rw
+
+
+_BOUNDS = TensorCache(1024)
+
+
+def row_bounds(indices: torch.Tensor, rows: int, window: int, in_features: int) -> torch.Tensor:
+    """Bounds[w] = the first position in the sorted `indices` whose row is ≥ w·window, for
+    w = 0…cdiv(rows, window) (int32, on the device, no host sync); cached per indices tensor
+    (its version counter: an in-place change recomputes)."""
+    def make():
+        n = cdiv(rows, window)
+        starts = torch.arange(n + 1, device=indices.device, dtype=torch.int64) * \
+            (window * in_features)
+        return torch.searchsorted(indices, starts, out_int32=True)
+    return _BOUNDS.get((indices,), (rows, window, in_features), make)
 
 
 _SM_COUNT: dict = {}
@@ -221,13 +290,15 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
                          in_features: int, *, entries: int | None = None,
                          window: int | None = None, tokens: int = 32,
                          splits: int | None = None, warps: int = 4, stages: int = 3,
-                         form: str = "block") -> torch.Tensor:
+                         form: str = "window",
+                         transpose_tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The sampled path (see the module docstring); output in grad's dtype. `splits` token
-    ranges (default `token_splits`; 1 = the first version: every program runs over all
-    tokens) are summed by `_reduce_kernel`. `form`: "block" (`_block_kernel`, the default)
-    or "onehot" (`_sampled_kernel`: the first version with splits=1, tokens=64, warps=4, the
-    second with tokens=64, warps=8). Defaults from tools/profile_sampled.py's sweep on the
-    H100 at 0.1% (32 tokens per tile and 4 warps: 0.158 ms against 0.210 at 64 and 8)."""
+    ranges (default `token_splits`; 1 = every program runs over all tokens) are summed by
+    `_reduce_kernel`. `form`: "window" (`_window_kernel`, the default: one program per
+    aligned row window; needs sorted indices, as the op's contract says), "block"
+    (`_block_kernel`, v3: chunks of E entries, any order) or "onehot" (`_sampled_kernel`: v1
+    with splits=1, tokens=64, warps=4; v2 with tokens=64, warps=8). v3's defaults (32 tokens
+    per tile, 4 warps) come from tools/profile_sampled.py's sweep on the H100 at 0.1%."""
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     T, out_f = g2.shape
@@ -237,20 +308,26 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
         return out
     if T == 0:
         return out.zero_()
-    xt = transpose(x2)
-    e, rw = tiles(k, out_f)
+    indices = indices.contiguous()
+    xt = transpose(x2, transpose_tile)
+    e, rw = window_tiles(k, out_f) if form == "window" else tiles(k, out_f)
     e, rw = entries or e, window or rw
-    chunks = cdiv(k, e)
-    n_split = splits or token_splits(chunks, T, grad.device, tokens)
+    programs = cdiv(out_f, rw) if form == "window" else cdiv(k, e)
+    n_split = splits or token_splits(programs, T, grad.device, tokens)
     t_per = cdiv(cdiv(T, n_split), tokens) * tokens
     n_split = cdiv(T, t_per)
     part = out if n_split == 1 else \
         torch.empty(n_split, k, dtype=torch.float32, device=grad.device)
-    kernel = {"block": _block_kernel, "onehot": _sampled_kernel}[form]
-    kernel[(chunks, n_split)](
-        g2, xt, indices.contiguous(), part, k, T, in_features, out_f, *g2.stride(), t_per,
-        E=e, RW=rw, TT=tokens, FP32=grad.dtype == torch.float32, num_warps=warps,
-        num_stages=stages)
+    common = dict(E=e, RW=rw, TT=tokens, FP32=grad.dtype == torch.float32, num_warps=warps,
+                  num_stages=stages)
+    if form == "window":
+        _window_kernel[(programs, n_split)](
+            g2, xt, indices, row_bounds(indices, out_f, rw, in_features), part, k, T,
+            in_features, out_f, *g2.stride(), t_per, **common)
+    else:
+        kernel = {"block": _block_kernel, "onehot": _sampled_kernel}[form]
+        kernel[(programs, n_split)](g2, xt, indices, part, k, T, in_features, out_f,
+                                    *g2.stride(), t_per, **common)
     if n_split > 1:
         _reduce_kernel[(cdiv(k, 1024),)](part, out, k, n_split, BLOCK=1024)
     return out

@@ -1,6 +1,7 @@
 """Sampled dense–dense product (sparse-delta weight gradient) against a float64 reference.
 
-CPU: Triton's interpreter at small sizes (including chunks whose rows span several windows);
+CPU: Triton's interpreter at small sizes (including chunks whose rows span several windows and
+windows holding more entries than one chunk);
 GPU (`-m gpu`): real sizes, both paths of `sampled_grad`, the automatic choice, and the op's
 CUDA registration."""
 
@@ -36,10 +37,11 @@ CASES = {  # T, out, in, density, dtype, entries, window, batch
     "bf16-many-windows": (37, 200, 30, 0.01, torch.bfloat16, 16, 16, None),
     "fp16-dense-ish-batched": (70, 96, 96, 0.3, torch.float16, None, None, 2),
     "one-entry": (16, 16, 16, 0.0, torch.float32, None, None, None),
+    "windows-over-full": (50, 130, 20, 0.5, torch.float32, 32, 16, None),
 }
 
 
-@pytest.mark.parametrize("form", ["block", "onehot"])
+@pytest.mark.parametrize("form", ["window", "block", "onehot"])
 @pytest.mark.parametrize("name", CASES)
 def test_sampled_kernel_matches_reference(name, form):
     T, out_f, in_f, density, dtype, entries, window, batch = CASES[name]
@@ -78,9 +80,26 @@ def test_unsorted_indices_are_still_right(form):
     assert rel_err(got.cpu(), reference(grad, x, idx, 40)) < TOL[torch.float32]
 
 
-def test_transpose_kernel():
+@pytest.mark.parametrize("tile", [None, (32, 64, 4), (64, 16, 2)])
+def test_transpose_kernel(tile):
     x = torch.randn(70, 130).to(DEV)
-    assert torch.equal(K.transpose(x[:, 1:]).cpu(), x[:, 1:].t().cpu())
+    assert torch.equal(K.transpose(x[:, 1:], tile).cpu(), x[:, 1:].t().cpu())
+
+
+def test_window_tiles_fit_the_expected_entries():
+    assert K.window_tiles(int(1e-3 * 4096 * 4096), 4096) == (128, 16)   # ~66 per window
+    assert K.window_tiles(int(1e-4 * 4096 * 4096), 4096) == (128, 128)  # ~52 per window
+    assert K.window_tiles(int(3e-3 * 4096 * 4096), 4096) == (256, 16)   # ~197: two chunks' worth
+    assert K.window_tiles(1, 4096) == (32, 128)
+
+
+def test_row_bounds_are_cached_until_the_indices_change():
+    idx = torch.tensor([0, 5, 17, 40, 41, 99]).to(DEV)  # a 10 x 10 matrix, windows of 2 rows
+    b = K.row_bounds(idx, 10, 2, 10)
+    assert b.tolist() == [0, 3, 3, 5, 5, 6]  # rows 0 0 1 4 4 9
+    assert K.row_bounds(idx, 10, 2, 10) is b
+    idx[2] = 20  # in place: the version counter moves, the bounds are computed again
+    assert K.row_bounds(idx, 10, 2, 10) is not b
 
 
 def test_dense_path_and_choice_agree_with_reference(monkeypatch):
