@@ -4,10 +4,10 @@ forward variants of y = x (W + Δ)ᵀ, in one run.
     python tools/bench_sparse_delta.py                  # 4096 x 4096 weight, 8192 tokens, bf16
     python tools/bench_sparse_delta.py --quick          # 0.1% and 1% only
 
-Gradient: `sampled` (sparsec's Triton kernel, v4: transposed x, one program per aligned row
-window of W and token range, one small block product per token tile; `v3` = chunks of 64
-sorted entries with unaligned windows, `v2` = per-entry one-hot selection; v1 is in the
-earlier result files),
+Gradient: `sampled` (sparsec's Triton kernel, v4: x transposed in token stages, each stage's
+products run while its copy is in L2; the form, chunks of 64 sorted entries or one program
+per aligned row window, picked by the entries per row), `v3` (the previous version: all of x
+transposed first, chunks only; v1 and v2 are in the earlier result files),
 `dense` (gradᵀ·x through cuBLAS, then a gather), `auto` (what `sampled_grad` runs: sampled
 where its median, measured on the first call, is 10% under dense; cached; the choice is made
 three times afresh per density and `stable` says how often it agreed) at 0.1% and 1%
@@ -36,14 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsec.kernels import sparse_delta as K  # noqa: E402
 
-# the earlier versions of the sampled kernel, for the v2 and v3 columns
-V2 = {"form": "onehot", "tokens": 64, "warps": 8}
-V3 = {"form": "block"}
-# tiles tried at 0.1% for the next round's defaults: window form (window rows, entries per
-# chunk, tokens per tile, warps), then the transpose of x (rows, columns, warps)
-WINDOW_SWEEP = ((16, 128, 32, 4), (16, 128, 64, 4), (16, 128, 32, 8), (16, 64, 32, 4),
-                (32, 256, 32, 4), (32, 256, 32, 8))
-TRANSPOSE_SWEEP = ((64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8), (32, 128, 4))
+# the previous version of the sampled kernel, for the v3 column
+V3 = {"form": "block", "stages": 1}
+# variants tried at 0.1% and 0.01% for the next round's defaults
+SWEEP_VARIANTS = {f"{form},stages={n}": {"form": form, "stages": n}
+                  for form in ("block", "window") for n in (1, 2, 4, 8)}
+SWEEP_VARIANTS.update({
+    "block,stages=4,tokens=64": {"form": "block", "stages": 4, "tokens": 64},
+    "block,stages=4,warps=8": {"form": "block", "stages": 4, "warps": 8},
+    "block,stages=4,pipeline=4": {"form": "block", "stages": 4, "pipeline": 4},
+    "window,stages=4,window=32,entries=256": {"form": "window", "stages": 4, "window": 32,
+                                              "entries": 256},
+    "window,stages=4,tokens=64": {"form": "window", "stages": 4, "tokens": 64}})
 SWEEP = (1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 5e-2)
 
 
@@ -92,8 +96,6 @@ def grad_rows(args, sets):
                                       x0, idx, in_f),
                 "sampled_v3": check_grad("sampled v3", K.sampled_grad_sampled(
                     g0, x0, idx, in_f, **V3), g0, x0, idx, in_f),
-                "sampled_v2": check_grad("sampled v2", K.sampled_grad_sampled(
-                    g0, x0, idx, in_f, **V2), g0, x0, idx, in_f),
                 "dense": check_grad("dense", K.sampled_grad_dense(g0, x0, idx, in_f), g0, x0,
                                     idx, in_f)}
         # the automatic choice, made afresh three times (as three processes would): a robust
@@ -104,41 +106,34 @@ def grad_rows(args, sets):
             choices.append(K.choose_method(g0, x0, idx, in_f))
         choice = choices[-1]  # cached: what sampled_grad runs below
         row = {"density": d, "k": idx.numel(), "auto_choice": choice, "choices": choices,
-               "errors": errs, "tiles": K.window_tiles(idx.numel(), out_f),
-               "splits": K.token_splits(-(-out_f // K.window_tiles(idx.numel(), out_f)[1]),
-                                        args.tokens, g0.device),
+               "errors": errs, "form": K.choose_form(idx.numel(), out_f),
+               "stages": K.x_stages(args.tokens, in_f, g0.element_size()),
                "sampled_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f),
                                    sets),
                "sampled_v3_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f,
                                                                        **V3), sets),
-               "sampled_v2_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f,
-                                                                       **V2), sets),
                "auto_ms": bench(lambda s: K.sampled_grad(s[0], s[1], idx, in_f), sets)}
         if dense_ms is None:  # the dense product does not depend on the density
             dense_ms = bench(lambda s: K.sampled_grad_dense(s[0], s[1], idx, in_f), sets)
         row["dense_ms"] = dense_ms
         rows.append(row)
-        print(f"  density {d:.2%}: sampled {row['sampled_ms']:.3f} ms ({row['splits']} token "
-              f"splits, tiles {row['tiles']}), v3 {row['sampled_v3_ms']:.3f} ms"
-              f", v2 {row['sampled_v2_ms']:.3f} ms, "
+        print(f"  density {d:.2%}: sampled {row['sampled_ms']:.3f} ms ({row['form']} form, "
+              f"{row['stages']} stages), v3 {row['sampled_v3_ms']:.3f} ms, "
               f"dense {dense_ms:.3f} ms, auto "
               f"({choice}; choices {choices}) {row['auto_ms']:.3f} ms", flush=True)
     transpose_ms = bench(lambda s: K.transpose(s[1]), sets)
-    next(r for r in rows if r["density"] == 1e-3)["tile_sweep"] = tile_sweep(in_f, sets)
+    for d in (1e-3, 1e-4):
+        next(r for r in rows if r["density"] == d)["tile_sweep"] = tile_sweep(in_f, sets, d)
     return rows, transpose_ms
 
 
-def tile_sweep(in_f, sets) -> dict:
-    """Median ms of the sampled path at 0.1% with other tiles, each checked first; a failing
-    tile is reported, not fatal (the tables are the results)."""
-    idx = indices(sets[0][0].shape[1], in_f, 1e-3, seed=1000)
+def tile_sweep(in_f, sets, density) -> dict:
+    """Median ms of the sampled path with other forms, stages and tiles, each checked first;
+    a failing variant is reported, not fatal (the tables are the results)."""
+    idx = indices(sets[0][0].shape[1], in_f, density, seed=1000)
     g0, x0 = sets[0]
-    runs = {f"window={w},entries={e},tokens={t},warps={n}":
-            dict(window=w, entries=e, tokens=t, warps=n) for w, e, t, n in WINDOW_SWEEP}
-    runs.update({f"transpose={r}x{c},warps={n}": dict(transpose_tile=(r, c, n))
-                 for r, c, n in TRANSPOSE_SWEEP})
     sweep = {}
-    for name, kw in runs.items():
+    for name, kw in SWEEP_VARIANTS.items():
         def fn(s, kw=kw):
             return K.sampled_grad_sampled(s[0], s[1], idx, in_f, **kw)
         try:
@@ -146,11 +141,8 @@ def tile_sweep(in_f, sets) -> dict:
             sweep[name] = bench(fn, sets)
         except Exception as e:  # noqa: BLE001
             print(f"  sampled {name} FAILED: {e}", flush=True)
-    for r, c, n in TRANSPOSE_SWEEP:  # the transpose alone
-        sweep[f"transpose only {r}x{c},warps={n}"] = bench(
-            lambda s, t=(r, c, n): K.transpose(s[1], t), sets)
-    print("  sampled tiles at 0.1%: " + ", ".join(f"{k} {v:.3f} ms" for k, v in sweep.items()),
-          flush=True)
+    print(f"  sampled variants at {density:.2%}: "
+          + ", ".join(f"{k} {v:.3f} ms" for k, v in sweep.items()), flush=True)
     return sweep
 
 
@@ -241,18 +233,20 @@ def main(argv=None) -> int:
         Path(path).write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}: weight "
           f"{o}x{i}, {T} tokens, {args.dtype}; median ms (do_bench)")
-    print(f"{'density':>8} {'k':>9} | {'sampled':>8} {'v3':>8} {'v2':>8} {'dense+g':>8} "
+    print(f"{'density':>8} {'k':>9} | {'sampled':>8} {'v3':>8} {'dense+g':>8} "
           f"{'auto':>8} "
           f"{'choice':>8} {'stable':>6} | {'dense/sampled':>13} {'auto/dense':>10}")
     for r in rows:
         stable = f"{r['choices'].count(r['auto_choice'])}/{len(r['choices'])}"
         print(f"{r['density']:8.2%} {r['k']:9d} | {r['sampled_ms']:8.3f} "
-              f"{r['sampled_v3_ms']:8.3f} {r['sampled_v2_ms']:8.3f} {r['dense_ms']:8.3f} "
+              f"{r['sampled_v3_ms']:8.3f} {r['dense_ms']:8.3f} "
               f"{r['auto_ms']:8.3f} "
               f"{r['auto_choice']:>8} {stable:>6} | "
               f"{r['dense_ms'] / r['sampled_ms']:12.2f}x {r['auto_ms'] / r['dense_ms']:9.2f}x")
-    sweep = next((r["tile_sweep"] for r in rows if "tile_sweep" in r), {})
-    print("sampled tiles at 0.1%: " + ", ".join(f"{k} {v:.3f} ms" for k, v in sweep.items()))
+    for r in rows:
+        if "tile_sweep" in r:
+            print(f"sampled variants at {r['density']:.2%}: "
+                  + ", ".join(f"{k} {v:.3f} ms" for k, v in r["tile_sweep"].items()))
     print(f"crossover (sampled stops winning): "
           f"{'%.3f%%' % (100 * cross) if cross else 'outside the sweep'}; transpose of x "
           f"{transpose_ms:.3f} ms; floors: dense dW {floors['dense_dW_ms']:.3f} ms, sampled "

@@ -2,13 +2,13 @@
 
     python tools/profile_sampled.py                 # 4096 x 4096 weight, 8192 tokens, bf16
 
-For each density, the sampled kernel's two forms ("block": one small block product per
-row window and token tile, "onehot": the per-entry selection of the second version), each
-checked against dense first: the median of `triton.testing.do_bench` on a plain call (what
-bench_sparse_delta.py times: host launches included where they are slower than the GPU),
-the same call replayed from a CUDA graph (no host work: the device time alone), and the
-torch profiler's device time per kernel for one call. The same for dense dW + gather. If the
-plain call is much slower than its graph replay, the host sets the pace.
+For each density, the sampled path as it runs ("sampled": x transposed in token stages, the
+form picked by the entries per row) and as v3 ran it ("v3": all of x transposed first, the
+block form), each checked against dense first: the median of `triton.testing.do_bench` on a
+plain call (what bench_sparse_delta.py times: host launches included where they are slower
+than the GPU), the same call replayed from a CUDA graph (no host work: the device time
+alone), and the torch profiler's device time per kernel for one call. The same for dense
+dW + gather. If the plain call is much slower than its graph replay, the host sets the pace.
 """
 
 from __future__ import annotations
@@ -73,11 +73,12 @@ def main(argv=None) -> None:
     for d in args.densities:
         k = max(1, int(round(d * out_f * in_f)))
         idx = torch.randperm(out_f * in_f, device="cuda", generator=g)[:k].sort().values
-        paths = {"block": lambda: K.sampled_grad_sampled(grad, x, idx, in_f),
-                 "onehot": lambda: K.sampled_grad_sampled(grad, x, idx, in_f, form="onehot"),
+        paths = {"sampled": lambda: K.sampled_grad_sampled(grad, x, idx, in_f),
+                 "v3": lambda: K.sampled_grad_sampled(grad, x, idx, in_f, form="block",
+                                                      stages=1),
                  "dense": lambda: K.sampled_grad_dense(grad, x, idx, in_f)}
         want = paths["dense"]().float()
-        for name in ("block", "onehot"):
+        for name in ("sampled", "v3"):
             err = float((paths[name]().float() - want).norm() / want.norm())
             if not err < 1e-2:
                 raise SystemExit(f"{name} at {d:.2%}: relative error {err:.3g} against dense")
@@ -92,7 +93,8 @@ def main(argv=None) -> None:
 
 
 def sweep(grad, x, in_f, g, density: float = 1e-3) -> None:
-    """The block form's tiles at one density: tokens per tile, warps, token ranges."""
+    """The block form's tiles at one density (x transposed in stages): tokens per tile, warps,
+    token ranges, pipeline stages."""
     import triton.testing
 
     out_f = grad.shape[1]
@@ -103,7 +105,7 @@ def sweep(grad, x, in_f, g, density: float = 1e-3) -> None:
 
     def ms(**kw) -> str:
         def fn():
-            return K.sampled_grad_sampled(grad, x, idx, in_f, **kw)
+            return K.sampled_grad_sampled(grad, x, idx, in_f, form="block", **kw)
         return f"{triton.testing.do_bench(fn, warmup=10, rep=40, return_mode='median'):.3f}"
     for tokens in (16, 32):
         for warps in (1, 2, 4):
@@ -112,7 +114,7 @@ def sweep(grad, x, in_f, g, density: float = 1e-3) -> None:
                    for e in (32, 64, 128)]
             print(f"  tokens={tokens:3d} warps={warps}: " + ", ".join(row), flush=True)
     print("  tokens=32 warps=2 entries=64, stages 1-5: "
-          + ", ".join(ms(tokens=32, warps=2, stages=st) for st in (1, 2, 3, 4, 5)))
+          + ", ".join(ms(tokens=32, warps=2, pipeline=st) for st in (1, 2, 3, 4, 5)))
 
 if __name__ == "__main__":
     main()

@@ -3,18 +3,24 @@
 `sparsec::sampled_grad(grad, x, indices, in_features)` is dW.flatten()[indices] for
 dW = gradᵀ·x (grad [T, out], x [T, in]): only k of the out·in entries. Two ways to get them:
 
-- **sampled** (`_block_kernel`): x is copied transposed once (`_transpose_kernel`, so each
-  entry's column of x is one contiguous row); the sorted indices are cut into chunks of E
-  entries, one program each. A chunk spans few rows of W (its entries are sorted), so the
-  program loads grad in [tokens × RW rows] windows (coalesced) and the chunk's E rows of xᵀ,
-  accumulates their product gradᵀ[RW rows] · x[:, E columns] in a float32 [RW × E] block on
-  the tensor cores, and after the token loop takes each entry's own element of the block.
-  (`_sampled_kernel`, the earlier form, picked each entry's grad column per token tile with
-  a one-hot product instead: `form="onehot"`.) The token sum is cut
-  into ranges (`token_splits`: ~4 programs per SM however few chunks there are) that run one
-  after another along the grid's slow axis, so the xᵀ rows several chunks share are re-read
-  from L2 within a range; float32 partial sums are added by `_reduce_kernel`. grad and xᵀ are
-  read about once each from memory: the cost grows with k·T, not out·in·T.
+- **sampled**: every entry needs its column of x over all tokens, so x is copied transposed
+  (`_transpose_kernel`: each column becomes a contiguous row of xᵀ). The copy is made in
+  *stages* of tokens into one reused buffer, and each stage's products run right after its
+  copy, while the copy is still in L2: the gathered rows of xᵀ are then L2 hits, not scattered
+  64-byte DRAM reads (v4; v3 transposed all of x first, and its product kernel was bound by
+  those reads). The products, two forms:
+  - "block" (`_block_kernel`): the sorted indices are cut into chunks of E entries, one
+    program each. A chunk spans few rows of W, so the program loads grad in
+    [tokens × RW rows] windows (coalesced) and the chunk's E rows of xᵀ, accumulates
+    gradᵀ[RW rows] · x[:, E columns] in a float32 [RW × E] block on the tensor cores, and
+    after the token loop takes each entry's own element of the block. Any index order.
+  - "window" (`_window_kernel`): one program per aligned window of RW rows of W holding all
+    its entries (a range of the sorted indices, found once per indices tensor and cached):
+    grad is read once, in wide rows. Wins where entries are sparse per row (a chunk of E
+    would span many rows); needs sorted indices.
+  `choose_form` picks by the expected entries per row. Within a stage the token sum is cut
+  into ranges (`token_splits`: ~4 programs per SM) on the grid's slow axis; float32 partial
+  sums are added by `_reduce_kernel`. The cost grows with k·T, not out·in·T.
 - **dense**: dW = gradᵀ·x through cuBLAS, then a gather.
 
 The dense product costs 2·T·out·in FLOPs whatever k is; the sampled one moves ~(k + out)·T
@@ -40,8 +46,9 @@ from ._attention_common import mma
 from ._triton import HAS_TRITON, TensorCache, cdiv, next_pow2, no_sync_allowed, on_cuda, tl, triton
 
 __all__ = ["HAS_TRITON", "sparse_delta_ref", "sampled_grad_ref", "sampled_grad",
-           "sampled_grad_sampled", "sampled_grad_dense", "choose_method", "transpose",
-           "token_splits", "window_tiles", "row_bounds", "MARGIN"]
+           "sampled_grad_sampled", "sampled_grad_dense", "choose_method", "choose_form",
+           "transpose", "token_splits", "tiles", "window_tiles", "row_bounds", "x_stages",
+           "MARGIN"]
 
 
 # references -------------------------------------------------------------------------------
@@ -69,27 +76,15 @@ def sparse_delta_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 # kernels ----------------------------------------------------------------------------------
 @triton.jit
-def _transpose_kernel(X, Y, R, C, sxr, sxc, BR: tl.constexpr, BC: tl.constexpr):
-    """Y [C, R] (contiguous) = X [R, C]ᵀ, one BR × BC tile per program."""
+def _transpose_kernel(X, Y, R, C, sxr, sxc, syc, BR: tl.constexpr, BC: tl.constexpr):
+    """Y[c, r] = X[r, c] for X [R, C]; Y's rows are syc elements apart (unit column stride).
+    One BR × BC tile per program."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     x = tl.load(X + rows[:, None].to(tl.int64) * sxr + cols[None, :] * sxc,
                 mask=(rows[:, None] < R) & (cols[None, :] < C))
-    tl.store(Y + cols[:, None].to(tl.int64) * R + rows[None, :], tl.trans(x),
+    tl.store(Y + cols[:, None].to(tl.int64) * syc + rows[None, :], tl.trans(x),
              mask=(cols[:, None] < C) & (rows[None, :] < R))
-
-
-@triton.jit
-def _window_dot(acc, G, xs, r, w0, t, T, OUT, sgt, sgo, E: tl.constexpr, RW: tl.constexpr,
-                TT: tl.constexpr, FP32: tl.constexpr):
-    """acc[e] += Σ_t grad[t, r_e] · xs[e, t] for the entries whose row lies in [w0, w0+RW)."""
-    cols = w0 + tl.arange(0, RW)
-    g = tl.load(G + t[:, None].to(tl.int64) * sgt + cols[None, :] * sgo,
-                mask=(t[:, None] < T) & (cols[None, :] < OUT), other=0.0)       # [TT, RW]
-    # (through float32: Triton's interpreter converts bool to bfloat16 wrongly)
-    onehot = tl.where((r[:, None] - w0) == tl.arange(0, RW)[None, :], 1.0, 0.0).to(g.dtype)
-    gsel = mma(onehot, tl.trans(g), tl.zeros([E, TT], dtype=tl.float32), FP32)  # [E, TT], exact
-    return acc + tl.sum(gsel * xs.to(tl.float32), 1)
 
 
 @triton.jit
@@ -107,74 +102,53 @@ def _chunk(Idx, K, IN, OUT, E: tl.constexpr, RW: tl.constexpr):
 
 
 @triton.jit
-def _sampled_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, t_per,
-                    E: tl.constexpr, RW: tl.constexpr, TT: tl.constexpr, FP32: tl.constexpr):
-    """Program (chunk, split): the chunk's E entries over tokens [split·t_per, +t_per);
-    one split writes the result, several write float32 partial sums (row `split` of Out)."""
-    e, live, r, c, r_lo, n_win = _chunk(Idx, K, IN, OUT, E, RW)
-    t_lo = tl.program_id(1) * t_per
-    t_hi = tl.minimum(t_lo + t_per, T)
-    Out += tl.program_id(1).to(tl.int64) * K
-    acc = tl.zeros([E], dtype=tl.float32)
-    x_rows = XT + c[:, None] * T
-    if n_win == 1:  # the common case: one window, a loop the compiler can pipeline
-        for t0 in range(t_lo, t_hi, TT):
-            t = t0 + tl.arange(0, TT)
-            xs = tl.load(x_rows + t[None, :], mask=live[:, None] & (t[None, :] < t_hi),
-                         other=0.0)
-            acc = _window_dot(acc, G, xs, r, r_lo, t, t_hi, OUT, sgt, sgo, E, RW, TT, FP32)
-    else:
-        for t0 in range(t_lo, t_hi, TT):
-            t = t0 + tl.arange(0, TT)
-            xs = tl.load(x_rows + t[None, :], mask=live[:, None] & (t[None, :] < t_hi),
-                         other=0.0)
-            for w in range(0, n_win):
-                acc = _window_dot(acc, G, xs, r, r_lo + w * RW, t, t_hi, OUT, sgt, sgo, E, RW,
-                                  TT, FP32)
-    tl.store(Out + e, acc.to(Out.dtype.element_ty), mask=live)
+def _block_product(block, G, x_rows, rows, live, t_lo, t_hi, OUT, sgt, sgo,
+                   TT: tl.constexpr, FP32: tl.constexpr):
+    """block[RW, E] += Σ_t gradᵀ[rows, t] · xᵀ[entries, t] over tokens [t_lo, t_hi)."""
+    for t0 in range(t_lo, t_hi, TT):
+        t = t0 + tl.arange(0, TT)
+        g = tl.load(G + t[:, None].to(tl.int64) * sgt + rows[None, :] * sgo,
+                    mask=(t[:, None] < t_hi) & (rows[None, :] < OUT), other=0.0)  # [TT, RW]
+        xs = tl.load(x_rows + t[None, :], mask=live[:, None] & (t[None, :] < t_hi),
+                     other=0.0)                                                # [E, TT]
+        block = mma(tl.trans(g), tl.trans(xs), block, FP32)                   # [RW, E]
+    return block
 
 
 @triton.jit
-def _block_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, t_per,
+def _block_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, sxt, xt0, t0, t_per,
                   E: tl.constexpr, RW: tl.constexpr, TT: tl.constexpr, FP32: tl.constexpr):
-    """As `_sampled_kernel`, but per row window the program computes the whole small block
-    gradᵀ[window rows] · x[:, the chunk's E columns] ([RW, E], one matrix product per token
-    tile, float32 accumulators) and picks each entry's element out of it once, after the token
-    loop: no per-tile selection, multiply or cross-thread reduction."""
+    """Program (chunk of E entries, token range): tokens [t0 + split·t_per, +t_per) ∩ [.., T);
+    row `split` of Out gets the chunk's sums (float32 partial sums where there are several
+    ranges). xᵀ holds tokens from xt0 on, rows sxt apart. Per RW-row window of the chunk the
+    small block gradᵀ[window] · x[:, the chunk's columns] is accumulated, then each entry's
+    element is taken out of it."""
     e, live, r, c, r_lo, n_win = _chunk(Idx, K, IN, OUT, E, RW)
-    t_lo = tl.program_id(1) * t_per
+    t_lo = t0 + tl.program_id(1) * t_per
     t_hi = tl.minimum(t_lo + t_per, T)
     Out += tl.program_id(1).to(tl.int64) * K
+    x_rows = XT + c[:, None] * sxt - xt0
     acc = tl.zeros([E], dtype=tl.float32)
-    x_rows = XT + c[:, None] * T
     for w in range(0, n_win):
-        cols = r_lo + w * RW + tl.arange(0, RW)
-        block = tl.zeros([RW, E], dtype=tl.float32)
-        for t0 in range(t_lo, t_hi, TT):
-            t = t0 + tl.arange(0, TT)
-            g = tl.load(G + t[:, None].to(tl.int64) * sgt + cols[None, :] * sgo,
-                        mask=(t[:, None] < t_hi) & (cols[None, :] < OUT), other=0.0)  # [TT, RW]
-            xs = tl.load(x_rows + t[None, :], mask=live[:, None] & (t[None, :] < t_hi),
-                         other=0.0)                                                # [E, TT]
-            block = mma(tl.trans(g), tl.trans(xs), block, FP32)                   # [RW, E]
+        rows = r_lo + w * RW + tl.arange(0, RW)
+        block = _block_product(tl.zeros([RW, E], dtype=tl.float32), G, x_rows, rows, live,
+                               t_lo, t_hi, OUT, sgt, sgo, TT, FP32)
         mine = (r[None, :] - r_lo - w * RW) == tl.arange(0, RW)[:, None]
         acc += tl.sum(tl.where(mine, block, 0.0), 0)
     tl.store(Out + e, acc.to(Out.dtype.element_ty), mask=live)
 
 
 @triton.jit
-def _window_kernel(G, XT, Idx, Bounds, Out, K, T, IN, OUT, sgt, sgo, t_per,
+def _window_kernel(G, XT, Idx, Bounds, Out, K, T, IN, OUT, sgt, sgo, sxt, xt0, t0, t_per,
                    E: tl.constexpr, RW: tl.constexpr, TT: tl.constexpr, FP32: tl.constexpr):
-    """Program (row window w, token split): the entries whose row lies in rows
-    [w·RW, (w+1)·RW) — the range Bounds[w]..Bounds[w+1] of the sorted indices — in chunks of
-    E (one chunk unless the window holds more), each computed as the block
-    gradᵀ[window rows] · x[:, the chunk's columns] ([RW, E], float32) over the split's tokens,
-    then each entry's own element taken out of it. Windows are aligned and disjoint, so every
-    element of grad is read by one program per split."""
+    """Program (row window w, token range as in `_block_kernel`): the entries whose row lies
+    in rows [w·RW, (w+1)·RW) — the range Bounds[w]..Bounds[w+1] of the sorted indices — in
+    chunks of E (one chunk unless the window holds more). Windows are aligned and disjoint,
+    so every element of grad is read by one program per token range."""
     w = tl.program_id(0)
     lo = tl.load(Bounds + w)
     hi = tl.load(Bounds + w + 1)
-    t_lo = tl.program_id(1) * t_per
+    t_lo = t0 + tl.program_id(1) * t_per
     t_hi = tl.minimum(t_lo + t_per, T)
     Out += tl.program_id(1).to(tl.int64) * K
     rows = w * RW + tl.arange(0, RW)
@@ -182,15 +156,9 @@ def _window_kernel(G, XT, Idx, Bounds, Out, K, T, IN, OUT, sgt, sgo, t_per,
         e = e0 + tl.arange(0, E)
         live = e < hi
         flat = tl.load(Idx + e, mask=live, other=0).to(tl.int64)
-        x_rows = XT + (flat % IN)[:, None] * T
-        block = tl.zeros([RW, E], dtype=tl.float32)
-        for t0 in range(t_lo, t_hi, TT):
-            t = t0 + tl.arange(0, TT)
-            g = tl.load(G + t[:, None].to(tl.int64) * sgt + rows[None, :] * sgo,
-                        mask=(t[:, None] < t_hi) & (rows[None, :] < OUT), other=0.0)  # [TT, RW]
-            xs = tl.load(x_rows + t[None, :], mask=live[:, None] & (t[None, :] < t_hi),
-                         other=0.0)                                                # [E, TT]
-            block = mma(tl.trans(g), tl.trans(xs), block, FP32)                   # [RW, E]
+        block = _block_product(tl.zeros([RW, E], dtype=tl.float32), G,
+                               XT + (flat % IN)[:, None] * sxt - xt0, rows, live, t_lo, t_hi,
+                               OUT, sgt, sgo, TT, FP32)
         mine = (flat // IN - w * RW)[None, :] == tl.arange(0, RW)[:, None]
         tl.store(Out + e, tl.sum(tl.where(mine, block, 0.0), 0).to(Out.dtype.element_ty),
                  mask=live)
@@ -198,7 +166,7 @@ def _window_kernel(G, XT, Idx, Bounds, Out, K, T, IN, OUT, sgt, sgo, t_per,
 
 @triton.jit
 def _reduce_kernel(Part, Out, K, SPLITS, BLOCK: tl.constexpr):
-    """Out[e] = Σ_s Part[s, e] (float32 partial sums of the token splits), in Out's dtype."""
+    """Out[e] = Σ_s Part[s, e] (float32 partial sums of the token ranges), in Out's dtype."""
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s in range(0, SPLITS):
@@ -214,23 +182,26 @@ def _usable(*tensors) -> bool:
 TRANSPOSE_TILE = (64, 64, 4)  # rows, columns, warps
 
 
-def transpose(x: torch.Tensor, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """xᵀ as a new contiguous tensor (Triton tiles of `tile` = (rows, columns, warps); torch
-    elsewhere)."""
-    if not _usable(x):
-        return x.t().contiguous()
+def transpose(x: torch.Tensor, tile: tuple[int, int, int] | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """xᵀ (x [R, C]) as a new contiguous tensor, or written into `out` ([C, ≥R], unit column
+    stride: the first R columns); Triton tiles of `tile` = (rows, columns, warps), torch
+    elsewhere."""
     r, c = x.shape
-    y = torch.empty(c, r, dtype=x.dtype, device=x.device)
+    y = torch.empty(c, r, dtype=x.dtype, device=x.device) if out is None else out
+    if not _usable(x):
+        y[:, :r] = x.t()
+        return y
     br, bc, warps = tile or TRANSPOSE_TILE
     if x.numel():
-        _transpose_kernel[(cdiv(r, br), cdiv(c, bc))](x, y, r, c, *x.stride(), BR=br, BC=bc,
-                                                     num_warps=warps)
+        _transpose_kernel[(cdiv(r, br), cdiv(c, bc))](x, y, r, c, *x.stride(), y.stride(0),
+                                                     BR=br, BC=bc, num_warps=warps)
     return y
 
 
 def tiles(k: int, out_features: int) -> tuple[int, int]:
-    """(entries per program, row-window width): a chunk of E sorted entries spans about
-    E / (k / out) rows; the window covers that with a margin."""
+    """(entries per program, row-window width) of the block form: a chunk of E sorted entries
+    spans about E / (k / out) rows; the window covers that with a margin."""
     per_row = max(k / max(out_features, 1), 1e-9)
     entries = 64
     span = entries / per_row
@@ -249,6 +220,17 @@ def window_tiles(k: int, out_features: int) -> tuple[int, int]:
         if need <= 128:
             break
     return min(256, max(32, next_pow2(math.ceil(need)))), rw
+
+
+# The window form wins where a 64-entry chunk would span many rows (H100, bench v4: 1.7–2× the
+# block form at 0.01–0.03% of a 4096² weight, about even from 0.3% on); the block form, with
+# every lane of its chunk live, wins around 0.1–0.2%.
+WINDOW_BELOW_PER_ROW = 2.0
+
+
+def choose_form(k: int, out_features: int) -> str:
+    """"window" where entries are sparse per row of W, "block" elsewhere."""
+    return "window" if k / max(out_features, 1) < WINDOW_BELOW_PER_ROW else "block"
 
 
 _BOUNDS = TensorCache(1024)
@@ -278,7 +260,7 @@ def _sm_count(device) -> int:
 
 
 def token_splits(chunks: int, T: int, device, tokens: int = 32) -> int:
-    """How many token ranges to cut the sum into: enough programs for ~4 per SM (few
+    """How many token ranges to cut a stage's sum into: enough programs for ~4 per SM (few
     chunks at low density would leave most of the GPU idle), each range at least 8 token
     tiles long. Programs of one range run together (the grid's slow axis), so the rows of xᵀ
     that several chunks read are re-read from L2 within a range."""
@@ -286,19 +268,28 @@ def token_splits(chunks: int, T: int, device, tokens: int = 32) -> int:
     return max(1, min(want, T // (8 * tokens)))
 
 
+# Bytes of xᵀ per stage: small enough to stay in the H100's 50 MB L2 next to the grad rows
+# streaming through, large enough that a stage's launches keep the GPU busy.
+STAGE_BYTES = 16 << 20
+
+
+def x_stages(T: int, in_features: int, itemsize: int, tokens: int = 32) -> int:
+    """How many token stages the transposed copy of x is made in (see the module docstring);
+    each stage at least 16 token tiles."""
+    return max(1, min(cdiv(T * in_features * itemsize, STAGE_BYTES), T // (16 * tokens)))
+
+
 def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
-                         in_features: int, *, entries: int | None = None,
-                         window: int | None = None, tokens: int = 32,
-                         splits: int | None = None, warps: int = 4, stages: int = 3,
-                         form: str = "window",
+                         in_features: int, *, form: str | None = None,
+                         entries: int | None = None, window: int | None = None,
+                         tokens: int = 32, splits: int | None = None, stages: int | None = None,
+                         warps: int = 4, pipeline: int = 3,
                          transpose_tile: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """The sampled path (see the module docstring); output in grad's dtype. `splits` token
-    ranges (default `token_splits`; 1 = every program runs over all tokens) are summed by
-    `_reduce_kernel`. `form`: "window" (`_window_kernel`, the default: one program per
-    aligned row window; needs sorted indices, as the op's contract says), "block"
-    (`_block_kernel`, v3: chunks of E entries, any order) or "onehot" (`_sampled_kernel`: v1
-    with splits=1, tokens=64, warps=4; v2 with tokens=64, warps=8). v3's defaults (32 tokens
-    per tile, 4 warps) come from tools/profile_sampled.py's sweep on the H100 at 0.1%."""
+    """The sampled path (see the module docstring); output in grad's dtype. `form`: "block",
+    "window" (sorted indices only) or None (`choose_form`); `stages`: token stages of the
+    transposed copy of x (None: `x_stages`; 1: all of x first, as v3 did); `splits`: token
+    ranges per stage (None: `token_splits`); `pipeline`: the kernels' num_stages. Tiles of
+    32 tokens and 4 warps come from tools/profile_sampled.py's sweep on the H100 at 0.1%."""
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     T, out_f = g2.shape
@@ -309,27 +300,35 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
     if T == 0:
         return out.zero_()
     indices = indices.contiguous()
-    xt = transpose(x2, transpose_tile)
+    form = form or choose_form(k, out_f)
     e, rw = window_tiles(k, out_f) if form == "window" else tiles(k, out_f)
     e, rw = entries or e, window or rw
     programs = cdiv(out_f, rw) if form == "window" else cdiv(k, e)
-    n_split = splits or token_splits(programs, T, grad.device, tokens)
-    t_per = cdiv(cdiv(T, n_split), tokens) * tokens
-    n_split = cdiv(T, t_per)
-    part = out if n_split == 1 else \
-        torch.empty(n_split, k, dtype=torch.float32, device=grad.device)
-    common = dict(E=e, RW=rw, TT=tokens, FP32=grad.dtype == torch.float32, num_warps=warps,
-                  num_stages=stages)
-    if form == "window":
-        _window_kernel[(programs, n_split)](
-            g2, xt, indices, row_bounds(indices, out_f, rw, in_features), part, k, T,
-            in_features, out_f, *g2.stride(), t_per, **common)
-    else:
-        kernel = {"block": _block_kernel, "onehot": _sampled_kernel}[form]
-        kernel[(programs, n_split)](g2, xt, indices, part, k, T, in_features, out_f,
-                                    *g2.stride(), t_per, **common)
-    if n_split > 1:
-        _reduce_kernel[(cdiv(k, 1024),)](part, out, k, n_split, BLOCK=1024)
+    n_stage = stages or x_stages(T, in_features, x2.element_size(), tokens)
+    per_stage = cdiv(cdiv(T, n_stage), tokens) * tokens
+    n_split = splits or token_splits(programs, per_stage, grad.device, tokens)
+    t_per = cdiv(cdiv(per_stage, n_split), tokens) * tokens
+    ranges = [(a, min(a + per_stage, T)) for a in range(0, T, per_stage)]
+    counts = [cdiv(b - a, t_per) for a, b in ranges]
+    part = out if sum(counts) == 1 else \
+        torch.empty(sum(counts), k, dtype=torch.float32, device=grad.device)
+    buf = torch.empty(in_features, per_stage, dtype=x2.dtype, device=x2.device)
+    meta = dict(E=e, RW=rw, TT=tokens, FP32=grad.dtype == torch.float32, num_warps=warps,
+                num_stages=pipeline)
+    bounds = row_bounds(indices, out_f, rw, in_features) if form == "window" else None
+    row = 0
+    for (a, b), n in zip(ranges, counts):
+        transpose(x2[a:b], transpose_tile, out=buf)
+        rows_out = part[row:row + n] if part is not out else part
+        if form == "window":
+            _window_kernel[(programs, n)](g2, buf, indices, bounds, rows_out, k, b, in_features,
+                                          out_f, *g2.stride(), per_stage, a, a, t_per, **meta)
+        else:
+            _block_kernel[(programs, n)](g2, buf, indices, rows_out, k, b, in_features, out_f,
+                                         *g2.stride(), per_stage, a, a, t_per, **meta)
+        row += n
+    if part is not out:
+        _reduce_kernel[(cdiv(k, 1024),)](part, out, k, part.shape[0], BLOCK=1024)
     return out
 
 
