@@ -4,10 +4,9 @@ forward variants of y = x (W + Δ)ᵀ, in one run.
     python tools/bench_sparse_delta.py                  # 4096 x 4096 weight, 8192 tokens, bf16
     python tools/bench_sparse_delta.py --quick          # 0.1% and 1% only
 
-Gradient: `sampled` (sparsec's Triton kernel, v4: x transposed in token stages, each stage's
-products run while its copy is in L2; the form, chunks of 64 sorted entries or one program
-per aligned row window, picked by the entries per row), `v3` (the previous version: all of x
-transposed first, chunks only; v1 and v2 are in the earlier result files),
+Gradient: `sampled` (sparsec's Triton kernel, v4: x transposed once, then either chunks of
+64 sorted entries or one program per aligned row window of W, picked by the entries per row),
+`v3` (the previous version: chunks only; v1 and v2 are in the earlier result files),
 `dense` (gradᵀ·x through cuBLAS, then a gather), `auto` (what `sampled_grad` runs: sampled
 where its median, measured on the first call, is 10% under dense; cached; the choice is made
 three times afresh per density and `stable` says how often it agreed) at 0.1% and 1%
@@ -37,17 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparsec.kernels import sparse_delta as K  # noqa: E402
 
 # the previous version of the sampled kernel, for the v3 column
-V3 = {"form": "block", "stages": 1}
+V3 = {"form": "block"}
 # variants tried at 0.1% and 0.01% for the next round's defaults
-SWEEP_VARIANTS = {f"{form},stages={n}": {"form": form, "stages": n}
-                  for form in ("block", "window") for n in (1, 2, 4, 8)}
-SWEEP_VARIANTS.update({
-    "block,stages=4,tokens=64": {"form": "block", "stages": 4, "tokens": 64},
-    "block,stages=4,warps=8": {"form": "block", "stages": 4, "warps": 8},
-    "block,stages=4,pipeline=4": {"form": "block", "stages": 4, "pipeline": 4},
-    "window,stages=4,window=32,entries=256": {"form": "window", "stages": 4, "window": 32,
-                                              "entries": 256},
-    "window,stages=4,tokens=64": {"form": "window", "stages": 4, "tokens": 64}})
+SWEEP_VARIANTS = {
+    "block": {"form": "block"}, "window": {"form": "window"},
+    "block,pipeline=4": {"form": "block", "pipeline": 4},
+    "window,tokens=64": {"form": "window", "tokens": 64},
+    "window,window=32,entries=256": {"form": "window", "window": 32, "entries": 256}}
 SWEEP = (1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 5e-2)
 
 
@@ -107,7 +102,8 @@ def grad_rows(args, sets):
         choice = choices[-1]  # cached: what sampled_grad runs below
         row = {"density": d, "k": idx.numel(), "auto_choice": choice, "choices": choices,
                "errors": errs, "form": K.choose_form(idx.numel(), out_f),
-               "stages": K.x_stages(args.tokens, in_f, g0.element_size()),
+               "tiles": (K.window_tiles if K.choose_form(idx.numel(), out_f) == "window"
+                         else K.tiles)(idx.numel(), out_f),
                "sampled_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f),
                                    sets),
                "sampled_v3_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f,
@@ -118,7 +114,7 @@ def grad_rows(args, sets):
         row["dense_ms"] = dense_ms
         rows.append(row)
         print(f"  density {d:.2%}: sampled {row['sampled_ms']:.3f} ms ({row['form']} form, "
-              f"{row['stages']} stages), v3 {row['sampled_v3_ms']:.3f} ms, "
+              f"entries, rows {row['tiles']}), v3 {row['sampled_v3_ms']:.3f} ms, "
               f"dense {dense_ms:.3f} ms, auto "
               f"({choice}; choices {choices}) {row['auto_ms']:.3f} ms", flush=True)
     transpose_ms = bench(lambda s: K.transpose(s[1]), sets)
@@ -128,7 +124,7 @@ def grad_rows(args, sets):
 
 
 def tile_sweep(in_f, sets, density) -> dict:
-    """Median ms of the sampled path with other forms, stages and tiles, each checked first;
+    """Median ms of the sampled path with other forms and tiles, each checked first;
     a failing variant is reported, not fatal (the tables are the results)."""
     idx = indices(sets[0][0].shape[1], in_f, density, seed=1000)
     g0, x0 = sets[0]

@@ -2,13 +2,13 @@
 
     python tools/profile_sampled.py                 # 4096 x 4096 weight, 8192 tokens, bf16
 
-For each density, the sampled path as it runs ("sampled": x transposed in token stages, the
-form picked by the entries per row) and as v3 ran it ("v3": all of x transposed first, the
-block form), each checked against dense first: the median of `triton.testing.do_bench` on a
-plain call (what bench_sparse_delta.py times: host launches included where they are slower
-than the GPU), the same call replayed from a CUDA graph (no host work: the device time
-alone), and the torch profiler's device time per kernel for one call. The same for dense
-dW + gather. If the plain call is much slower than its graph replay, the host sets the pace.
+For each density, the sampled path as it runs ("sampled": the form picked by the entries per
+row) and as v3 ran it ("v3": the block form always), each checked against dense first: the
+median of `triton.testing.do_bench` on a plain call (what bench_sparse_delta.py times: host
+launches included where they are slower than the GPU), the same call replayed from a CUDA
+graph (no host work: the device time alone), and the torch profiler's device time per kernel
+for one call. The same for dense dW + gather. If the plain call is much slower than its graph
+replay, the host sets the pace.
 """
 
 from __future__ import annotations
@@ -74,8 +74,7 @@ def main(argv=None) -> None:
         k = max(1, int(round(d * out_f * in_f)))
         idx = torch.randperm(out_f * in_f, device="cuda", generator=g)[:k].sort().values
         paths = {"sampled": lambda: K.sampled_grad_sampled(grad, x, idx, in_f),
-                 "v3": lambda: K.sampled_grad_sampled(grad, x, idx, in_f, form="block",
-                                                      stages=1),
+                 "v3": lambda: K.sampled_grad_sampled(grad, x, idx, in_f, form="block"),
                  "dense": lambda: K.sampled_grad_dense(grad, x, idx, in_f)}
         want = paths["dense"]().float()
         for name in ("sampled", "v3"):
@@ -93,8 +92,8 @@ def main(argv=None) -> None:
 
 
 def sweep(grad, x, in_f, g, density: float = 1e-3) -> None:
-    """The block form's tiles at one density (x transposed in stages): tokens per tile, warps,
-    token ranges, pipeline stages."""
+    """The block form's tiles at one density: tokens per tile, warps, token ranges, pipeline
+    stages."""
     import triton.testing
 
     out_f = grad.shape[1]

@@ -4,11 +4,8 @@
 dW = gradᵀ·x (grad [T, out], x [T, in]): only k of the out·in entries. Two ways to get them:
 
 - **sampled**: every entry needs its column of x over all tokens, so x is copied transposed
-  (`_transpose_kernel`: each column becomes a contiguous row of xᵀ). The copy is made in
-  *stages* of tokens into one reused buffer, and each stage's products run right after its
-  copy, while the copy is still in L2: the gathered rows of xᵀ are then L2 hits, not scattered
-  64-byte DRAM reads (v4; v3 transposed all of x first, and its product kernel was bound by
-  those reads). The products, two forms:
+  once (`_transpose_kernel`: each column becomes a contiguous row of xᵀ). Two forms of the
+  products:
   - "block" (`_block_kernel`): the sorted indices are cut into chunks of E entries, one
     program each. A chunk spans few rows of W, so the program loads grad in
     [tokens × RW rows] windows (coalesced) and the chunk's E rows of xᵀ, accumulates
@@ -16,11 +13,12 @@ dW = gradᵀ·x (grad [T, out], x [T, in]): only k of the out·in entries. Two w
     after the token loop takes each entry's own element of the block. Any index order.
   - "window" (`_window_kernel`): one program per aligned window of RW rows of W holding all
     its entries (a range of the sorted indices, found once per indices tensor and cached):
-    grad is read once, in wide rows. Wins where entries are sparse per row (a chunk of E
-    would span many rows); needs sorted indices.
-  `choose_form` picks by the expected entries per row. Within a stage the token sum is cut
-  into ranges (`token_splits`: ~4 programs per SM) on the grid's slow axis; float32 partial
-  sums are added by `_reduce_kernel`. The cost grows with k·T, not out·in·T.
+    every element of grad is read once, in wide rows. Needs sorted indices.
+  `choose_form` picks by the entries per row of W (measured on the H100). The token sum is cut
+  into ranges (`token_splits`: ~4 programs per SM however few chunks there are) that run one
+  after another along the grid's slow axis, so the xᵀ rows several programs share are re-read
+  from L2 within a range; float32 partial sums are added by `_reduce_kernel`. grad and xᵀ are
+  read about once each from memory: the cost grows with k·T, not out·in·T.
 - **dense**: dW = gradᵀ·x through cuBLAS, then a gather.
 
 The dense product costs 2·T·out·in FLOPs whatever k is; the sampled one moves ~(k + out)·T
@@ -47,8 +45,7 @@ from ._triton import HAS_TRITON, TensorCache, cdiv, next_pow2, no_sync_allowed, 
 
 __all__ = ["HAS_TRITON", "sparse_delta_ref", "sampled_grad_ref", "sampled_grad",
            "sampled_grad_sampled", "sampled_grad_dense", "choose_method", "choose_form",
-           "transpose", "token_splits", "tiles", "window_tiles", "row_bounds", "x_stages",
-           "MARGIN"]
+           "transpose", "token_splits", "tiles", "window_tiles", "row_bounds", "MARGIN"]
 
 
 # references -------------------------------------------------------------------------------
@@ -116,18 +113,17 @@ def _block_product(block, G, x_rows, rows, live, t_lo, t_hi, OUT, sgt, sgo,
 
 
 @triton.jit
-def _block_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, sxt, xt0, t0, t_per,
+def _block_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, t_per,
                   E: tl.constexpr, RW: tl.constexpr, TT: tl.constexpr, FP32: tl.constexpr):
-    """Program (chunk of E entries, token range): tokens [t0 + split·t_per, +t_per) ∩ [.., T);
-    row `split` of Out gets the chunk's sums (float32 partial sums where there are several
-    ranges). xᵀ holds tokens from xt0 on, rows sxt apart. Per RW-row window of the chunk the
-    small block gradᵀ[window] · x[:, the chunk's columns] is accumulated, then each entry's
-    element is taken out of it."""
+    """Program (chunk of E entries, token range `split`): tokens [split·t_per, +t_per); row
+    `split` of Out gets the chunk's sums (float32 partial sums where there are several
+    ranges). Per RW-row window of the chunk the small block gradᵀ[window] · x[:, the chunk's
+    columns] is accumulated, then each entry's element is taken out of it."""
     e, live, r, c, r_lo, n_win = _chunk(Idx, K, IN, OUT, E, RW)
-    t_lo = t0 + tl.program_id(1) * t_per
+    t_lo = tl.program_id(1) * t_per
     t_hi = tl.minimum(t_lo + t_per, T)
     Out += tl.program_id(1).to(tl.int64) * K
-    x_rows = XT + c[:, None] * sxt - xt0
+    x_rows = XT + c[:, None] * T
     acc = tl.zeros([E], dtype=tl.float32)
     for w in range(0, n_win):
         rows = r_lo + w * RW + tl.arange(0, RW)
@@ -139,7 +135,7 @@ def _block_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, sxt, xt0, t0, t_per,
 
 
 @triton.jit
-def _window_kernel(G, XT, Idx, Bounds, Out, K, T, IN, OUT, sgt, sgo, sxt, xt0, t0, t_per,
+def _window_kernel(G, XT, Idx, Bounds, Out, K, T, IN, OUT, sgt, sgo, t_per,
                    E: tl.constexpr, RW: tl.constexpr, TT: tl.constexpr, FP32: tl.constexpr):
     """Program (row window w, token range as in `_block_kernel`): the entries whose row lies
     in rows [w·RW, (w+1)·RW) — the range Bounds[w]..Bounds[w+1] of the sorted indices — in
@@ -148,7 +144,7 @@ def _window_kernel(G, XT, Idx, Bounds, Out, K, T, IN, OUT, sgt, sgo, sxt, xt0, t
     w = tl.program_id(0)
     lo = tl.load(Bounds + w)
     hi = tl.load(Bounds + w + 1)
-    t_lo = t0 + tl.program_id(1) * t_per
+    t_lo = tl.program_id(1) * t_per
     t_hi = tl.minimum(t_lo + t_per, T)
     Out += tl.program_id(1).to(tl.int64) * K
     rows = w * RW + tl.arange(0, RW)
@@ -157,7 +153,7 @@ def _window_kernel(G, XT, Idx, Bounds, Out, K, T, IN, OUT, sgt, sgo, sxt, xt0, t
         live = e < hi
         flat = tl.load(Idx + e, mask=live, other=0).to(tl.int64)
         block = _block_product(tl.zeros([RW, E], dtype=tl.float32), G,
-                               XT + (flat % IN)[:, None] * sxt - xt0, rows, live, t_lo, t_hi,
+                               XT + (flat % IN)[:, None] * T, rows, live, t_lo, t_hi,
                                OUT, sgt, sgo, TT, FP32)
         mine = (flat // IN - w * RW)[None, :] == tl.arange(0, RW)[:, None]
         tl.store(Out + e, tl.sum(tl.where(mine, block, 0.0), 0).to(Out.dtype.element_ty),
@@ -182,20 +178,17 @@ def _usable(*tensors) -> bool:
 TRANSPOSE_TILE = (64, 64, 4)  # rows, columns, warps
 
 
-def transpose(x: torch.Tensor, tile: tuple[int, int, int] | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """xᵀ (x [R, C]) as a new contiguous tensor, or written into `out` ([C, ≥R], unit column
-    stride: the first R columns); Triton tiles of `tile` = (rows, columns, warps), torch
-    elsewhere."""
-    r, c = x.shape
-    y = torch.empty(c, r, dtype=x.dtype, device=x.device) if out is None else out
+def transpose(x: torch.Tensor, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """xᵀ as a new contiguous tensor (Triton tiles of `tile` = (rows, columns, warps); torch
+    elsewhere)."""
     if not _usable(x):
-        y[:, :r] = x.t()
-        return y
+        return x.t().contiguous()
+    r, c = x.shape
+    y = torch.empty(c, r, dtype=x.dtype, device=x.device)
     br, bc, warps = tile or TRANSPOSE_TILE
     if x.numel():
-        _transpose_kernel[(cdiv(r, br), cdiv(c, bc))](x, y, r, c, *x.stride(), y.stride(0),
-                                                     BR=br, BC=bc, num_warps=warps)
+        _transpose_kernel[(cdiv(r, br), cdiv(c, bc))](x, y, r, c, *x.stride(), r, BR=br, BC=bc,
+                                                     num_warps=warps)
     return y
 
 
@@ -222,15 +215,18 @@ def window_tiles(k: int, out_features: int) -> tuple[int, int]:
     return min(256, max(32, next_pow2(math.ceil(need)))), rw
 
 
-# The window form wins where a 64-entry chunk would span many rows (H100, bench v4: 1.7–2× the
-# block form at 0.01–0.03% of a 4096² weight, about even from 0.3% on); the block form, with
-# every lane of its chunk live, wins around 0.1–0.2%.
-WINDOW_BELOW_PER_ROW = 2.0
+# Where the window form wins (H100, sampled_grad on a 4096² weight, 8192 tokens, device time):
+# few entries per row (≤ 0.03%: a 64-entry chunk spans many rows, and its windows re-read
+# grad; 1.6–2× faster) and many (≥ 0.3%: chunks span a few rows of a 16-row window; 1.3×).
+# In between (0.1–0.2%, 4–8 per row) the block form's chunks are full and it wins (1.1–1.4×).
+WINDOW_PER_ROW = (2.0, 10.0)
 
 
 def choose_form(k: int, out_features: int) -> str:
-    """"window" where entries are sparse per row of W, "block" elsewhere."""
-    return "window" if k / max(out_features, 1) < WINDOW_BELOW_PER_ROW else "block"
+    """"window" where entries per row of W are few or many, "block" in between."""
+    per_row = k / max(out_features, 1)
+    lo, hi = WINDOW_PER_ROW
+    return "window" if per_row < lo or per_row >= hi else "block"
 
 
 _BOUNDS = TensorCache(1024)
@@ -260,7 +256,7 @@ def _sm_count(device) -> int:
 
 
 def token_splits(chunks: int, T: int, device, tokens: int = 32) -> int:
-    """How many token ranges to cut a stage's sum into: enough programs for ~4 per SM (few
+    """How many token ranges to cut the sum into: enough programs for ~4 per SM (few
     chunks at low density would leave most of the GPU idle), each range at least 8 token
     tiles long. Programs of one range run together (the grid's slow axis), so the rows of xᵀ
     that several chunks read are re-read from L2 within a range."""
@@ -268,28 +264,17 @@ def token_splits(chunks: int, T: int, device, tokens: int = 32) -> int:
     return max(1, min(want, T // (8 * tokens)))
 
 
-# Bytes of xᵀ per stage: small enough to stay in the H100's 50 MB L2 next to the grad rows
-# streaming through, large enough that a stage's launches keep the GPU busy.
-STAGE_BYTES = 16 << 20
-
-
-def x_stages(T: int, in_features: int, itemsize: int, tokens: int = 32) -> int:
-    """How many token stages the transposed copy of x is made in (see the module docstring);
-    each stage at least 16 token tiles."""
-    return max(1, min(cdiv(T * in_features * itemsize, STAGE_BYTES), T // (16 * tokens)))
-
-
 def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
                          in_features: int, *, form: str | None = None,
                          entries: int | None = None, window: int | None = None,
-                         tokens: int = 32, splits: int | None = None, stages: int | None = None,
-                         warps: int = 4, pipeline: int = 3,
+                         tokens: int = 32, splits: int | None = None, warps: int = 4,
+                         pipeline: int = 3,
                          transpose_tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The sampled path (see the module docstring); output in grad's dtype. `form`: "block",
-    "window" (sorted indices only) or None (`choose_form`); `stages`: token stages of the
-    transposed copy of x (None: `x_stages`; 1: all of x first, as v3 did); `splits`: token
-    ranges per stage (None: `token_splits`); `pipeline`: the kernels' num_stages. Tiles of
-    32 tokens and 4 warps come from tools/profile_sampled.py's sweep on the H100 at 0.1%."""
+    "window" (sorted indices only) or None (`choose_form`); `splits`: token ranges (None:
+    `token_splits`; 1: every program runs over all tokens); `pipeline`: the kernels'
+    num_stages. Tiles of 32 tokens and 4 warps come from tools/profile_sampled.py's sweep on
+    the H100 at 0.1%."""
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     T, out_f = g2.shape
@@ -304,31 +289,23 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
     e, rw = window_tiles(k, out_f) if form == "window" else tiles(k, out_f)
     e, rw = entries or e, window or rw
     programs = cdiv(out_f, rw) if form == "window" else cdiv(k, e)
-    n_stage = stages or x_stages(T, in_features, x2.element_size(), tokens)
-    per_stage = cdiv(cdiv(T, n_stage), tokens) * tokens
-    n_split = splits or token_splits(programs, per_stage, grad.device, tokens)
-    t_per = cdiv(cdiv(per_stage, n_split), tokens) * tokens
-    ranges = [(a, min(a + per_stage, T)) for a in range(0, T, per_stage)]
-    counts = [cdiv(b - a, t_per) for a, b in ranges]
-    part = out if sum(counts) == 1 else \
-        torch.empty(sum(counts), k, dtype=torch.float32, device=grad.device)
-    buf = torch.empty(in_features, per_stage, dtype=x2.dtype, device=x2.device)
+    n_split = splits or token_splits(programs, T, grad.device, tokens)
+    t_per = cdiv(cdiv(T, n_split), tokens) * tokens
+    n_split = cdiv(T, t_per)
+    part = out if n_split == 1 else \
+        torch.empty(n_split, k, dtype=torch.float32, device=grad.device)
+    xt = transpose(x2, transpose_tile)
     meta = dict(E=e, RW=rw, TT=tokens, FP32=grad.dtype == torch.float32, num_warps=warps,
                 num_stages=pipeline)
-    bounds = row_bounds(indices, out_f, rw, in_features) if form == "window" else None
-    row = 0
-    for (a, b), n in zip(ranges, counts):
-        transpose(x2[a:b], transpose_tile, out=buf)
-        rows_out = part[row:row + n] if part is not out else part
-        if form == "window":
-            _window_kernel[(programs, n)](g2, buf, indices, bounds, rows_out, k, b, in_features,
-                                          out_f, *g2.stride(), per_stage, a, a, t_per, **meta)
-        else:
-            _block_kernel[(programs, n)](g2, buf, indices, rows_out, k, b, in_features, out_f,
-                                         *g2.stride(), per_stage, a, a, t_per, **meta)
-        row += n
-    if part is not out:
-        _reduce_kernel[(cdiv(k, 1024),)](part, out, k, part.shape[0], BLOCK=1024)
+    if form == "window":
+        _window_kernel[(programs, n_split)](
+            g2, xt, indices, row_bounds(indices, out_f, rw, in_features), part, k, T,
+            in_features, out_f, *g2.stride(), t_per, **meta)
+    else:
+        _block_kernel[(programs, n_split)](g2, xt, indices, part, k, T, in_features, out_f,
+                                           *g2.stride(), t_per, **meta)
+    if n_split > 1:
+        _reduce_kernel[(cdiv(k, 1024),)](part, out, k, n_split, BLOCK=1024)
     return out
 
 
