@@ -2,9 +2,11 @@
 kernels and host-side ops for forward and forward+backward, at one length and density.
 
     python tools/profile_attention.py --length 4096 --density 0.16 --variant v2
+    python tools/profile_attention.py --length 16384 --density 0.11 --flex   # and Flex's
 
 Prints the top kernels by CUDA time and the wall time per call (host included), so per-call
 overheads (layout transposes, copies, autotuning, launches) show beside the attention kernels.
+With --flex the same for FlexAttention (compiled) on the same block mask: kernel by kernel.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparsec  # noqa: E402
 from sparsec.kernels._triton import settings  # noqa: E402
-from tools.bench_attention import VARIANTS, random_causal_layout  # noqa: E402
+from tools.bench_attention import VARIANTS, flex_block_mask, random_causal_layout  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--variant", default="v2", choices=list(VARIANTS))
+    ap.add_argument("--flex", action="store_true", help="profile FlexAttention too")
     args = ap.parse_args(argv)
     with settings(**VARIANTS[args.variant]):
         return _profile(args)
@@ -47,6 +50,19 @@ def _profile(args) -> int:
     def fwd():
         return sparsec.block_sparse_attention(q, k, v, layout)
 
+    runs = [(args.variant, fwd)]
+    if args.flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        bm = flex_block_mask(layout, args.length, args.heads)
+        runs.append(("flex", lambda: flex(q, k, v, block_mask=bm)))
+    for label, f in runs:
+        _time(label, f, do, q, k, v, layout, args)
+    return 0
+
+
+def _time(label, fwd, do, q, k, v, layout, args) -> None:
     def fwdbwd():
         fwd().backward(do)
         for t in (q, k, v):  # as the benchmark: no gradient accumulation kernels
@@ -65,11 +81,10 @@ def _profile(args) -> int:
             for _ in range(args.iters):
                 fn()
             torch.cuda.synchronize()
-        print(f"\n== {name} ({args.variant}): L={args.length}, density "
+        print(f"\n== {name} ({label}): L={args.length}, density "
               f"{layout.density():.3f}, wall {wall:.3f} ms per call (host included)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
                                         max_name_column_width=60))
-    return 0
 
 
 if __name__ == "__main__":
