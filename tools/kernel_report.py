@@ -165,7 +165,7 @@ def _sparse_delta(args):
     T, out_f, in_f = 8192, 4096, 4096
     g = torch.empty(T, out_f, dtype=dtype, device="meta")
     x = torch.empty(T, in_f, dtype=dtype, device="meta")
-    for name in ("_transpose_kernel", "_block_kernel", "_reduce_kernel"):
+    for name in ("_transpose_kernel", "_block_kernel", "_window_kernel", "_reduce_kernel"):
         setattr(sd, name, _Compile(getattr(sd, name), name.strip("_").replace("_kernel", "")))
     for density in (0.001, 0.01):
         k = int(density * out_f * in_f)

@@ -300,7 +300,7 @@ DKDV_CONFIGS = _configs(((64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32,
                         ) if HAS_TRITON else []
 # the atomic variant's dK/dV kernel also holds a [BLOCK_M, head dim] float32 dQ tile: at head
 # dim 128 (64, 64, 8) and (32, 64, 4) spill with Triton 3.6 (kernel_report.py) and are left
-# out; (64, 128, 8, 2) spills 128 bytes and stays, as in DKDV_CONFIGS
+# out; (64, 128, 8, 2) spills 160 bytes and stays, as in DKDV_CONFIGS
 ATOMIC_CONFIGS = _configs(((64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3),
                            (16, 64, 4, 3), (32, 32, 4, 3), (16, 16, 2, 3))
                           ) if HAS_TRITON else []
