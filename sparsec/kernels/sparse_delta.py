@@ -184,13 +184,17 @@ def transpose(x: torch.Tensor, tile: tuple[int, int, int] | None = None) -> torc
     elsewhere)."""
     if not _usable(x):
         return x.t().contiguous()
-    r, c = x.shape
-    y = torch.empty(c, r, dtype=x.dtype, device=x.device)
-    br, bc, warps = tile or TRANSPOSE_TILE
+    y = torch.empty(x.shape[1], x.shape[0], dtype=x.dtype, device=x.device)
     if x.numel():
-        _transpose_kernel[(cdiv(r, br), cdiv(c, bc))](x, y, r, c, *x.stride(), r, BR=br, BC=bc,
-                                                     num_warps=warps)
+        _transpose_into(x, y, tile, None, None)
     return y
+
+
+def _transpose_into(x, y, tile, key, device) -> None:
+    r, c = x.shape
+    br, bc, warps = tile or TRANSPOSE_TILE
+    _launch(key, _transpose_kernel, (cdiv(r, br), cdiv(c, bc)), (x, y, r, c, *x.stride(), r),
+            dict(BR=br, BC=bc, num_warps=warps), (0, 1), device)
 
 
 def tiles(k: int, out_features: int) -> tuple[int, int]:
@@ -326,11 +330,8 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
         key = (form, T, out_f, in_features, k, e, rw, n_split, tokens, warps, pipeline,
                transpose_tile, g2.dtype, x2.dtype, indices.dtype, g2.stride(), x2.stride(),
                device, aligned(g2, x2, indices))
-    br, bc, tw = transpose_tile or TRANSPOSE_TILE
-    xt = torch.empty(in_features, T, dtype=x2.dtype, device=x2.device)
-    _launch(key and ("transpose",) + key, _transpose_kernel, (cdiv(T, br), cdiv(in_features, bc)),
-            (x2, xt, T, in_features, *x2.stride(), T), dict(BR=br, BC=bc, num_warps=tw),
-            (0, 1), device)
+    xt = torch.empty(x2.shape[1], T, dtype=x2.dtype, device=x2.device)
+    _transpose_into(x2, xt, transpose_tile, key and ("transpose",) + key, device)
     meta = dict(E=e, RW=rw, TT=tokens, FP32=grad.dtype == torch.float32, num_warps=warps,
                 num_stages=pipeline)
     if form == "window":
