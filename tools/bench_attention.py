@@ -45,7 +45,6 @@ VARIANTS = {
     "v2": dict(launch="direct", eager="function", attn_bwd="auto"),
     "v2-split": dict(launch="direct", eager="function", attn_bwd="split"),
     "v2-atomic": dict(launch="direct", eager="function", attn_bwd="atomic"),
-    "v2-fused": dict(launch="direct", eager="function", attn_bwd="fused"),
 }
 FWD_VARIANTS = ("v1", "v2")
 MAIN = "v2"
@@ -297,8 +296,7 @@ def tuned_configs() -> dict:
     for name, k in (("fwd", getattr(fwd, "_bsa_fwd_tuned", None)),
                     ("dkdv", getattr(bwd, "_dkdv_tuned", None)),
                     ("dkdv_atomic", getattr(bwd, "_dkdv_tuned_atomic", None)),
-                    ("dq", getattr(bwd, "_dq_tuned", None)),
-                    ("fused", getattr(bwd, "_fused_tuned", None))):
+                    ("dq", getattr(bwd, "_dq_tuned", None))):
         cache = getattr(k, "cache", {}) or {}
         out[name] = {str(key): str(cfg) for key, cfg in cache.items()}
     out["bwd_auto_choice"] = {str(key[0]): v for key, v in getattr(bwd, "_CHOICES", {}).items()}

@@ -117,7 +117,6 @@ def _attention(args):
     bwd._bwd_dq_kernel = _Compile(dq, "attn_dq")
     bwd._bwd_preprocess_kernel = _Compile(bwd._bwd_preprocess_kernel, "attn_preprocess")
     bwd._dq_convert_kernel = _Compile(bwd._dq_convert_kernel, "attn_dq_convert")
-    bwd._bwd_fused_kernel = _Compile(bwd._bwd_fused_kernel, "attn_fused")
     blk = args.block
     for cfg in fwd._prune_fwd(fwd.FWD_CONFIGS, {}, BLOCK_Q=blk, BLOCK_KV=blk, BLOCK_D=D,
                               BLOCK_DV=D):
@@ -127,14 +126,6 @@ def _attention(args):
     runs += [("split", None, c, "attn_dq") for c in bwd._prune(bwd.DQ_CONFIGS, {}, **prune)]
     runs += [("atomic", c, None, "attn_dkdv_atomic")
              for c in bwd._prune(bwd.ATOMIC_CONFIGS, {}, **prune)]
-
-    def halves(c):  # a fused tile as the (dK/dV, dQ) pair the launcher pins
-        kw, w, st = c.kwargs, c.num_warps, c.num_stages
-        return (triton.Config({"BLOCK_M": kw["BLOCK_M1"], "BLOCK_N": kw["BLOCK_N1"]},
-                              num_warps=w, num_stages=st),
-                triton.Config({"BLOCK_M": kw["BLOCK_M2"], "BLOCK_N": kw["BLOCK_N2"]}))
-    runs += [("fused", *halves(c), "attn_fused")
-             for c in bwd._prune(bwd.FUSED_CONFIGS, {}, **prune)]
     for variant, dkdv_cfg, dq_cfg, name in runs:
         saved = len(RESULTS)
         bwd.block_sparse_attention_backward(
@@ -213,9 +204,7 @@ def main(argv=None) -> int:
           f"{'stack':>5} {'smem':>6} {'async':>5} mma")
     for r in RESULTS:
         m = r["meta"]
-        name = r["kernel"] + (f" dq{m['BLOCK_M2']}x{m['BLOCK_N2']}" if "BLOCK_M2" in m else "")
-        print(f"{name:17} {m.get('BLOCK_M', m.get('BLOCK_M1', '-')):>7} "
-              f"{m.get('BLOCK_N', m.get('BLOCK_N1', '-')):>7} "
+        print(f"{r['kernel']:17} {m.get('BLOCK_M', '-'):>7} {m.get('BLOCK_N', '-'):>7} "
               f"{r['warps'] or '-':>5} {r['stages'] or '-':>6} {r['regs']:>4} {r['stack']:>5} "
               f"{r['smem']:>6} {r['async']:>5} {r['mma']}")
     return 0

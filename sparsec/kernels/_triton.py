@@ -69,8 +69,7 @@ class Settings:
       Triton's JIT and autotuner (the first version).
     - `attn_bwd` (SPARSEC_ATTN_BWD): the attention backward: "split" (dK/dV and dQ kernels,
       7 products, deterministic), "atomic" (one kernel, 5 products, dQ accumulated with
-      float32 atomics), "fused" (split's dK/dV and dQ programs in one launch, deterministic),
-      "auto" (each shape's first call times all three and keeps the fastest).
+      float32 atomics), "auto" (each shape's first call times both and keeps the faster).
     - `eager` (SPARSEC_EAGER): how `sparsec.block_sparse_attention` runs eagerly on CUDA:
       "function" (a plain autograd.Function around the launchers) or "op" (through the custom
       op and its registered autograd, as traced graphs do).
@@ -89,8 +88,7 @@ class Settings:
         return s
 
     def check(self) -> None:
-        allowed = {"launch": ("direct", "triton"), "attn_bwd": ("split", "atomic", "fused",
-                                                                  "auto"),
+        allowed = {"launch": ("direct", "triton"), "attn_bwd": ("split", "atomic", "auto"),
                    "eager": ("function", "op")}
         for f in fields(self):
             if getattr(self, f.name) not in allowed[f.name]:

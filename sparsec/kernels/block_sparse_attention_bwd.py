@@ -1,16 +1,13 @@
 """Block-sparse attention backward on Triton: dq, dk, dv from the saved out and lse.
 
-Three variants (`SETTINGS.attn_bwd`; "auto" times them on each shape's first call):
-- **split** (deterministic): `_bwd_preprocess_kernel` (delta = rowsum(dO · O) in float32),
-  then `_bwd_dkdv_kernel` — one program per (key tile of BLOCK_N rows, batch·key/value head)
-  walking the query blocks that list its key block (the *transposed* layout, a CSR built on
-  the device without host sync and cached per layout) for every query head of its GQA
-  group, so dk and dv are summed over the group inside the program — and `_bwd_dq_kernel`,
-  one program per (query tile, batch·query head) walking the key lists as the forward does;
-- **atomic**: the dK/dV kernel also adds dS·K into a float32 dQ accumulator (5 products per
-  block pair instead of 7), converted by `_dq_convert_kernel`;
-- **fused** (deterministic): the split variant's two kinds of program in one launch
-  (`_bwd_fused_kernel`, as FlexAttention's backward), so neither kernel's tail idles the GPU.
+Three launches, no atomics (the result is deterministic):
+1. `_bwd_preprocess_kernel`: delta = rowsum(dO · O) in float32;
+2. `_bwd_dkdv_kernel`: one program per (key tile of BLOCK_N rows, batch·key/value head); it walks
+   the query blocks that list its key block — the *transposed* layout, a CSR built on the device
+   without host sync and cached per layout — for every query head of its GQA group, so dk and dv
+   are summed over the group inside the program;
+3. `_bwd_dq_kernel`: one program per (query tile, batch·query head) walking the key lists as the
+   forward does.
 Probabilities are recomputed from lse (base 2 inside); rows whose lse is −inf (they saw no key)
 contribute nothing. Full blocks skip element masks; partial blocks mask the causal diagonal and
 the ragged tails; the optional element mask applies everywhere.
@@ -148,23 +145,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, DQA, PPtr, PQb, FPtr, FQb
                      ATOMIC_DQ: tl.constexpr, L_KEY, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr):
     # program 0 is key block 0, which a causal layout lists most: heaviest tiles go first
-    _dkdv_program(tl.program_id(0), tl.program_id(1), Q, K, V, DO, Lse, Delta, DK, DV_, DQA,
-                  PPtr, PQb, FPtr, FQb, Mask, qk_scale, sm_scale, L, S, H, G, HKV, row_b,
-                  row_h, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                  sdb, sdh, sdm, sdd, smb, smh, smm, smn, D, DV, BLOCK_D, BLOCK_DV, BLOCK_Q,
-                  BLOCK_KV, CAUSAL, MASK_KIND, FP32, ATOMIC_DQ, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _dkdv_program(pid_n, bhk, Q, K, V, DO, Lse, Delta, DK, DV_, DQA, PPtr, PQb, FPtr, FQb,
-                  Mask, qk_scale, sm_scale, L, S, H, G, HKV, row_b, row_h,
-                  sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                  sdb, sdh, sdm, sdd, smb, smh, smm, smn,
-                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
-                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
-                  ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dk, dv of key tile pid_n of (batch, key/value head) bhk, summed over its GQA group."""
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
     b = bhk // HKV
     hk = bhk % HKV
     n0 = pid_n * BLOCK_N
@@ -263,28 +245,8 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Num, Idx, FNum, FIdx, Mask,
                    BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
                    L_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # the last query tiles of a causal layout list the most key blocks: they go first
-    _dq_program(tl.num_programs(0) - 1 - tl.program_id(0), tl.program_id(1), Q, K, V, DO, Lse,
-                Delta, DQ, Num, Idx, FNum, FIdx, Mask, qk_scale, sm_scale, L, S, H, G,
-                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdm, sdd,
-                snb, snh, snm, sib, sih, sim, siw, sfb, sfh, sfm, sjb, sjh, sjm, sjw,
-                smb, smh, smm, smn, D, DV, BLOCK_D, BLOCK_DV, BLOCK_Q, BLOCK_KV, CAUSAL,
-                MASK_KIND, FP32, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _dq_program(pid_m, bh, Q, K, V, DO, Lse, Delta, DQ, Num, Idx, FNum, FIdx, Mask,
-                qk_scale, sm_scale, L, S, H, G,
-                sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                sdb, sdh, sdm, sdd,
-                snb, snh, snm, sib, sih, sim, siw,
-                sfb, sfh, sfm, sjb, sjh, sjm, sjw,
-                smb, smh, smm, smn,
-                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
-                CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dq of query tile pid_m of (batch, query head) bh."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // G
@@ -321,44 +283,6 @@ def _dq_program(pid_m, bh, Q, K, V, DO, Lse, Delta, DQ, Num, Idx, FNum, FIdx, Ma
              mask=(offs_m[:, None] < L) & (offs_d[None, :] < D))
 
 
-# dQ and dK/dV in one launch ---------------------------------------------------------------
-@triton.jit
-def _bwd_fused_kernel(Q, K, V, DO, Lse, Delta, DQ, DK, DV_, PPtr, PQb, FPtr, FQb,
-                      Num, Idx, FNum, FIdx, Mask, qk_scale, sm_scale, L, S, H, G, HKV,
-                      row_b, row_h, sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                      sdb, sdh, sdm, sdd, snb, snh, snm, sib, sih, sim, siw,
-                      sfb, sfh, sfm, sjb, sjh, sjm, sjw, smb, smh, smm, smn,
-                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
-                      CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
-                      L_KEY, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
-                      BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr):
-    """Per (batch, key/value head): first the dK/dV programs of its key tiles (BLOCK_N1 keys,
-    BLOCK_M1 query rows streamed), then the dQ programs of its G query heads' query tiles
-    (BLOCK_M2 rows, BLOCK_N2 keys streamed), heaviest first in both. One launch, so both kinds
-    of program share the GPU and neither kernel's tail idles it (FlexAttention's backward is
-    built the same way); 7 products per block pair, as split."""
-    pid = tl.program_id(0)
-    bhk = tl.program_id(1)
-    n_kv = tl.cdiv(S, BLOCK_N1)
-    if pid < n_kv:
-        _dkdv_program(pid, bhk, Q, K, V, DO, Lse, Delta, DK, DV_, Q, PPtr, PQb, FPtr, FQb,
-                      Mask, qk_scale, sm_scale, L, S, H, G, HKV, row_b, row_h,
-                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                      sdb, sdh, sdm, sdd, smb, smh, smm, smn, D, DV, BLOCK_D, BLOCK_DV,
-                      BLOCK_Q, BLOCK_KV, CAUSAL, MASK_KIND, FP32, False, BLOCK_M1, BLOCK_N1)
-    else:
-        n_q = tl.cdiv(L, BLOCK_M2)
-        j = pid - n_kv
-        bh = (bhk // HKV) * H + (bhk % HKV) * G + j // n_q
-        _dq_program(n_q - 1 - j % n_q, bh, Q, K, V, DO, Lse, Delta, DQ, Num, Idx, FNum, FIdx,
-                    Mask, qk_scale, sm_scale, L, S, H, G,
-                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                    sdb, sdh, sdm, sdd, snb, snh, snm, sib, sih, sim, siw,
-                    sfb, sfh, sfm, sjb, sjh, sjm, sjw, smb, smh, smm, smn, D, DV, BLOCK_D,
-                    BLOCK_DV, BLOCK_Q, BLOCK_KV, CAUSAL, MASK_KIND, FP32, BLOCK_M2, BLOCK_N2)
-
-
 # tile choices -----------------------------------------------------------------------------
 def _configs(shapes):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -385,45 +309,19 @@ DQ_CONFIGS = _configs(((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 6
                       ) if HAS_TRITON else []
 
 
-# dQ and dK/dV in one launch: (dK/dV query rows, keys, dQ query rows, keys, warps, stages);
-# one warp count for both kinds of program. First FlexAttention's sm90 tiles (dK/dV 64 × 128,
-# dQ 128 × 64, 8 warps), then the split variant's winners on the H100 put together. At head
-# dim 128 with Triton 3.6 the 64 × 128 dK/dV tiles spill 32–168 bytes here (kernel_report.py:
-# the kernel's registers are the larger of its two programs'); the 32 × 128 ones do not.
-FUSED_CONFIGS = [triton.Config({"BLOCK_M1": a, "BLOCK_N1": b, "BLOCK_M2": c, "BLOCK_N2": d},
-                               num_warps=w, num_stages=st)
-                 for a, b, c, d, w, st in ((64, 128, 128, 64, 8, 3), (64, 128, 64, 64, 8, 3),
-                                           (32, 128, 64, 64, 8, 3), (32, 128, 128, 64, 8, 3),
-                                           (64, 64, 64, 64, 8, 3), (32, 64, 64, 32, 4, 3))
-                 ] if HAS_TRITON else []
-
-
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     bq, bkv = args["BLOCK_Q"], args["BLOCK_KV"]
     wide = max(args["BLOCK_D"], args["BLOCK_DV"]) > 128
-
-    def fits(c, m, n):
-        bm, bn = c.kwargs[m], c.kwargs[n]
-        return bq % bm == 0 and bkv % bn == 0 and (not wide or bm * bn <= 64 * 64)
-    if configs and "BLOCK_M1" in configs[0].kwargs:
-        keep = [c for c in configs if fits(c, "BLOCK_M1", "BLOCK_N1") and
-                fits(c, "BLOCK_M2", "BLOCK_N2")]
-        return keep or [_fused(_fallback(bq, bkv), _fallback(bq, bkv))]
-    keep = [c for c in configs if fits(c, "BLOCK_M", "BLOCK_N")]
+    keep = [c for c in configs if bq % c.kwargs["BLOCK_M"] == 0 and
+            bkv % c.kwargs["BLOCK_N"] == 0 and
+            (not wide or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64)]
     return keep or [_fallback(bq, bkv)]
 
 
 def _fallback(block_q, block_kv):
     return triton.Config({"BLOCK_M": min(16, block_q), "BLOCK_N": min(16, block_kv)},
                          num_warps=2, num_stages=2)
-
-
-def _fused(dkdv, dq):
-    """The fused kernel's tile from a dK/dV tile and a dQ tile (warps and stages: dK/dV's)."""
-    return triton.Config({"BLOCK_M1": dkdv.kwargs["BLOCK_M"], "BLOCK_N1": dkdv.kwargs["BLOCK_N"],
-                          "BLOCK_M2": dq.kwargs["BLOCK_M"], "BLOCK_N2": dq.kwargs["BLOCK_N"]},
-                         num_warps=dkdv.num_warps, num_stages=dkdv.num_stages)
 
 
 def dkdv_config(block_q: int, block_kv: int, d: int):
@@ -450,14 +348,11 @@ if HAS_TRITON:
                                          reset_to_zero=["DQA"])(_bwd_dkdv_kernel)
     _dq_tuned = triton.autotune(configs=DQ_CONFIGS, key=_KEY,
                                 prune_configs_by={"early_config_prune": _prune})(_bwd_dq_kernel)
-    _fused_tuned = triton.autotune(configs=FUSED_CONFIGS, key=_KEY,
-                                   prune_configs_by={"early_config_prune": _prune}
-                                   )(_bwd_fused_kernel)
 
 
 # launcher ---------------------------------------------------------------------------------
 _PLANS = _ac.PlanCache()
-_VARIANTS = ("split", "atomic", "fused")
+_VARIANTS = ("split", "atomic")
 
 
 class _Backward:
@@ -525,9 +420,6 @@ class _Backward:
                 dict(D=D, BLOCK_D=self.bd, DV=DV, BLOCK_DV=self.bdv, BLOCK_M=64,
                      ZERO_DQ=atomic))
         p_ptr, p_qb, f_ptr, f_qb = self.transposed
-        if variant == "fused":
-            self.fused()
-            return
         args = ("q", "k", "v", "go", "lse", "delta", "dk", "dv", "dqa" if atomic else "q",
                 p_ptr, p_qb, f_ptr, f_qb, self.mask_name, self.qk_scale, self.scale, L, S, H,
                 H // hkv, hkv, self.nkv, *self.rows, *t["q"].stride(), *t["k"].stride(),
@@ -545,28 +437,6 @@ class _Backward:
                 *t["k"].stride(), *t["v"].stride(), *t["go"].stride(), *pstr, *fstr,
                 *self.mstr)
         self.kernel(_bwd_dq_kernel, _dq_tuned, self.pinned(1), L, "BLOCK_M", B * H, args)
-
-
-    def fused(self):
-        B, H, L, D, hkv, S, DV = self.shape
-        t = self.t
-        num, idx, pstr, fnum, fidx, fstr = self.lists
-        args = ("q", "k", "v", "go", "lse", "delta", "dq", "dk", "dv", *self.transposed,
-                num, idx, fnum, fidx, self.mask_name, self.qk_scale, self.scale, L, S, H,
-                H // hkv, hkv, *self.rows, *t["q"].stride(), *t["k"].stride(),
-                *t["v"].stride(), *t["go"].stride(), *pstr, *fstr, *self.mstr)
-        G = H // hkv
-
-        def grid(m):
-            return (cdiv(S, m["BLOCK_N1"]) + G * cdiv(L, m["BLOCK_M2"]), B * hkv)
-        pinned = self.pinned(0), self.pinned(1)
-        if pinned[0] is None:
-            self.go(_fused_tuned, grid, args, dict(self.meta))
-            return
-        cfg = _fused(*pinned)
-        self.go(_bwd_fused_kernel, grid(cfg.kwargs), args,
-                dict(self.meta, **cfg.kwargs, num_warps=cfg.num_warps,
-                     num_stages=cfg.num_stages))
 
 
 def _outputs(t, variant) -> dict:
@@ -599,8 +469,7 @@ _CHOICES: dict[tuple, str] = {}
 
 
 def _choose(tensors, args) -> str:
-    """'split', 'atomic' or 'fused', whichever runs this shape fastest (each compiled and
-    tuned first),
+    """'split' or 'atomic', whichever runs this shape faster (both compiled and tuned first),
     decided once per shapes, dtype, blocks, causality, mask kind and layout list widths
     (not per layout: a selector's new layout every step must not time again); without
     device timing (graph capture, sync debugging) 'split'."""
@@ -626,10 +495,9 @@ def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_num_blocks, 
                                     full_kv_num_blocks, full_kv_indices, attn_mask, scale,
                                     causal, block_q, block_kv, *, configs=None, variant=None):
     """(dq, dk, dv), contiguous, for `sparsec::block_sparse_attention_backward`. `configs`
-    = (dkdv config, dq config) pins the tiles, bypassing autotuning; `variant` "split",
-    "atomic" or "fused" overrides `SETTINGS.attn_bwd` (the atomic variant runs the dK/dV
-    kernel with atomic dQ, its pinned tile configs[0]; the fused one takes both tiles and
-    configs[0]'s warps and stages). A repeated call reuses its stored plan."""
+    = (dkdv config, dq config) pins the tiles, bypassing autotuning; `variant` "split" or
+    "atomic" overrides `SETTINGS.attn_bwd` (the atomic variant runs the dK/dV kernel with
+    atomic dQ; its pinned tile is configs[0]). A repeated call reuses its stored plan."""
     layout = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
     variant = variant or _triton.SETTINGS.attn_bwd
     device = _ac.launch_device(q) if configs is None else None

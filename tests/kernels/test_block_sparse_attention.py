@@ -55,7 +55,7 @@ def make(B, H, Hkv, L, S, D, DV, bq, bk, causal, dtype, mask, lay_dims, density,
 
 
 def check(q, k, v, lay, m, causal, scale, fwd_cfg=None, bwd_cfgs=None,
-          variants=("split", "atomic", "fused")):
+          variants=("split", "atomic")):
     """Run the forward kernel and each backward variant, compare with the float64 reference
     (computed on the same device)."""
     args = (*lay.tensors(), m, scale, causal, lay.block_q, lay.block_kv)
