@@ -81,7 +81,6 @@ def check_grad(name, got, grad, x, idx, in_f, tol=2e-2):
 
 def grad_rows(args, sets):
     out_f, in_f = args.out_features, args.in_features
-    dense_ms = None
     rows = []
     densities = (1e-3, 1e-2) if args.quick else sorted(set(SWEEP) | {1e-3, 1e-2})
     for d in densities:
@@ -97,7 +96,7 @@ def grad_rows(args, sets):
         # choice gives the same answer each time
         choices = []
         for _ in range(3):
-            K._DECISIONS.clear()
+            K.forget_choices()
             choices.append(K.choose_method(g0, x0, idx, in_f))
         choice = choices[-1]  # cached: what sampled_grad runs below
         row = {"density": d, "k": idx.numel(), "auto_choice": choice, "choices": choices,
@@ -108,10 +107,12 @@ def grad_rows(args, sets):
                                    sets),
                "sampled_v3_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f,
                                                                        **V3), sets),
-               "auto_ms": bench(lambda s: K.sampled_grad(s[0], s[1], idx, in_f), sets)}
-        if dense_ms is None:  # the dense product does not depend on the density
-            dense_ms = bench(lambda s: K.sampled_grad_dense(s[0], s[1], idx, in_f), sets)
-        row["dense_ms"] = dense_ms
+               "auto_ms": bench(lambda s: K.sampled_grad(s[0], s[1], idx, in_f), sets),
+               # right after auto, at every density: compared with one dense time taken at
+               # the start, the later rows saw a warmer, slower GPU (auto at 1%, which runs
+               # this same dense path, measured 1.05-1.06x of it)
+               "dense_ms": bench(lambda s: K.sampled_grad_dense(s[0], s[1], idx, in_f), sets)}
+        dense_ms = row["dense_ms"]
         rows.append(row)
         print(f"  density {d:.2%}: sampled {row['sampled_ms']:.3f} ms ({row['form']} form, "
               f"entries, rows {row['tiles']}), v3 {row['sampled_v3_ms']:.3f} ms, "

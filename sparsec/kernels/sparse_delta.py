@@ -45,8 +45,9 @@ from ._launch import aligned, first_launch
 from ._triton import HAS_TRITON, TensorCache, cdiv, next_pow2, no_sync_allowed, on_cuda, tl, triton
 
 __all__ = ["HAS_TRITON", "sparse_delta_ref", "sampled_grad_ref", "sampled_grad",
-           "sampled_grad_sampled", "sampled_grad_dense", "choose_method", "choose_form",
-           "transpose", "token_splits", "tiles", "window_tiles", "row_bounds", "MARGIN"]
+           "sampled_grad_sampled", "sampled_grad_dense", "choose_method", "forget_choices",
+           "choose_form", "transpose", "token_splits", "tiles", "window_tiles", "row_bounds",
+           "MARGIN"]
 
 
 # references -------------------------------------------------------------------------------
@@ -405,13 +406,27 @@ def _median_ms(fns: dict, device, reps: int = 7) -> dict:
 MARGIN = 0.9
 
 
+# exact (shapes, k, dtype, device) -> decision: a repeated call skips the bucket key's math
+_SEEN: dict[tuple, str] = {}
+
+
+def forget_choices() -> None:
+    """Drop every cached choice: the next call of each shape times both paths again."""
+    _DECISIONS.clear()
+    _SEEN.clear()
+
+
 def choose_method(grad, x, indices, in_features) -> str:
     """'sampled' or 'dense' for this call (see the module docstring)."""
     forced = os.environ.get("SPARSEC_SAMPLED_GRAD", "auto")
     if forced in ("sampled", "dense"):
         return forced
+    exact = (grad.shape, x.shape[-1], indices.numel(), grad.dtype, grad.device)
+    if exact in _SEEN:
+        return _SEEN[exact]
     key = _key(grad, x, indices)
     if key in _DECISIONS:
+        _SEEN[exact] = _DECISIONS[key]
         return _DECISIONS[key]
     g2 = grad.reshape(-1, grad.shape[-1])
     guess = _model(g2.shape[0], g2.shape[1], in_features, indices.numel(),
@@ -421,7 +436,8 @@ def choose_method(grad, x, indices, in_features) -> str:
     t = _median_ms({"sampled": lambda: sampled_grad_sampled(grad, x, indices, in_features),
                     "dense": lambda: sampled_grad_dense(grad, x, indices, in_features)},
                    grad.device)
-    _DECISIONS[key] = "sampled" if t["sampled"] < MARGIN * t["dense"] else "dense"
+    _DECISIONS[key] = _SEEN[exact] = "sampled" if t["sampled"] < MARGIN * t["dense"] else \
+        "dense"
     return _DECISIONS[key]
 
 

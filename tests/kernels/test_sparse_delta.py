@@ -185,3 +185,10 @@ def test_gpu_repeated_calls_replay_a_stored_launch(density):
     again = K.sampled_grad_sampled(grad2, x2, idx2, 512)  # replayed, other storage
     assert torch.equal(first, again)
     assert rel_err(again.cpu(), reference(grad, x, idx, 512)) < TOL[torch.bfloat16]
+
+
+def test_forget_choices_drops_every_cached_choice(monkeypatch):
+    monkeypatch.delenv("SPARSEC_SAMPLED_GRAD", raising=False)
+    K._DECISIONS[("key",)] = K._SEEN[("exact",)] = "dense"
+    K.forget_choices()
+    assert not K._DECISIONS and not K._SEEN
