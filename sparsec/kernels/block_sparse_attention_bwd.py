@@ -69,13 +69,9 @@ def _dq_convert_kernel(DQA, DQ, n, scale, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load_lse2(Lse_row, offs, L, MASKED: tl.constexpr):
-    """lse in base 2, +inf for rows that saw no key (and rows past L, where MASKED), so
-    exp2(s - lse) = 0."""
-    if MASKED:
-        lse = tl.load(Lse_row + offs, mask=offs < L, other=float("-inf"))
-    else:
-        lse = tl.load(Lse_row + offs)
+def _load_lse2(Lse_row, offs, L):
+    """lse in base 2, +inf for rows that saw no key (and rows past L), so exp2(s - lse) = 0."""
+    lse = tl.load(Lse_row + offs, mask=offs < L, other=float("-inf"))
     return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
 
 
@@ -86,12 +82,9 @@ def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, dqa
                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-               FP32: tl.constexpr, PARTIAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-               EVEN_L: tl.constexpr):
+               FP32: tl.constexpr, PARTIAL: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """Accumulate dk, dv of one key tile over the query blocks qblocks[start:end]; with
-    ATOMIC_DQ also add dS·K of every pair into the float32 dQ rows (unscaled). EVEN_L: every
-    query block is whole (L a multiple of BLOCK_Q), so no row of a sub-tile is past L and the
-    loads need no row masks."""
+    ATOMIC_DQ also add dS·K of every pair into the float32 dQ rows (unscaled)."""
     SUBS: tl.constexpr = BLOCK_Q // BLOCK_M
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -108,9 +101,9 @@ def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, dqa
                 live = live & (m0 + BLOCK_M - 1 >= n0)
         if live:
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            q = load_rows(q_base, offs_m, L, offs_d, sqm, sqd, D, BLOCK_D, not EVEN_L)
-            do = load_rows(do_base, offs_m, L, offs_dv, sdm, sdd, DV, BLOCK_DV, not EVEN_L)
-            lse2 = _load_lse2(lse_row, offs_m, L, not EVEN_L)
+            q = load_rows(q_base, offs_m, L, offs_d, sqm, sqd, D, BLOCK_D, True)
+            do = load_rows(do_base, offs_m, L, offs_dv, sdm, sdd, DV, BLOCK_DV, True)
+            lse2 = _load_lse2(lse_row, offs_m, L)
             st = mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32)
             st = st * qk_scale                                  # [BLOCK_N, BLOCK_M]
             if MASK_KIND == 2:
@@ -127,10 +120,7 @@ def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, dqa
                 mv = tl.load(mask_base + offs_m[None, :].to(tl.int64) * smm + offs_n[:, None] * smn,
                              mask=(offs_m[None, :] < L) & (offs_n[:, None] < S), other=0)
                 pt = tl.where(mv != 0, pt, 0.0)
-            if EVEN_L:
-                delta = tl.load(delta_row + offs_m)
-            else:
-                delta = tl.load(delta_row + offs_m, mask=offs_m < L, other=0.0)
+            delta = tl.load(delta_row + offs_m, mask=offs_m < L, other=0.0)
             dv = mma(pt.to(do.dtype), do, dv, FP32)
             dpt = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32)
             dst = (pt * (dpt - delta[None, :])).to(q.dtype)
@@ -152,8 +142,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, DQA, PPtr, PQb, FPtr, FQb
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                      CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
-                     ATOMIC_DQ: tl.constexpr, EVEN_L: tl.constexpr, L_KEY,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     ATOMIC_DQ: tl.constexpr, L_KEY, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
     # program 0 is key block 0, which a causal layout lists most: heaviest tiles go first
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -184,12 +174,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, DQA, PPtr, PQb, FPtr, FQb
                             mask_base, dqa_row, tl.load(FPtr + row), tl.load(FPtr + row + 1),
                             FQb, n0, offs_n, L, S, qk_scale, sqm, sqd, sdm, sdd, smm, smn, D,
                             DV, BLOCK_D, BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND,
-                            FP32, False, ATOMIC_DQ, EVEN_L)
+                            FP32, False, ATOMIC_DQ)
         dk, dv = _dkdv_list(dk, dv, k, v, q_base, do_base, Lse + row_off, Delta + row_off,
                             mask_base, dqa_row, tl.load(PPtr + row), tl.load(PPtr + row + 1),
                             PQb, n0, offs_n, L, S, qk_scale, sqm, sqd, sdm, sdd, smm, smn, D,
                             DV, BLOCK_D, BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND,
-                            FP32, True, ATOMIC_DQ, EVEN_L)
+                            FP32, True, ATOMIC_DQ)
     dk = dk * sm_scale
     out_row = (b64 * HKV + hk.to(tl.int64)) * S
     tl.store(DK + (out_row + offs_n[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -271,7 +261,7 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Num, Idx, FNum, FIdx, Mask,
     do = load_rows(DO + b64 * sdb + h64 * sdh, offs_m, L, tl.arange(0, BLOCK_DV), sdm, sdd,
                    DV, BLOCK_DV, True)
     row_off = bh.to(tl.int64) * L
-    lse2 = _load_lse2(Lse + row_off, offs_m, L, True)
+    lse2 = _load_lse2(Lse + row_off, offs_m, L)
     delta = tl.load(Delta + row_off + offs_m, mask=offs_m < L, other=0.0)
     k_base = K + b64 * skb + hk.to(tl.int64) * skh
     v_base = V + b64 * svb + hk.to(tl.int64) * svh
@@ -412,8 +402,8 @@ class _Backward:
         d = max(self.bd, self.bdv)
         return dkdv_config(bq, bkv, d) if which == 0 else dq_config(bq, bkv, d)
 
-    def kernel(self, plain, tuned, pinned, rows, rows_meta, bh, args, **extra):
-        meta = dict(self.meta, **extra)
+    def kernel(self, plain, tuned, pinned, rows, rows_meta, bh, args, atomic=None):
+        meta = dict(self.meta) if atomic is None else dict(self.meta, ATOMIC_DQ=atomic)
         if pinned is None:
             self.go(tuned, lambda m: (cdiv(rows, m[rows_meta]), bh), args, meta)
         else:
@@ -435,8 +425,7 @@ class _Backward:
                 H // hkv, hkv, self.nkv, *self.rows, *t["q"].stride(), *t["k"].stride(),
                 *t["v"].stride(), *t["go"].stride(), *self.mstr)
         self.kernel(_bwd_dkdv_kernel, _dkdv_tuned_atomic if atomic else _dkdv_tuned,
-                    self.pinned(0), S, "BLOCK_N", B * hkv, args, ATOMIC_DQ=atomic,
-                    EVEN_L=L % self.blocks[0] == 0)
+                    self.pinned(0), S, "BLOCK_N", B * hkv, args, atomic)
         if atomic:
             n = B * H * L * D
             self.go(_dq_convert_kernel, (cdiv(n, 1024),), ("dqa", "dq", n, self.scale),
