@@ -51,10 +51,6 @@ fi
     echo "-- triton backend (forward ms):"
     sed -n '/: Llama dim/,$p' "$OUT/bench_triton_backend.log" | tail -n 6
   fi
-  if [ ${#FAILED[@]} -gt 0 ]; then
-    echo "-- FAILED steps: ${FAILED[*]}"
-  else
-    echo "-- all steps passed"
-  fi
+  verdict
 } 2>&1 | tee -a "$OUT/summary.txt"
 [ ${#FAILED[@]} -eq 0 ] || exit 1

@@ -52,10 +52,6 @@ step "bench 2 GPUs" 180 bench_2gpu.log \
   grep -E "^FAILED|^ERROR|SKIPPED" "$OUT/gpu_tests.log" | head -n 20
   echo "-- scaling (1 → 2 GPUs):"
   sed -n '/ · torch .* · batch/,$p' "$OUT/bench_2gpu.log" | tail -n 12
-  if [ ${#FAILED[@]} -gt 0 ]; then
-    echo "-- FAILED steps: ${FAILED[*]}"
-  else
-    echo "-- all steps passed"
-  fi
+  verdict
 } 2>&1 | tee -a "$OUT/summary.txt"
 [ ${#FAILED[@]} -eq 0 ] || exit 1

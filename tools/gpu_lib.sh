@@ -2,8 +2,9 @@
 # run. Before sourcing, set TOOL (the script's name, for messages) and optionally DEADLINE (a
 # step that would start with less than 20 s of it left is skipped). After sourcing: the
 # repository root is the working directory, $OUT exists, $PY is the interpreter, the wheels in
-# .whl/ are installed, `step` runs one step and `preflight_kernels` stops the script (exit 2)
-# unless a CUDA GPU, sparsec and its attention kernels are usable.
+# .whl/ are installed, `step` runs one step, `verdict` prints which steps failed and
+# `preflight_kernels` stops the script (exit 2) unless a CUDA GPU, sparsec and its attention
+# kernels are usable.
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 OUT=${OUT:-$PWD/${TOOL}_out}
@@ -36,6 +37,14 @@ step() {  # step NAME LIMIT_SECONDS LOG COMMAND...
     FAILED+=("$name (exit $rc)")
   fi
   echo "== $name done at $(( $(date +%s) - START ))s =="
+}
+
+verdict() {  # a summary's last line: the steps that failed, or that all passed
+  if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "-- FAILED steps: ${FAILED[*]}"
+  else
+    echo "-- all steps passed"
+  fi
 }
 
 # Python packages the GPU image lacks travel as wheels in .whl/ (sparsec needs tomli-w):

@@ -47,13 +47,8 @@ step "gpu tests" 200 gpu_tests.log \
   echo "-- sparse delta (ms):"
   sed -n '/, torch .*, triton .*: weight/,$p' "$OUT/bench_sparse_delta.log" 2>/dev/null \
     | tail -n 20
-  grep -E "sampled tiles at 0.1%" "$OUT/bench_sparse_delta.log" 2>/dev/null | head -n 1
   echo "-- goals:"
   "$PY" tools/goals.py "$OUT"
-  if [ ${#FAILED[@]} -gt 0 ]; then
-    echo "-- FAILED steps: ${FAILED[*]}"
-  else
-    echo "-- all steps passed"
-  fi
+  verdict
 } 2>&1 | tee -a "$OUT/summary.txt"
 [ ${#FAILED[@]} -eq 0 ] || exit 1
