@@ -4,9 +4,10 @@ forward variants of y = x (W + Δ)ᵀ, in one run.
     python tools/bench_sparse_delta.py                  # 4096 x 4096 weight, 8192 tokens, bf16
     python tools/bench_sparse_delta.py --quick          # 0.1% and 1% only
 
-Gradient: `sampled` (sparsec's Triton kernel, v4: x transposed once, then either chunks of
+Gradient: `sampled` (sparsec's Triton kernel, v5: x transposed once, then either chunks of
 64 sorted entries or one program per aligned row window of W, picked by the entries per row),
-`v3` (the previous version: chunks only; v1 and v2 are in the earlier result files),
+`other` (the same kernel in the form not picked: checks the pick; earlier versions' times are
+in the earlier result files),
 `dense` (gradᵀ·x through cuBLAS, then a gather), `auto` (what `sampled_grad` runs: sampled
 where its median, measured on the first call, is 10% under dense; cached; the choice is made
 three times afresh per density and `stable` says how often it agreed) at 0.1% and 1%
@@ -35,14 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsec.kernels import sparse_delta as K  # noqa: E402
 
-# the previous version of the sampled kernel, for the v3 column
-V3 = {"form": "block"}
+
+def other_form(k: int, out_f: int) -> dict:
+    """The sampled path's arguments for the form `choose_form` does not pick."""
+    return {"form": "block" if K.choose_form(k, out_f) == "window" else "window"}
+
+
 # variants tried at 0.1% and 0.01% for the next round's defaults
 SWEEP_VARIANTS = {
     "block": {"form": "block"}, "window": {"form": "window"},
-    "block,pipeline=4": {"form": "block", "pipeline": 4},
-    "window,tokens=64": {"form": "window", "tokens": 64},
-    "window,window=32,entries=256": {"form": "window", "window": 32, "entries": 256}}
+    "block,warps=4": {"form": "block", "warps": 4},
+    "block,pipeline=3": {"form": "block", "pipeline": 3},
+    "window,entries=64": {"form": "window", "entries": 64}}
 SWEEP = (1e-4, 3e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2e-2, 5e-2)
 
 
@@ -86,10 +91,11 @@ def grad_rows(args, sets):
     for d in densities:
         idx = indices(out_f, in_f, d, seed=int(d * 1e6))
         g0, x0 = sets[0]
+        other = other_form(idx.numel(), out_f)
         errs = {"sampled": check_grad("sampled", K.sampled_grad_sampled(g0, x0, idx, in_f), g0,
                                       x0, idx, in_f),
-                "sampled_v3": check_grad("sampled v3", K.sampled_grad_sampled(
-                    g0, x0, idx, in_f, **V3), g0, x0, idx, in_f),
+                "sampled_other": check_grad("sampled, other form", K.sampled_grad_sampled(
+                    g0, x0, idx, in_f, **other), g0, x0, idx, in_f),
                 "dense": check_grad("dense", K.sampled_grad_dense(g0, x0, idx, in_f), g0, x0,
                                     idx, in_f)}
         # the automatic choice, made afresh three times (as three processes would): a robust
@@ -105,8 +111,8 @@ def grad_rows(args, sets):
                          else K.tiles)(idx.numel(), out_f),
                "sampled_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f),
                                    sets),
-               "sampled_v3_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f,
-                                                                       **V3), sets),
+               "sampled_other_ms": bench(lambda s: K.sampled_grad_sampled(
+                   s[0], s[1], idx, in_f, **other), sets),
                "auto_ms": bench(lambda s: K.sampled_grad(s[0], s[1], idx, in_f), sets),
                # right after auto, at every density: compared with one dense time taken at
                # the start, the later rows saw a warmer, slower GPU (auto at 1%, which runs
@@ -115,7 +121,7 @@ def grad_rows(args, sets):
         dense_ms = row["dense_ms"]
         rows.append(row)
         print(f"  density {d:.2%}: sampled {row['sampled_ms']:.3f} ms ({row['form']} form, "
-              f"entries, rows {row['tiles']}), v3 {row['sampled_v3_ms']:.3f} ms, "
+              f"entries, rows {row['tiles']}), other form {row['sampled_other_ms']:.3f} ms, "
               f"dense {dense_ms:.3f} ms, auto "
               f"({choice}; choices {choices}) {row['auto_ms']:.3f} ms", flush=True)
     transpose_ms = bench(lambda s: K.transpose(s[1]), sets)
@@ -230,13 +236,13 @@ def main(argv=None) -> int:
         Path(path).write_text(json.dumps(result, indent=1))
     print(f"\n{result['device']}, torch {result['torch']}, triton {result['triton']}: weight "
           f"{o}x{i}, {T} tokens, {args.dtype}; median ms (do_bench)")
-    print(f"{'density':>8} {'k':>9} | {'sampled':>8} {'v3':>8} {'dense+g':>8} "
+    print(f"{'density':>8} {'k':>9} | {'sampled':>8} {'other':>8} {'dense+g':>8} "
           f"{'auto':>8} "
           f"{'choice':>8} {'stable':>6} | {'dense/sampled':>13} {'auto/dense':>10}")
     for r in rows:
         stable = f"{r['choices'].count(r['auto_choice'])}/{len(r['choices'])}"
         print(f"{r['density']:8.2%} {r['k']:9d} | {r['sampled_ms']:8.3f} "
-              f"{r['sampled_v3_ms']:8.3f} {r['dense_ms']:8.3f} "
+              f"{r['sampled_other_ms']:8.3f} {r['dense_ms']:8.3f} "
               f"{r['auto_ms']:8.3f} "
               f"{r['auto_choice']:>8} {stable:>6} | "
               f"{r['dense_ms'] / r['sampled_ms']:12.2f}x {r['auto_ms'] / r['dense_ms']:9.2f}x")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# sparsec GPU tuning run (issue 6, third round): benchmarks with their baselines, then tests.
+# sparsec GPU tuning run (issue 6, fourth round): benchmarks with their baselines, then tests.
 #
 #   OUT=/path/to/logs tools/gpu_tune.sh        # from the repository root or anywhere
 #
@@ -9,7 +9,7 @@
 #   1. attention     tools/bench_attention.py: SDPA, Flex and the sparsec variants v2 (the
 #                    default: backward chosen per shape), v2-split, v2-atomic; every variant
 #                    checked against Flex before timing                       -> bench_attention.log/.json
-#   2. sparse delta  tools/bench_sparse_delta.py: sampled (v4) beside v3 and v2, dense, auto
+#   2. sparse delta  tools/bench_sparse_delta.py: sampled (v5) and its other form, dense, auto
 #                    (choice made three times afresh per density), a tile sweep at 0.1%
 #                                                                             -> bench_sparse_delta.log/.json
 #   3. gpu tests     pytest -m gpu tests/kernels tests/ops tests/backends    -> gpu_tests.log

@@ -7,6 +7,11 @@ kernels and host-side ops for forward and forward+backward, at one length and de
 Prints the top kernels by CUDA time and the wall time per call (host included), so per-call
 overheads (layout transposes, copies, autotuning, launches) show beside the attention kernels.
 With --flex the same for FlexAttention (compiled) on the same block mask: kernel by kernel.
+With --ncu each run makes one warm forward+backward call between cudaProfilerStart and Stop
+and nothing else, for Nsight Compute:
+
+    ncu --profile-from-start off --clock-control none --section SpeedOfLight \
+        python tools/profile_attention.py --length 16384 --density 0.11 --flex --ncu
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--variant", default="v2", choices=list(VARIANTS))
     ap.add_argument("--flex", action="store_true", help="profile FlexAttention too")
+    ap.add_argument("--ncu", action="store_true",
+                    help="one warm forward+backward per run under cudaProfilerStart/Stop")
     args = ap.parse_args(argv)
     with settings(**VARIANTS[args.variant]):
         return _profile(args)
@@ -58,8 +65,20 @@ def _profile(args) -> int:
         bm = flex_block_mask(layout, args.length, args.heads)
         runs.append(("flex", lambda: flex(q, k, v, block_mask=bm)))
     for label, f in runs:
-        _time(label, f, do, q, k, v, layout, args)
+        (_capture if args.ncu else _time)(label, f, do, q, k, v, layout, args)
     return 0
+
+
+def _capture(label, fwd, do, q, k, v, layout, args) -> None:
+    """Warm up, then one forward+backward inside the profiler's capture range."""
+    for _ in range(3):
+        fwd().backward(do)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    fwd().backward(do)
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print(f"captured one forward+backward of {label}", flush=True)
 
 
 def _time(label, fwd, do, q, k, v, layout, args) -> None:

@@ -3,17 +3,22 @@
     python tools/profile_sampled.py                 # 4096 x 4096 weight, 8192 tokens, bf16
 
 For each density, the sampled path as it runs ("sampled": the form picked by the entries per
-row) and as v3 ran it ("v3": the block form always), each checked against dense first: the
+row) and in the other form ("other"), each checked against dense first: the
 median of `triton.testing.do_bench` on a plain call (what bench_sparse_delta.py times: host
 launches included where they are slower than the GPU), the same call replayed from a CUDA
 graph (no host work: the device time alone), and the torch profiler's device time per kernel
 for one call. The same for dense dW + gather. If the plain call is much slower than its graph
 replay, the host sets the pace.
+
+With --ncu: one warm call of the sampled path per density between cudaProfilerStart and Stop
+and nothing else (run under `ncu --profile-from-start off`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +45,17 @@ def graph_ms(fn) -> float:
     return float(triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median"))
 
 
+def capture(fn) -> None:
+    """Warm up, then one call inside the profiler's capture range."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def kernels_us(fn) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -62,6 +78,10 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--densities", type=float, nargs="+", default=[1e-4, 1e-3, 3e-3, 1e-2])
+    ap.add_argument("--ncu", action="store_true",
+                    help="only one warm call per density under cudaProfilerStart/Stop")
+    ap.add_argument("--sweep", type=float, nargs="*", default=[1e-3],
+                    help="densities at which to time every tile variant")
     args = ap.parse_args(argv)
     out_f = in_f = 4096
     T = 8192
@@ -73,11 +93,15 @@ def main(argv=None) -> None:
     for d in args.densities:
         k = max(1, int(round(d * out_f * in_f)))
         idx = torch.randperm(out_f * in_f, device="cuda", generator=g)[:k].sort().values
+        if args.ncu:
+            capture(lambda: K.sampled_grad_sampled(grad, x, idx, in_f))
+            continue
         paths = {"sampled": lambda: K.sampled_grad_sampled(grad, x, idx, in_f),
-                 "v3": lambda: K.sampled_grad_sampled(grad, x, idx, in_f, form="block"),
+                 "other": lambda: K.sampled_grad_sampled(grad, x, idx, in_f, form=(
+                     "block" if K.choose_form(k, out_f) == "window" else "window")),
                  "dense": lambda: K.sampled_grad_dense(grad, x, idx, in_f)}
         want = paths["dense"]().float()
-        for name in ("sampled", "v3"):
+        for name in ("sampled", "other"):
             err = float((paths[name]().float() - want).norm() / want.norm())
             if not err < 1e-2:
                 raise SystemExit(f"{name} at {d:.2%}: relative error {err:.3g} against dense")
@@ -88,32 +112,65 @@ def main(argv=None) -> None:
                                                              key=lambda kv: -kv[1])[:4])
             print(f"{d:8.2%} {name:>8} {plain:8.3f} {replay:8.3f}  {ks}", flush=True)
 
-    sweep(grad, x, in_f, g)
+    if args.ncu:
+        return
+    results: dict = {}
+    for d in args.sweep:
+        sweep(grad, x, in_f, g, d, results)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "sampled_sweep.json").write_text(json.dumps(results, indent=1))
 
 
-def sweep(grad, x, in_f, g, density: float = 1e-3) -> None:
-    """The block form's tiles at one density: tokens per tile, warps, token ranges, pipeline
-    stages."""
+def variants(density: float) -> dict:
+    """Tile choices to time at one density: both forms, tokens per tile, warps, entries per
+    chunk (block) or window rows (window), pipeline stages."""
+    out = {}
+    for tokens in (32, 64):
+        for warps in (4, 8):
+            for stages in (3, 4):
+                base = dict(tokens=tokens, warps=warps, pipeline=stages)
+                for e in (64, 128):
+                    out[f"block e={e} t={tokens} w={warps} s={stages}"] = \
+                        dict(base, form="block", entries=e)
+                for e, rw in ((64, 16), (128, 16), (128, 32), (256, 32)):
+                    out[f"window e={e} rw={rw} t={tokens} w={warps} s={stages}"] = \
+                        dict(base, form="window", entries=e, window=rw)
+    return out
+
+
+def sweep(grad, x, in_f, g, density: float, results: dict) -> None:
+    """Every variant of `variants` at one density, checked against dense first; plain-call
+    and CUDA-graph medians in ms, best five printed."""
     import triton.testing
 
     out_f = grad.shape[1]
     k = int(round(density * out_f * in_f))
     idx = torch.randperm(out_f * in_f, device="cuda", generator=g)[:k].sort().values
-    chunks = K.cdiv(k, 64)
-    print(f"block form at {density:.2%}, {chunks} chunks; ms (plain call)")
+    want = K.sampled_grad_dense(grad, x, idx, in_f).float()
+    rows = {}
+    for name, kw in variants(density).items():
+        def fn(kw=kw):
+            return K.sampled_grad_sampled(grad, x, idx, in_f, **kw)
+        try:
+            err = float((fn().float() - want).norm() / want.norm())
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is a result
+            print(f"  {name}: FAILED {type(e).__name__}: {str(e)[:80]}", flush=True)
+            continue
+        if not err < 1e-2:
+            raise SystemExit(f"{name} at {density:.2%}: relative error {err:.3g}")
+        plain = float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+        rows[name] = {"plain": plain, "graph": graph_ms(fn)}
+    results[f"{density:g}"] = rows
+    best = sorted(rows.items(), key=lambda kv: kv[1]["graph"])
+    print(f"sweep at {density:.2%} ({len(rows)} variants), best by device time (graph ms, "
+          f"plain ms):", flush=True)
+    for name, t in best[:6]:
+        print(f"  {name:36s} {t['graph']:.3f} {t['plain']:.3f}")
+    for form in ("block", "window"):
+        mine = [kv for kv in best if kv[0].startswith(form)]
+        if mine:
+            print(f"  best {form}: {mine[0][0]} {mine[0][1]['graph']:.3f}")
 
-    def ms(**kw) -> str:
-        def fn():
-            return K.sampled_grad_sampled(grad, x, idx, in_f, form="block", **kw)
-        return f"{triton.testing.do_bench(fn, warmup=10, rep=40, return_mode='median'):.3f}"
-    for tokens in (16, 32):
-        for warps in (1, 2, 4):
-            row = [f"entries={e} {ms(tokens=tokens, warps=warps, entries=e)} / splits=8 "
-                   f"{ms(tokens=tokens, warps=warps, entries=e, splits=8)}"
-                   for e in (32, 64, 128)]
-            print(f"  tokens={tokens:3d} warps={warps}: " + ", ".join(row), flush=True)
-    print("  tokens=32 warps=2 entries=64, stages 1-5: "
-          + ", ".join(ms(tokens=32, warps=2, pipeline=st) for st in (1, 2, 3, 4, 5)))
 
 if __name__ == "__main__":
     main()

@@ -8,13 +8,16 @@ dW = gradᵀ·x (grad [T, out], x [T, in]): only k of the out·in entries. Two w
   products:
   - "block" (`_block_kernel`): the sorted indices are cut into chunks of E entries, one
     program each. A chunk spans few rows of W, so the program loads grad in
-    [tokens × RW rows] windows (coalesced) and the chunk's E rows of xᵀ, accumulates
-    gradᵀ[RW rows] · x[:, E columns] in a float32 [RW × E] block on the tensor cores, and
-    after the token loop takes each entry's own element of the block. Any index order.
+    [tokens × RW rows] windows (coalesced; the window starts on a multiple of 8 rows, so
+    the loads are 16-byte asynchronous copies) and the chunk's E rows of xᵀ, accumulates
+    x[:, E columns]ᵀ · grad[:, RW rows] in a float32 [E × RW] block on the tensor cores
+    (both operands from shared memory: Hopper's wgmma where E ≥ 64), and after the token
+    loop takes each entry's own element of the block. Any index order.
   - "window" (`_window_kernel`): one program per aligned window of RW rows of W holding all
     its entries (a range of the sorted indices, found once per indices tensor and cached):
     every element of grad is read once, in wide rows. Needs sorted indices.
-  `choose_form` picks by the entries per row of W (measured on the H100). The token sum is cut
+  `choose_form` picks by the entries per row of W, `FORM_TILES` the tiles (both measured on
+  the H100: tools/profile_sampled.py --sweep). The token sum is cut
   into ranges (`token_splits`: ~4 programs per SM however few chunks there are) that run one
   after another along the grid's slow axis, so the xᵀ rows several programs share are re-read
   from L2 within a range; float32 partial sums are added by `_reduce_kernel`. grad and xᵀ are
@@ -47,7 +50,7 @@ from ._triton import HAS_TRITON, TensorCache, cdiv, next_pow2, no_sync_allowed, 
 __all__ = ["HAS_TRITON", "sparse_delta_ref", "sampled_grad_ref", "sampled_grad",
            "sampled_grad_sampled", "sampled_grad_dense", "choose_method", "forget_choices",
            "choose_form", "transpose", "token_splits", "tiles", "window_tiles", "row_bounds",
-           "MARGIN"]
+           "MARGIN", "FORM_TILES"]
 
 
 # references -------------------------------------------------------------------------------
@@ -95,7 +98,7 @@ def _chunk(Idx, K, IN, OUT, E: tl.constexpr, RW: tl.constexpr):
     flat = tl.load(Idx + e, mask=live, other=0).to(tl.int64)
     r = flat // IN
     c = flat % IN
-    r_lo = tl.min(tl.where(live, r, OUT), 0)
+    r_lo = tl.min(tl.where(live, r, OUT), 0) // 8 * 8
     r_hi = tl.max(tl.where(live, r, -1), 0)
     return e, live, r, c, r_lo, tl.maximum(r_hi - r_lo, 0) // RW + 1
 
@@ -110,7 +113,7 @@ def _block_product(block, G, x_rows, rows, live, t_lo, t_hi, OUT, sgt, sgo,
                     mask=(t[:, None] < t_hi) & (rows[None, :] < OUT), other=0.0)  # [TT, RW]
         xs = tl.load(x_rows + t[None, :], mask=live[:, None] & (t[None, :] < t_hi),
                      other=0.0)                                                # [E, TT]
-        block = mma(tl.trans(g), tl.trans(xs), block, FP32)                   # [RW, E]
+        block = mma(xs, g, block, FP32)                                       # [E, RW]
     return block
 
 
@@ -128,11 +131,11 @@ def _block_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, t_per,
     x_rows = XT + c[:, None] * T
     acc = tl.zeros([E], dtype=tl.float32)
     for w in range(0, n_win):
-        rows = r_lo + w * RW + tl.arange(0, RW)
-        block = _block_product(tl.zeros([RW, E], dtype=tl.float32), G, x_rows, rows, live,
+        rows = tl.multiple_of(r_lo + w * RW, 8) + tl.arange(0, RW)
+        block = _block_product(tl.zeros([E, RW], dtype=tl.float32), G, x_rows, rows, live,
                                t_lo, t_hi, OUT, sgt, sgo, TT, FP32)
-        mine = (r[None, :] - r_lo - w * RW) == tl.arange(0, RW)[:, None]
-        acc += tl.sum(tl.where(mine, block, 0.0), 0)
+        mine = (r[:, None] - r_lo - w * RW) == tl.arange(0, RW)[None, :]
+        acc += tl.sum(tl.where(mine, block, 0.0), 1)
     tl.store(Out + e, acc.to(Out.dtype.element_ty), mask=live)
 
 
@@ -154,11 +157,11 @@ def _window_kernel(G, XT, Idx, Bounds, Out, K, T, IN, OUT, sgt, sgo, t_per,
         e = e0 + tl.arange(0, E)
         live = e < hi
         flat = tl.load(Idx + e, mask=live, other=0).to(tl.int64)
-        block = _block_product(tl.zeros([RW, E], dtype=tl.float32), G,
+        block = _block_product(tl.zeros([E, RW], dtype=tl.float32), G,
                                XT + (flat % IN)[:, None] * T, rows, live, t_lo, t_hi,
                                OUT, sgt, sgo, TT, FP32)
-        mine = (flat // IN - w * RW)[None, :] == tl.arange(0, RW)[:, None]
-        tl.store(Out + e, tl.sum(tl.where(mine, block, 0.0), 0).to(Out.dtype.element_ty),
+        mine = (flat // IN - w * RW)[:, None] == tl.arange(0, RW)[None, :]
+        tl.store(Out + e, tl.sum(tl.where(mine, block, 0.0), 1).to(Out.dtype.element_ty),
                  mask=live)
 
 
@@ -221,18 +224,22 @@ def window_tiles(k: int, out_features: int) -> tuple[int, int]:
     return min(256, max(32, next_pow2(math.ceil(need)))), rw
 
 
-# Where the window form wins (H100, sampled_grad on a 4096² weight, 8192 tokens, device time):
-# few entries per row (≤ 0.03%: a 64-entry chunk spans many rows, and its windows re-read
-# grad; 1.6–2× faster) and many (≥ 0.3%: chunks span a few rows of a 16-row window; 1.3×).
-# In between (0.1–0.2%, 4–8 per row) the block form's chunks are full and it wins (1.1–1.4×).
-WINDOW_PER_ROW = (2.0, 10.0)
+# Where the window form wins (H100, sampled_grad on a 4096² weight, 8192 tokens, device time,
+# v5 tiles; tools/profile_sampled.py --sweep): few entries per row (0.01%, 0.4 per row: a
+# 64-entry chunk spans many rows and its windows re-read grad; window 0.108 against block
+# 0.120 ms). At 0.1% the two tie (0.137 / 0.138) and at 0.3% block wins (0.206 / 0.216).
+WINDOW_PER_ROW = 2.0
 
 
 def choose_form(k: int, out_features: int) -> str:
-    """"window" where entries per row of W are few or many, "block" in between."""
-    per_row = k / max(out_features, 1)
-    lo, hi = WINDOW_PER_ROW
-    return "window" if per_row < lo or per_row >= hi else "block"
+    """"window" where entries per row of W are few, "block" otherwise."""
+    return "window" if k / max(out_features, 1) < WINDOW_PER_ROW else "block"
+
+
+# (tokens per tile, warps, pipeline stages) per form, from the same sweep: 64-token tiles
+# (the products run as Hopper wgmma with K = 64) and 4 stages in both; 8 warps for the block
+# form's 64-entry chunks, 4 for the window form's.
+FORM_TILES = {"block": (64, 8, 4), "window": (64, 4, 4)}
 
 
 _BOUNDS = TensorCache(1024)
@@ -261,7 +268,7 @@ def _sm_count(device) -> int:
     return _SM_COUNT[device]
 
 
-def token_splits(chunks: int, T: int, device, tokens: int = 32) -> int:
+def token_splits(chunks: int, T: int, device, tokens: int = 64) -> int:
     """How many token ranges to cut the sum into: enough programs for ~4 per SM (few
     chunks at low density would leave most of the GPU idle), each range at least 8 token
     tiles long. Programs of one range run together (the grid's slow axis), so the rows of xᵀ
@@ -298,14 +305,13 @@ def _launch(key, kernel, grid, args: tuple, meta: dict, slots: tuple[int, ...],
 def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
                          in_features: int, *, form: str | None = None,
                          entries: int | None = None, window: int | None = None,
-                         tokens: int = 32, splits: int | None = None, warps: int = 4,
-                         pipeline: int = 3,
+                         tokens: int | None = None, splits: int | None = None,
+                         warps: int | None = None, pipeline: int | None = None,
                          transpose_tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """The sampled path (see the module docstring); output in grad's dtype. `form`: "block",
     "window" (sorted indices only) or None (`choose_form`); `splits`: token ranges (None:
-    `token_splits`; 1: every program runs over all tokens); `pipeline`: the kernels'
-    num_stages. Tiles of 32 tokens and 4 warps come from tools/profile_sampled.py's sweep on
-    the H100 at 0.1%."""
+    `token_splits`; 1: every program runs over all tokens); `tokens`, `warps`, `pipeline`
+    (the kernels' num_stages): None takes the form's `FORM_TILES`."""
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     T, out_f = g2.shape
@@ -319,6 +325,8 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
     form = form or choose_form(k, out_f)
     e, rw = window_tiles(k, out_f) if form == "window" else tiles(k, out_f)
     e, rw = entries or e, window or rw
+    tt, nw, ns = FORM_TILES[form]
+    tokens, warps, pipeline = tokens or tt, warps or nw, pipeline or ns
     programs = cdiv(out_f, rw) if form == "window" else cdiv(k, e)
     n_split = splits or token_splits(programs, T, grad.device, tokens)
     t_per = cdiv(cdiv(T, n_split), tokens) * tokens

@@ -89,7 +89,7 @@ def test_transpose_kernel(tile):
 def test_form_follows_the_entries_per_row():
     assert K.choose_form(int(1e-4 * 4096 ** 2), 4096) == "window"  # 0.4 per row
     assert K.choose_form(int(1e-3 * 4096 ** 2), 4096) == "block"   # 4 per row
-    assert K.choose_form(int(3e-3 * 4096 ** 2), 4096) == "window"  # 12 per row
+    assert K.choose_form(int(3e-3 * 4096 ** 2), 4096) == "block"   # 12 per row
 
 
 def test_window_tiles_fit_the_expected_entries():
