@@ -32,7 +32,7 @@ preflight_kernels
 step "bench_attention" 230 bench_attention.log \
   "$PY" tools/bench_attention.py --variants v2,v2-split,v2-atomic
 step "bench_sparse_delta" 120 bench_sparse_delta.log "$PY" tools/bench_sparse_delta.py
-step "gpu tests" 200 gpu_tests.log \
+step "gpu tests" 280 gpu_tests.log \
   "$PY" -m pytest -m gpu -q -p no:cacheprovider --maxfail=20 -rfs \
   tests/kernels tests/ops tests/backends
 

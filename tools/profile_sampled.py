@@ -80,6 +80,8 @@ def main(argv=None) -> None:
     ap.add_argument("--densities", type=float, nargs="+", default=[1e-4, 1e-3, 3e-3, 1e-2])
     ap.add_argument("--ncu", action="store_true",
                     help="only one warm call per density under cudaProfilerStart/Stop")
+    ap.add_argument("--transpose", action="store_true",
+                    help="time the transpose of x with every tile candidate, and torch's")
     ap.add_argument("--sweep", type=float, nargs="*", default=[1e-3],
                     help="densities at which to time every tile variant")
     args = ap.parse_args(argv)
@@ -115,15 +117,43 @@ def main(argv=None) -> None:
     if args.ncu:
         return
     results: dict = {}
+    if args.transpose:
+        results["transpose"] = transpose_sweep(x)
     for d in args.sweep:
         sweep(grad, x, in_f, g, d, results)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "sampled_sweep.json").write_text(json.dumps(results, indent=1))
 
 
+TRANSPOSE_TILES = ((64, 64, 4), (64, 64, 8), (128, 64, 4), (128, 64, 8), (64, 128, 4),
+                   (64, 128, 8), (128, 128, 8), (128, 128, 16), (32, 128, 4), (256, 64, 8),
+                   (32, 256, 8))
+
+
+def transpose_sweep(x) -> dict:
+    """ms of xᵀ with each (rows, columns, warps) tile of the Triton kernel, checked against
+    torch, and of torch's own copy; printed with the bandwidth (bytes read + written)."""
+    import triton.testing
+
+    want = x.t().contiguous()
+    fns = {"torch": lambda: x.t().contiguous()}
+    for tile in TRANSPOSE_TILES:
+        if not torch.equal(K.transpose(x, tile), want):
+            raise SystemExit(f"transpose tile {tile}: wrong result")
+        fns[str(tile)] = lambda tile=tile: K.transpose(x, tile)
+    out = {}
+    for name, fn in fns.items():
+        out[name] = float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+        print(f"  transpose {name:16s} {out[name]:.4f} ms "
+              f"{2 * x.numel() * x.element_size() / out[name] / 1e9:.2f} TB/s", flush=True)
+    return out
+
+
 def variants(density: float) -> dict:
-    """Tile choices to time at one density: both forms, tokens per tile, warps, entries per
-    chunk (block) or window rows (window), pipeline stages."""
+    """Tile choices to time at one density: both forms, tokens per tile, warps, pipeline
+    stages, entries per chunk and window rows. (Round 5 also tried token tiles of 128 and a
+    window's chunks shared among 2–3 programs: no gain at 0.1%; its data is in
+    docs/data/sampled_sweep_h100_v5_round5.json.)"""
     out = {}
     for tokens in (32, 64):
         for warps in (4, 8):

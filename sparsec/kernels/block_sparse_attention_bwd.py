@@ -1,13 +1,14 @@
 """Block-sparse attention backward on Triton: dq, dk, dv from the saved out and lse.
 
-Three launches, no atomics (the result is deterministic):
-1. `_bwd_preprocess_kernel`: delta = rowsum(dO · O) in float32;
+Two launches, no atomics (the result is deterministic):
+1. `_bwd_dq_kernel`: one program per (query tile, batch·query head) walking the key lists as the
+   forward does; it first makes its rows' delta = rowsum(dO · O) in float32 and stores it;
 2. `_bwd_dkdv_kernel`: one program per (key tile of BLOCK_N rows, batch·key/value head); it walks
    the query blocks that list its key block — the *transposed* layout, a CSR built on the device
    without host sync and cached per layout — for every query head of its GQA group, so dk and dv
-   are summed over the group inside the program;
-3. `_bwd_dq_kernel`: one program per (query tile, batch·query head) walking the key lists as the
-   forward does.
+   are summed over the group inside the program; it reads the delta of step 1.
+The "atomic" variant instead makes delta (and zeroes a float32 dQ accumulator) in
+`_bwd_preprocess_kernel`, adds dS·K into dQ atomically inside the dK/dV kernel and converts.
 Probabilities are recomputed from lse (base 2 inside); rows whose lse is −inf (they saw no key)
 contribute nothing. Full blocks skip element masks; partial blocks mask the causal diagonal and
 the ragged tails; the optional element mask applies everywhere.
@@ -234,10 +235,10 @@ def _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, n_listed, idx_pt
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Num, Idx, FNum, FIdx, Mask,
+def _bwd_dq_kernel(Q, K, V, DO, Out, Lse, Delta, DQ, Num, Idx, FNum, FIdx, Mask,
                    qk_scale, sm_scale, L, S, H, G,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                   sdb, sdh, sdm, sdd,
+                   sdb, sdh, sdm, sdd, sob, soh, som, sod,
                    snb, snh, snm, sib, sih, sim, siw,
                    sfb, sfh, sfm, sjb, sjh, sjm, sjw,
                    smb, smh, smm, smn,
@@ -262,7 +263,12 @@ def _bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Num, Idx, FNum, FIdx, Mask,
                    DV, BLOCK_DV, True)
     row_off = bh.to(tl.int64) * L
     lse2 = _load_lse2(Lse + row_off, offs_m, L)
-    delta = tl.load(Delta + row_off + offs_m, mask=offs_m < L, other=0.0)
+    # delta = rowsum(dO·O) of these rows, made here (the dK/dV kernel, launched after this
+    # one, reads it): no separate pass over O and dO
+    o = load_rows(Out + b64 * sob + h64 * soh, offs_m, L, tl.arange(0, BLOCK_DV), som, sod, DV,
+                  BLOCK_DV, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + row_off + offs_m, delta, mask=offs_m < L)
     k_base = K + b64 * skb + hk.to(tl.int64) * skh
     v_base = V + b64 * svb + hk.to(tl.int64) * svh
     mask_base = Mask + b64 * smb + h64 * smh
@@ -414,11 +420,14 @@ class _Backward:
         B, H, L, D, hkv, S, DV = self.shape
         t = self.t
         atomic = variant == "atomic"
-        self.go(_bwd_preprocess_kernel, (cdiv(L, 64), B * H),
-                ("out", "go", "delta", "dqa" if atomic else "delta", L, H,
-                 *t["out"].stride(), *t["go"].stride()),
-                dict(D=D, BLOCK_D=self.bd, DV=DV, BLOCK_DV=self.bdv, BLOCK_M=64,
-                     ZERO_DQ=atomic))
+        if atomic:  # delta, and the float32 dQ accumulator zeroed
+            self.go(_bwd_preprocess_kernel, (cdiv(L, 64), B * H),
+                    ("out", "go", "delta", "dqa", L, H, *t["out"].stride(),
+                     *t["go"].stride()),
+                    dict(D=D, BLOCK_D=self.bd, DV=DV, BLOCK_DV=self.bdv, BLOCK_M=64,
+                         ZERO_DQ=True))
+        else:  # dQ first: it writes delta, which the dK/dV kernel reads
+            self.dq()
         p_ptr, p_qb, f_ptr, f_qb = self.transposed
         args = ("q", "k", "v", "go", "lse", "delta", "dk", "dv", "dqa" if atomic else "q",
                 p_ptr, p_qb, f_ptr, f_qb, self.mask_name, self.qk_scale, self.scale, L, S, H,
@@ -430,12 +439,15 @@ class _Backward:
             n = B * H * L * D
             self.go(_dq_convert_kernel, (cdiv(n, 1024),), ("dqa", "dq", n, self.scale),
                     dict(BLOCK=1024))
-            return
+
+    def dq(self):
+        B, H, L, D, hkv, S, DV = self.shape
+        t = self.t
         num, idx, pstr, fnum, fidx, fstr = self.lists
-        args = ("q", "k", "v", "go", "lse", "delta", "dq", num, idx, fnum, fidx, self.mask_name,
-                self.qk_scale, self.scale, L, S, H, H // hkv, *t["q"].stride(),
-                *t["k"].stride(), *t["v"].stride(), *t["go"].stride(), *pstr, *fstr,
-                *self.mstr)
+        args = ("q", "k", "v", "go", "out", "lse", "delta", "dq", num, idx, fnum, fidx,
+                self.mask_name, self.qk_scale, self.scale, L, S, H, H // hkv,
+                *t["q"].stride(), *t["k"].stride(), *t["v"].stride(), *t["go"].stride(),
+                *t["out"].stride(), *pstr, *fstr, *self.mstr)
         self.kernel(_bwd_dq_kernel, _dq_tuned, self.pinned(1), L, "BLOCK_M", B * H, args)
 
 

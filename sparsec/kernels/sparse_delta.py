@@ -224,11 +224,13 @@ def window_tiles(k: int, out_features: int) -> tuple[int, int]:
     return min(256, max(32, next_pow2(math.ceil(need)))), rw
 
 
-# Where the window form wins (H100, sampled_grad on a 4096² weight, 8192 tokens, device time,
-# v5 tiles; tools/profile_sampled.py --sweep): few entries per row (0.01%, 0.4 per row: a
-# 64-entry chunk spans many rows and its windows re-read grad; window 0.108 against block
-# 0.120 ms). At 0.1% the two tie (0.137 / 0.138) and at 0.3% block wins (0.206 / 0.216).
-WINDOW_PER_ROW = 2.0
+# Where the window form wins (H100, sampled_grad on a 4096² weight, 8192 tokens, v5 tiles;
+# tools/profile_sampled.py and bench_sparse_delta.py, three runs): up to ~4 entries per row
+# of W (0.01–0.1%: window 0.109–0.118 against block 0.124–0.130 ms at 0.01–0.03%, 0.128–0.130
+# against 0.140–0.141 at 0.1%; grad is read once). From ~8 per row (0.2%, 0.5%) the block
+# form is 3–8% faster (the window form's wide chunks hold one program per SM); at 0.3% they
+# are within noise of each other.
+WINDOW_PER_ROW = 5.0
 
 
 def choose_form(k: int, out_features: int) -> str:
@@ -316,11 +318,15 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
     x2 = x.reshape(-1, x.shape[-1])
     T, out_f = g2.shape
     k = indices.numel()
-    out = torch.empty(k, dtype=grad.dtype, device=grad.device)
-    if k == 0:
-        return out
-    if T == 0:
-        return out.zero_()
+    if k == 0 or T == 0:
+        return torch.zeros(k, dtype=grad.dtype, device=grad.device)
+    device = launch_device(g2)
+    planned = device is not None and not no_sync_allowed()  # no plans under graph capture
+    # the transpose is launched first, so the GPU works on it while the host prepares the rest
+    xt = torch.empty(x2.shape[1], T, dtype=x2.dtype, device=x2.device)
+    _transpose_into(x2, xt, transpose_tile, ("transpose", T, x2.shape[1], x2.dtype,
+                                             x2.stride(), transpose_tile, device, aligned(x2))
+                    if planned else None, device)
     indices = indices.contiguous()
     form = form or choose_form(k, out_f)
     e, rw = window_tiles(k, out_f) if form == "window" else tiles(k, out_f)
@@ -331,16 +337,13 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
     n_split = splits or token_splits(programs, T, grad.device, tokens)
     t_per = cdiv(cdiv(T, n_split), tokens) * tokens
     n_split = cdiv(T, t_per)
+    out = torch.empty(k, dtype=grad.dtype, device=grad.device)
     part = out if n_split == 1 else \
         torch.empty(n_split, k, dtype=torch.float32, device=grad.device)
-    device = launch_device(g2)
     key = None
-    if device is not None and not no_sync_allowed():  # no plans made under graph capture
+    if planned:
         key = (form, T, out_f, in_features, k, e, rw, n_split, tokens, warps, pipeline,
-               transpose_tile, g2.dtype, x2.dtype, indices.dtype, g2.stride(), x2.stride(),
-               device, aligned(g2, x2, indices))
-    xt = torch.empty(x2.shape[1], T, dtype=x2.dtype, device=x2.device)
-    _transpose_into(x2, xt, transpose_tile, key and ("transpose",) + key, device)
+               g2.dtype, xt.dtype, indices.dtype, g2.stride(), device, aligned(g2, indices))
     meta = dict(E=e, RW=rw, TT=tokens, FP32=grad.dtype == torch.float32, num_warps=warps,
                 num_stages=pipeline)
     if form == "window":

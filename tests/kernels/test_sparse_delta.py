@@ -52,6 +52,14 @@ def test_sampled_kernel_matches_reference(name, form):
     assert rel_err(got.cpu(), reference(grad, x, idx, in_f)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("T,k", [(0, 5), (9, 0)])
+def test_no_tokens_or_no_entries(T, k):
+    grad, x = torch.randn(T, 16).to(DEV), torch.randn(T, 8).to(DEV)
+    idx = torch.arange(k, device=DEV) * 3
+    got = K.sampled_grad_sampled(grad, x, idx, 8)
+    assert got.shape == (k,) and not got.any()
+
+
 @pytest.mark.parametrize("splits", [2, 3, 7])
 def test_token_splits_sum_to_the_whole(splits):
     """Token ranges (ragged last one, more ranges than token tiles) summed by the reduce
@@ -88,7 +96,8 @@ def test_transpose_kernel(tile):
 
 def test_form_follows_the_entries_per_row():
     assert K.choose_form(int(1e-4 * 4096 ** 2), 4096) == "window"  # 0.4 per row
-    assert K.choose_form(int(1e-3 * 4096 ** 2), 4096) == "block"   # 4 per row
+    assert K.choose_form(int(1e-3 * 4096 ** 2), 4096) == "window"  # 4 per row
+    assert K.choose_form(int(2e-3 * 4096 ** 2), 4096) == "block"   # 8 per row
     assert K.choose_form(int(3e-3 * 4096 ** 2), 4096) == "block"   # 12 per row
 
 
