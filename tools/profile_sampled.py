@@ -82,6 +82,8 @@ def main(argv=None) -> None:
                     help="only one warm call per density under cudaProfilerStart/Stop")
     ap.add_argument("--transpose", action="store_true",
                     help="time the transpose of x with every tile candidate, and torch's")
+    ap.add_argument("--quick", action="store_true",
+                    help="sweep only the token ranges (splits) of each form's defaults")
     ap.add_argument("--sweep", type=float, nargs="*", default=[1e-3],
                     help="densities at which to time every tile variant")
     args = ap.parse_args(argv)
@@ -120,7 +122,7 @@ def main(argv=None) -> None:
     if args.transpose:
         results["transpose"] = transpose_sweep(x)
     for d in args.sweep:
-        sweep(grad, x, in_f, g, d, results)
+        sweep(grad, x, in_f, g, d, results, args.quick)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "sampled_sweep.json").write_text(json.dumps(results, indent=1))
 
@@ -149,13 +151,13 @@ def transpose_sweep(x) -> dict:
     return out
 
 
-def variants(density: float) -> dict:
+def variants(density: float, quick: bool = False) -> dict:
     """Tile choices to time at one density: both forms, tokens per tile, warps, pipeline
     stages, entries per chunk and window rows. (Round 5 also tried token tiles of 128 and a
     window's chunks shared among 2–3 programs: no gain at 0.1%; its data is in
     docs/data/sampled_sweep_h100_v5_round5.json.)"""
     out = {}
-    for tokens in (32, 64):
+    for tokens in () if quick else (32, 64):
         for warps in (4, 8):
             for stages in (3, 4):
                 base = dict(tokens=tokens, warps=warps, pipeline=stages)
@@ -165,10 +167,13 @@ def variants(density: float) -> dict:
                 for e, rw in ((64, 16), (128, 16), (128, 32), (256, 32)):
                     out[f"window e={e} rw={rw} t={tokens} w={warps} s={stages}"] = \
                         dict(base, form="window", entries=e, window=rw)
+    for form in ("block", "window"):  # token ranges around token_splits' choice
+        for n in (1, 2, 4, 6, 8):
+            out[f"{form} defaults splits={n}"] = dict(form=form, splits=n)
     return out
 
 
-def sweep(grad, x, in_f, g, density: float, results: dict) -> None:
+def sweep(grad, x, in_f, g, density: float, results: dict, quick: bool = False) -> None:
     """Every variant of `variants` at one density, checked against dense first; plain-call
     and CUDA-graph medians in ms, best five printed."""
     import triton.testing
@@ -178,7 +183,7 @@ def sweep(grad, x, in_f, g, density: float, results: dict) -> None:
     idx = torch.randperm(out_f * in_f, device="cuda", generator=g)[:k].sort().values
     want = K.sampled_grad_dense(grad, x, idx, in_f).float()
     rows = {}
-    for name, kw in variants(density).items():
+    for name, kw in variants(density, quick).items():
         def fn(kw=kw):
             return K.sampled_grad_sampled(grad, x, idx, in_f, **kw)
         try:

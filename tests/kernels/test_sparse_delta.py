@@ -75,8 +75,10 @@ def test_token_splits_sum_to_the_whole(splits):
 
 def test_token_splits_fill_the_gpu_but_keep_ranges_long():
     dev = torch.device("cpu")  # 8 "SMs" off the GPU
-    assert K.token_splits(2, 8192, dev) == 16  # few chunks: split the tokens
-    assert K.token_splits(1000, 8192, dev) == 1  # enough chunks already
+    assert K.token_splits(2, 8192, dev) == 4  # few chunks: about one program per SM
+    assert K.token_splits(1, 8192, dev) == 8
+    assert K.token_splits(1, 8192, dev, tokens=512) == 2  # ranges stay 8 tiles long
+    assert K.token_splits(5, 8192, dev) == 1  # enough chunks already
     assert K.token_splits(2, 300, dev) == 1  # too few tokens to split
 
 
