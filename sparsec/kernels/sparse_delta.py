@@ -16,9 +16,9 @@ dW = gradᵀ·x (grad [T, out], x [T, in]): only k of the out·in entries. Two w
   - "window" (`_window_kernel`): one program per aligned window of RW rows of W holding all
     its entries (a range of the sorted indices, found once per indices tensor and cached):
     every element of grad is read once, in wide rows. Needs sorted indices.
-  `choose_form` picks by the entries per row of W, `FORM_TILES` the tiles (both measured on
-  the H100: tools/profile_sampled.py --sweep). Where there are fewer chunks than SMs the
-  token sum is cut into ranges (`token_splits`: about one program per SM) that run one
+  `choose_form` picks the window form for sorted indices (faster at every density measured)
+  and `FORM_TILES` the tiles (tools/profile_sampled.py --sweep on the H100). Where there are
+  fewer chunks than SMs the token sum is cut into ranges (`token_splits`: about one program per SM) that run one
   after another along the grid's slow axis, so the xᵀ rows several programs share are re-read
   from L2 within a range; float32 partial sums are added by `_reduce_kernel`. grad and xᵀ are
   read about once each from memory: the cost grows with k·T, not out·in·T.
@@ -224,18 +224,14 @@ def window_tiles(k: int, out_features: int) -> tuple[int, int]:
     return min(256, max(32, next_pow2(math.ceil(need)))), rw
 
 
-# Where the window form wins (H100, sampled_grad on a 4096² weight, 8192 tokens, v5 tiles;
-# tools/profile_sampled.py and bench_sparse_delta.py, three runs): up to ~4 entries per row
-# of W (0.01–0.1%: window 0.109–0.118 against block 0.124–0.130 ms at 0.01–0.03%, 0.128–0.130
-# against 0.140–0.141 at 0.1%; grad is read once). From ~8 per row (0.2%, 0.5%) the block
-# form is 3–8% faster (the window form's wide chunks hold one program per SM); at 0.3% they
-# are within noise of each other.
-WINDOW_PER_ROW = 5.0
-
-
-def choose_form(k: int, out_features: int) -> str:
-    """"window" where entries per row of W are few, "block" otherwise."""
-    return "window" if k / max(out_features, 1) < WINDOW_PER_ROW else "block"
+# Where the window form wins (H100, sampled_grad on a 4096² weight, 8192 tokens, v5 tiles
+# and token ranges; tools/bench_sparse_delta.py): at every density measured, 0.01–5%
+# (0.102 against the block form's 0.129 ms at 0.01%, 0.119 / 0.127 at 0.1%, 0.184 / 0.210 at
+# 0.3%, 0.305 / 0.329 at 0.5%): each element of grad is read once. The block form stays for
+# indices in any order.
+def choose_form(k: int, out_features: int, sorted_indices: bool = True) -> str:
+    """"window" for sorted indices (the op's contract), "block" otherwise."""
+    return "window" if sorted_indices else "block"
 
 
 # (tokens per tile, warps, pipeline stages) per form, from the same sweep: 64-token tiles

@@ -96,11 +96,9 @@ def test_transpose_kernel(tile):
     assert torch.equal(K.transpose(x[:, 1:], tile).cpu(), x[:, 1:].t().cpu())
 
 
-def test_form_follows_the_entries_per_row():
-    assert K.choose_form(int(1e-4 * 4096 ** 2), 4096) == "window"  # 0.4 per row
-    assert K.choose_form(int(1e-3 * 4096 ** 2), 4096) == "window"  # 4 per row
-    assert K.choose_form(int(2e-3 * 4096 ** 2), 4096) == "block"   # 8 per row
-    assert K.choose_form(int(3e-3 * 4096 ** 2), 4096) == "block"   # 12 per row
+def test_form_is_window_for_sorted_indices():
+    assert K.choose_form(int(1e-3 * 4096 ** 2), 4096) == "window"
+    assert K.choose_form(int(1e-3 * 4096 ** 2), 4096, sorted_indices=False) == "block"
 
 
 def test_window_tiles_fit_the_expected_entries():
