@@ -96,6 +96,14 @@ def test_transpose_kernel(tile):
     assert torch.equal(K.transpose(x[:, 1:], tile).cpu(), x[:, 1:].t().cpu())
 
 
+def test_sampled_must_win_by_median_and_fastest_run():
+    steady = {"sampled": [0.46] * 7, "dense": [0.34] * 7}
+    assert not K._sampled_wins(steady)
+    burst = {"sampled": [0.46] * 7, "dense": [0.34, 0.34, 1.0, 1.0, 1.0, 1.0, 0.34]}
+    assert not K._sampled_wins(burst)  # dense's median moved, its fastest run did not
+    assert K._sampled_wins({"sampled": [0.12] * 7, "dense": [0.37] * 7})
+
+
 def test_form_is_window_for_sorted_indices():
     assert K.choose_form(int(1e-3 * 4096 ** 2), 4096) == "window"
     assert K.choose_form(int(1e-3 * 4096 ** 2), 4096, sorted_indices=False) == "block"
