@@ -167,10 +167,10 @@ def _sparse_delta(args):
     x = torch.empty(T, in_f, dtype=dtype, device="meta")
     for name in ("_transpose_kernel", "_block_kernel", "_window_kernel", "_reduce_kernel"):
         setattr(sd, name, _Compile(getattr(sd, name), name.strip("_").replace("_kernel", "")))
-    for density in (0.001, 0.01):
+    for density, form in ((0.001, "window"), (0.001, "block"), (0.01, "window")):
         k = int(density * out_f * in_f)
         idx = torch.empty(k, dtype=torch.int64, device="meta")
-        sd.sampled_grad_sampled(g, x, idx, in_f, splits=4)
+        sd.sampled_grad_sampled(g, x, idx, in_f, splits=2, form=form)
 
 
 def _nm(args):
