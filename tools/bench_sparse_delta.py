@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sparsec.kernels import sparse_delta as K  # noqa: E402
 
 
-def other_form(k: int, out_f: int) -> dict:
+def other_form() -> dict:
     """The sampled path's arguments for the form `choose_form` does not pick."""
-    return {"form": "block" if K.choose_form(k, out_f) == "window" else "window"}
+    return {"form": "block" if K.choose_form() == "window" else "window"}
 
 
 # variants tried at 0.1% and 0.01% for the next round's defaults
@@ -91,7 +91,7 @@ def grad_rows(args, sets):
     for d in densities:
         idx = indices(out_f, in_f, d, seed=int(d * 1e6))
         g0, x0 = sets[0]
-        other = other_form(idx.numel(), out_f)
+        other = other_form()
         errs = {"sampled": check_grad("sampled", K.sampled_grad_sampled(g0, x0, idx, in_f), g0,
                                       x0, idx, in_f),
                 "sampled_other": check_grad("sampled, other form", K.sampled_grad_sampled(
@@ -106,8 +106,8 @@ def grad_rows(args, sets):
             choices.append(K.choose_method(g0, x0, idx, in_f))
         choice = choices[-1]  # cached: what sampled_grad runs below
         row = {"density": d, "k": idx.numel(), "auto_choice": choice, "choices": choices,
-               "errors": errs, "form": K.choose_form(idx.numel(), out_f),
-               "tiles": (K.window_tiles if K.choose_form(idx.numel(), out_f) == "window"
+               "errors": errs, "form": K.choose_form(),
+               "tiles": (K.window_tiles if K.choose_form() == "window"
                          else K.tiles)(idx.numel(), out_f),
                "sampled_ms": bench(lambda s: K.sampled_grad_sampled(s[0], s[1], idx, in_f),
                                    sets),

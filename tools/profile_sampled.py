@@ -102,7 +102,7 @@ def main(argv=None) -> None:
             continue
         paths = {"sampled": lambda: K.sampled_grad_sampled(grad, x, idx, in_f),
                  "other": lambda: K.sampled_grad_sampled(grad, x, idx, in_f, form=(
-                     "block" if K.choose_form(k, out_f) == "window" else "window")),
+                     "block" if K.choose_form() == "window" else "window")),
                  "dense": lambda: K.sampled_grad_dense(grad, x, idx, in_f)}
         want = paths["dense"]().float()
         for name in ("sampled", "other"):

@@ -18,9 +18,10 @@ dW = gradᵀ·x (grad [T, out], x [T, in]): only k of the out·in entries. Two w
     every element of grad is read once, in wide rows. Needs sorted indices.
   `choose_form` picks the window form for sorted indices (faster at every density measured)
   and `FORM_TILES` the tiles (tools/profile_sampled.py --sweep on the H100). Where there are
-  fewer chunks than SMs the token sum is cut into ranges (`token_splits`: about one program per SM) that run one
-  after another along the grid's slow axis, so the xᵀ rows several programs share are re-read
-  from L2 within a range; float32 partial sums are added by `_reduce_kernel`. grad and xᵀ are
+  fewer programs than SMs the token sum is cut into ranges (`token_splits`: about one
+  program per SM) that run one after another along the grid's slow axis, so the xᵀ rows
+  several programs share are re-read from L2 within a range; float32 partial sums are added
+  by `_reduce_kernel`. grad and xᵀ are
   read about once each from memory: the cost grows with k·T, not out·in·T.
 - **dense**: dW = gradᵀ·x through cuBLAS, then a gather.
 
@@ -229,7 +230,7 @@ def window_tiles(k: int, out_features: int) -> tuple[int, int]:
 # (0.102 against the block form's 0.129 ms at 0.01%, 0.119 / 0.127 at 0.1%, 0.184 / 0.210 at
 # 0.3%, 0.305 / 0.329 at 0.5%): each element of grad is read once. The block form stays for
 # indices in any order.
-def choose_form(k: int, out_features: int, sorted_indices: bool = True) -> str:
+def choose_form(sorted_indices: bool = True) -> str:
     """"window" for sorted indices (the op's contract), "block" otherwise."""
     return "window" if sorted_indices else "block"
 
@@ -327,7 +328,7 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
                                              x2.stride(), transpose_tile, device, aligned(x2))
                     if planned else None, device)
     indices = indices.contiguous()
-    form = form or choose_form(k, out_f)
+    form = form or choose_form()
     e, rw = window_tiles(k, out_f) if form == "window" else tiles(k, out_f)
     e, rw = entries or e, window or rw
     tt, nw, ns = FORM_TILES[form]
