@@ -170,6 +170,8 @@ def variants(density: float, quick: bool = False) -> dict:
     for form in ("block", "window"):  # token ranges around token_splits' choice
         for n in (1, 2, 4, 6, 8):
             out[f"{form} defaults splits={n}"] = dict(form=form, splits=n)
+        for order in K.ORDERS:  # the order xᵀ is written and read in (L2 reuse)
+            out[f"{form} order={order}"] = dict(form=form, order=order)
     return out
 
 

@@ -14,8 +14,10 @@ dW = gradᵀ·x (grad [T, out], x [T, in]): only k of the out·in entries. Two w
     (both operands from shared memory: Hopper's wgmma where E ≥ 64), and after the token
     loop takes each entry's own element of the block. Any index order.
   - "window" (`_window_kernel`): one program per aligned window of RW rows of W holding all
-    its entries (a range of the sorted indices, found once per indices tensor and cached):
-    every element of grad is read once, in wide rows. Needs sorted indices.
+    its entries (a range of the sorted indices: the transpose kernel's first programs find
+    each window's start by binary search, `_row_bounds`, so it costs no launch of its own and
+    is recomputed every call, inside CUDA graphs too): every element of grad is read once, in
+    wide rows. Needs sorted indices.
   `choose_form` picks the window form for sorted indices (faster at every density measured)
   and `FORM_TILES` the tiles (tools/profile_sampled.py --sweep on the H100). Where there are
   fewer programs than SMs the token sum is cut into ranges (`token_splits`: about one
@@ -46,7 +48,7 @@ import torch
 
 from ._attention_common import launch_device, mma
 from ._launch import aligned, first_launch
-from ._triton import HAS_TRITON, TensorCache, cdiv, next_pow2, no_sync_allowed, on_cuda, tl, triton
+from ._triton import HAS_TRITON, cdiv, next_pow2, no_sync_allowed, on_cuda, tl, triton
 
 __all__ = ["HAS_TRITON", "sparse_delta_ref", "sampled_grad_ref", "sampled_grad",
            "sampled_grad_sampled", "sampled_grad_dense", "choose_method", "forget_choices",
@@ -79,15 +81,50 @@ def sparse_delta_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 # kernels ----------------------------------------------------------------------------------
 @triton.jit
-def _transpose_kernel(X, Y, R, C, sxr, sxc, syc, BR: tl.constexpr, BC: tl.constexpr):
+def _row_bounds(Idx, Bounds, K, N_BOUNDS, WIN_ELEMS, STEPS, chunk, BB: tl.constexpr):
+    """Bounds[w] = the first position in the sorted Idx[0:K] whose value is ≥ w·WIN_ELEMS, for
+    the BB windows w of this chunk (a binary search per lane, STEPS ≥ log2(K + 1) halvings)."""
+    w = chunk * BB + tl.arange(0, BB)
+    target = w.to(tl.int64) * WIN_ELEMS
+    lo = tl.zeros([BB], dtype=tl.int32)
+    hi = tl.zeros([BB], dtype=tl.int32) + K
+    for _ in range(0, STEPS):
+        open_ = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(Idx + mid, mask=open_, other=0).to(tl.int64)
+        right = open_ & (v < target)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(open_ & ~right, mid, hi)
+    tl.store(Bounds + w, lo, mask=w < N_BOUNDS)
+
+
+@triton.jit
+def _transpose_kernel(X, Y, R, C, sxr, sxc, syc, Idx, Bounds, K, N_BOUNDS, WIN_ELEMS, STEPS,
+                      BR: tl.constexpr, BC: tl.constexpr, COLS_FIRST: tl.constexpr,
+                      BB: tl.constexpr):
     """Y[c, r] = X[r, c] for X [R, C]; Y's rows are syc elements apart (unit column stride).
-    One BR × BC tile per program."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    x = tl.load(X + rows[:, None].to(tl.int64) * sxr + cols[None, :] * sxc,
-                mask=(rows[:, None] < R) & (cols[None, :] < C))
-    tl.store(Y + cols[:, None].to(tl.int64) * syc + rows[None, :], tl.trans(x),
-             mask=(cols[:, None] < C) & (rows[None, :] < R))
+    A 1-D grid: the first cdiv(N_BOUNDS, BB) programs make the window form's row bounds
+    (`_row_bounds`; none when N_BOUNDS is 0), so no separate launch is needed and they hide
+    among the transpose's; then one BR × BC tile per program, row tiles fastest, or column
+    tiles with COLS_FIRST (then the last programs write the last rows of X)."""
+    pid = tl.program_id(0)
+    n_bounds = tl.cdiv(N_BOUNDS, BB)
+    if pid < n_bounds:
+        _row_bounds(Idx, Bounds, K, N_BOUNDS, WIN_ELEMS, STEPS, pid, BB)
+    else:
+        t = pid - n_bounds
+        if COLS_FIRST:
+            pc = t % tl.cdiv(C, BC)
+            pr = t // tl.cdiv(C, BC)
+        else:
+            pr = t % tl.cdiv(R, BR)
+            pc = t // tl.cdiv(R, BR)
+        rows = pr * BR + tl.arange(0, BR)
+        cols = pc * BC + tl.arange(0, BC)
+        x = tl.load(X + rows[:, None].to(tl.int64) * sxr + cols[None, :] * sxc,
+                    mask=(rows[:, None] < R) & (cols[None, :] < C))
+        tl.store(Y + cols[:, None].to(tl.int64) * syc + rows[None, :], tl.trans(x),
+                 mask=(cols[:, None] < C) & (rows[None, :] < R))
 
 
 @triton.jit
@@ -106,9 +143,15 @@ def _chunk(Idx, K, IN, OUT, E: tl.constexpr, RW: tl.constexpr):
 
 @triton.jit
 def _block_product(block, G, x_rows, rows, live, t_lo, t_hi, OUT, sgt, sgo,
-                   TT: tl.constexpr, FP32: tl.constexpr):
-    """block[RW, E] += Σ_t gradᵀ[rows, t] · xᵀ[entries, t] over tokens [t_lo, t_hi)."""
-    for t0 in range(t_lo, t_hi, TT):
+                   TT: tl.constexpr, FP32: tl.constexpr, REVERSE: tl.constexpr):
+    """block[RW, E] += Σ_t gradᵀ[rows, t] · xᵀ[entries, t] over tokens [t_lo, t_hi), tile by
+    tile from the first, or from the last with REVERSE."""
+    n = tl.cdiv(t_hi - t_lo, TT)
+    for i in range(0, n):
+        if REVERSE:
+            t0 = t_lo + (n - 1 - i) * TT
+        else:
+            t0 = t_lo + i * TT
         t = t0 + tl.arange(0, TT)
         g = tl.load(G + t[:, None].to(tl.int64) * sgt + rows[None, :] * sgo,
                     mask=(t[:, None] < t_hi) & (rows[None, :] < OUT), other=0.0)  # [TT, RW]
@@ -120,7 +163,8 @@ def _block_product(block, G, x_rows, rows, live, t_lo, t_hi, OUT, sgt, sgo,
 
 @triton.jit
 def _block_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, t_per,
-                  E: tl.constexpr, RW: tl.constexpr, TT: tl.constexpr, FP32: tl.constexpr):
+                  E: tl.constexpr, RW: tl.constexpr, TT: tl.constexpr, FP32: tl.constexpr,
+                  REVERSE: tl.constexpr):
     """Program (chunk of E entries, token range `split`): tokens [split·t_per, +t_per); row
     `split` of Out gets the chunk's sums (float32 partial sums where there are several
     ranges). Per RW-row window of the chunk the small block gradᵀ[window] · x[:, the chunk's
@@ -134,7 +178,7 @@ def _block_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, t_per,
     for w in range(0, n_win):
         rows = tl.multiple_of(r_lo + w * RW, 8) + tl.arange(0, RW)
         block = _block_product(tl.zeros([E, RW], dtype=tl.float32), G, x_rows, rows, live,
-                               t_lo, t_hi, OUT, sgt, sgo, TT, FP32)
+                               t_lo, t_hi, OUT, sgt, sgo, TT, FP32, REVERSE)
         mine = (r[:, None] - r_lo - w * RW) == tl.arange(0, RW)[None, :]
         acc += tl.sum(tl.where(mine, block, 0.0), 1)
     tl.store(Out + e, acc.to(Out.dtype.element_ty), mask=live)
@@ -142,7 +186,8 @@ def _block_kernel(G, XT, Idx, Out, K, T, IN, OUT, sgt, sgo, t_per,
 
 @triton.jit
 def _window_kernel(G, XT, Idx, Bounds, Out, K, T, IN, OUT, sgt, sgo, t_per,
-                   E: tl.constexpr, RW: tl.constexpr, TT: tl.constexpr, FP32: tl.constexpr):
+                   E: tl.constexpr, RW: tl.constexpr, TT: tl.constexpr, FP32: tl.constexpr,
+                   REVERSE: tl.constexpr):
     """Program (row window w, token range as in `_block_kernel`): the entries whose row lies
     in rows [w·RW, (w+1)·RW) — the range Bounds[w]..Bounds[w+1] of the sorted indices — in
     chunks of E (one chunk unless the window holds more). Windows are aligned and disjoint,
@@ -160,7 +205,7 @@ def _window_kernel(G, XT, Idx, Bounds, Out, K, T, IN, OUT, sgt, sgo, t_per,
         flat = tl.load(Idx + e, mask=live, other=0).to(tl.int64)
         block = _block_product(tl.zeros([E, RW], dtype=tl.float32), G,
                                XT + (flat % IN)[:, None] * T, rows, live, t_lo, t_hi,
-                               OUT, sgt, sgo, TT, FP32)
+                               OUT, sgt, sgo, TT, FP32, REVERSE)
         mine = (flat // IN - w * RW)[:, None] == tl.arange(0, RW)[None, :]
         tl.store(Out + e, tl.sum(tl.where(mine, block, 0.0), 1).to(Out.dtype.element_ty),
                  mask=live)
@@ -195,11 +240,37 @@ def transpose(x: torch.Tensor, tile: tuple[int, int, int] | None = None) -> torc
     return y
 
 
-def _transpose_into(x, y, tile, key, device) -> None:
+BOUNDS_BLOCK = 256  # windows per bounds program
+
+
+def _transpose_into(x, y, tile, key, device, cols_first: bool = False,
+                    bounds: tuple | None = None) -> None:
+    """Launch the transpose of x into y; with `bounds` = (indices, out tensor, number of
+    bounds, elements per window) its first programs also make the window form's row bounds."""
     r, c = x.shape
     br, bc, warps = tile or TRANSPOSE_TILE
-    _launch(key, _transpose_kernel, (cdiv(r, br), cdiv(c, bc)), (x, y, r, c, *x.stride(), r),
-            dict(BR=br, BC=bc, num_warps=warps), (0, 1), device)
+    idx, out, n, win = bounds if bounds is not None else (y, y, 0, 0)
+    k = idx.numel() if bounds is not None else 0
+    grid = (cdiv(n, BOUNDS_BLOCK) + cdiv(r, br) * cdiv(c, bc),)
+    _launch(key, _transpose_kernel, grid,
+            (x, y, r, c, *x.stride(), r, idx, out, k, n, win, max(1, k.bit_length())),
+            dict(BR=br, BC=bc, COLS_FIRST=cols_first, BB=BOUNDS_BLOCK, num_warps=warps),
+            (0, 1, 7, 8), device)
+
+
+def row_bounds(indices: torch.Tensor, rows: int, window: int, in_features: int) -> torch.Tensor:
+    """Bounds[w] = the first position in the sorted `indices` whose row is ≥ w·window, for
+    w = 0…cdiv(rows, window) (int32): what the window form's programs read, as the transpose
+    kernel makes it (torch.searchsorted off CUDA and outside the interpreter)."""
+    n = cdiv(rows, window) + 1
+    if not _usable(indices):
+        starts = torch.arange(n, device=indices.device, dtype=torch.int64) * (window * in_features)
+        return torch.searchsorted(indices, starts, out_int32=True)
+    out = torch.empty(n, dtype=torch.int32, device=indices.device)
+    x = torch.empty(0, 0, dtype=torch.float32, device=indices.device)
+    _transpose_into(x, x, None, None, None, bounds=(indices.contiguous(), out, n,
+                                                    window * in_features))
+    return out
 
 
 def tiles(k: int, out_features: int) -> tuple[int, int]:
@@ -241,20 +312,19 @@ def choose_form(sorted_indices: bool = True) -> str:
 FORM_TILES = {"block": (64, 8, 4), "window": (64, 4, 4)}
 
 
-_BOUNDS = TensorCache(1024)
+# The order in which the transpose writes xᵀ and the products read it (sampled_grad_sampled).
+# "reverse": the last rows of xᵀ written are the first the products read, while they are still
+# in L2 (H100, 0.1%, two runs of profile_sampled.py --quick: window form 0.120 → 0.117 ms,
+# block 0.128 → 0.126; the two halves alone gain nothing; 0.01% and 0.3% unchanged).
+ORDER = "reverse"
+ORDERS = ("forward", "reverse", "reverse-products", "cols-first")
 
 
-def row_bounds(indices: torch.Tensor, rows: int, window: int, in_features: int) -> torch.Tensor:
-    """Bounds[w] = the first position in the sorted `indices` whose row is ≥ w·window, for
-    w = 0…cdiv(rows, window) (int32, on the device, no host sync); cached per indices tensor
-    (its version counter: an in-place change recomputes)."""
-    def make():
-        n = cdiv(rows, window)
-        starts = torch.arange(n + 1, device=indices.device, dtype=torch.int64) * \
-            (window * in_features)
-        return torch.searchsorted(indices, starts, out_int32=True)
-    return _BOUNDS.get((indices,), (rows, window, in_features), make)
-
+def _order_flags(order: str) -> tuple[bool, bool]:
+    """(the transpose walks column tiles fastest, the products walk tokens last to first)."""
+    if order not in ORDERS:
+        raise ValueError(f"order {order!r}: use one of {ORDERS}")
+    return order in ("reverse", "cols-first"), order in ("reverse", "reverse-products")
 
 _SM_COUNT: dict = {}
 
@@ -309,11 +379,16 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
                          entries: int | None = None, window: int | None = None,
                          tokens: int | None = None, splits: int | None = None,
                          warps: int | None = None, pipeline: int | None = None,
-                         transpose_tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+                         transpose_tile: tuple[int, int, int] | None = None,
+                         order: str | None = None) -> torch.Tensor:
     """The sampled path (see the module docstring); output in grad's dtype. `form`: "block",
     "window" (sorted indices only) or None (`choose_form`); `splits`: token ranges (None:
     `token_splits`; 1: every program runs over all tokens); `tokens`, `warps`, `pipeline`
-    (the kernels' num_stages): None takes the form's `FORM_TILES`."""
+    (the kernels' num_stages): None takes the form's `FORM_TILES`. `order` (None: `ORDER`):
+    "forward" — the transpose walks token tiles fastest, the products tokens first to last;
+    "reverse" — the transpose walks column tiles fastest, so its last programs write the
+    last tokens' rows, and the products start there (reading what is still in L2);
+    "reverse-products" / "cols-first" — one half of it each."""
     g2 = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     T, out_f = g2.shape
@@ -322,18 +397,25 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
         return torch.zeros(k, dtype=grad.dtype, device=grad.device)
     device = launch_device(g2)
     planned = device is not None and not no_sync_allowed()  # no plans under graph capture
-    # the transpose is launched first, so the GPU works on it while the host prepares the rest
-    xt = torch.empty(x2.shape[1], T, dtype=x2.dtype, device=x2.device)
-    _transpose_into(x2, xt, transpose_tile, ("transpose", T, x2.shape[1], x2.dtype,
-                                             x2.stride(), transpose_tile, device, aligned(x2))
-                    if planned else None, device)
     indices = indices.contiguous()
     form = form or choose_form()
     e, rw = window_tiles(k, out_f) if form == "window" else tiles(k, out_f)
     e, rw = entries or e, window or rw
+    programs = cdiv(out_f, rw) if form == "window" else cdiv(k, e)
+    cols_first, reverse = _order_flags(order or ORDER)
+    # the transpose is launched first, so the GPU works on it while the host prepares the
+    # rest; for the window form its first programs also make the row bounds
+    xt = torch.empty(x2.shape[1], T, dtype=x2.dtype, device=x2.device)
+    bounds = None
+    if form == "window":
+        bounds = (indices, torch.empty(programs + 1, dtype=torch.int32, device=grad.device),
+                  programs + 1, rw * in_features)
+    _transpose_into(x2, xt, transpose_tile,
+                    ("transpose", T, x2.shape[1], x2.dtype, x2.stride(), transpose_tile,
+                     device, aligned(x2, indices), cols_first, form, k, rw, in_features)
+                    if planned else None, device, cols_first, bounds)
     tt, nw, ns = FORM_TILES[form]
     tokens, warps, pipeline = tokens or tt, warps or nw, pipeline or ns
-    programs = cdiv(out_f, rw) if form == "window" else cdiv(k, e)
     n_split = splits or token_splits(programs, T, grad.device, tokens)
     t_per = cdiv(cdiv(T, n_split), tokens) * tokens
     n_split = cdiv(T, t_per)
@@ -342,15 +424,14 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
         torch.empty(n_split, k, dtype=torch.float32, device=grad.device)
     key = None
     if planned:
-        key = (form, T, out_f, in_features, k, e, rw, n_split, tokens, warps, pipeline,
+        key = (form, T, out_f, in_features, k, e, rw, n_split, tokens, warps, pipeline, reverse,
                g2.dtype, xt.dtype, indices.dtype, g2.stride(), device, aligned(g2, indices))
-    meta = dict(E=e, RW=rw, TT=tokens, FP32=grad.dtype == torch.float32, num_warps=warps,
-                num_stages=pipeline)
+    meta = dict(E=e, RW=rw, TT=tokens, FP32=grad.dtype == torch.float32, REVERSE=reverse,
+                num_warps=warps, num_stages=pipeline)
     if form == "window":
-        bounds = row_bounds(indices, out_f, rw, in_features)
         _launch(key and ("window",) + key, _window_kernel, (programs, n_split),
-                (g2, xt, indices, bounds, part, k, T, in_features, out_f, *g2.stride(), t_per),
-                meta, (0, 1, 2, 3, 4), device)
+                (g2, xt, indices, bounds[1], part, k, T, in_features, out_f, *g2.stride(),
+                 t_per), meta, (0, 1, 2, 3, 4), device)
     else:
         _launch(key and ("block",) + key, _block_kernel, (programs, n_split),
                 (g2, xt, indices, part, k, T, in_features, out_f, *g2.stride(), t_per),

@@ -52,6 +52,18 @@ def test_sampled_kernel_matches_reference(name, form):
     assert rel_err(got.cpu(), reference(grad, x, idx, in_f)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("order", K.ORDERS)
+def test_every_order_of_transpose_and_products(order):
+    """The transpose's grid order and the products' token direction (ragged last token
+    tile, token ranges, both forms) do not change the sums."""
+    grad, x, idx = make(100, 40, 24, 0.2, torch.float32, seed=3)
+    for form in ("block", "window"):
+        for splits in (1, 3):
+            got = K.sampled_grad_sampled(grad, x, idx, 24, entries=16, window=16, tokens=16,
+                                         splits=splits, form=form, order=order)
+            assert rel_err(got.cpu(), reference(grad, x, idx, 24)) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("T,k", [(0, 5), (9, 0)])
 def test_no_tokens_or_no_entries(T, k):
     grad, x = torch.randn(T, 16).to(DEV), torch.randn(T, 8).to(DEV)
@@ -116,13 +128,22 @@ def test_window_tiles_fit_the_expected_entries():
     assert K.window_tiles(1, 4096) == (32, 128)
 
 
-def test_row_bounds_are_cached_until_the_indices_change():
+def test_row_bounds_from_the_transpose_kernel():
     idx = torch.tensor([0, 5, 17, 40, 41, 99]).to(DEV)  # a 10 x 10 matrix, windows of 2 rows
-    b = K.row_bounds(idx, 10, 2, 10)
-    assert b.tolist() == [0, 3, 3, 5, 5, 6]  # rows 0 0 1 4 4 9
-    assert K.row_bounds(idx, 10, 2, 10) is b
-    idx[2] = 20  # in place: the version counter moves, the bounds are computed again
-    assert K.row_bounds(idx, 10, 2, 10) is not b
+    assert K.row_bounds(idx, 10, 2, 10).tolist() == [0, 3, 3, 5, 5, 6]  # rows 0 0 1 4 4 9
+    assert K.row_bounds(idx, 10, 4, 11).tolist() == [0, 5, 5, 6]  # rows 0 0 1 3 3 9, ragged
+    assert K.row_bounds(idx[:0], 10, 2, 10).tolist() == [0] * 6  # no entries
+
+
+@pytest.mark.parametrize("k,rows,window", [(1, 7, 16), (300, 1000, 2), (5000, 600, 1)])
+def test_row_bounds_match_searchsorted(k, rows, window):
+    """More windows than one bounds program holds, entries past a power of two, windows of
+    one row: the kernel's binary search against torch.searchsorted."""
+    g = torch.Generator().manual_seed(k)
+    idx = torch.randperm(rows * 50, generator=g)[:k].sort().values
+    starts = torch.arange(-(-rows // window) + 1) * (window * 50)
+    want = torch.searchsorted(idx, starts, out_int32=True)
+    assert torch.equal(K.row_bounds(idx.to(DEV), rows, window, 50).cpu(), want)
 
 
 def test_dense_path_and_choice_agree_with_reference(monkeypatch):
