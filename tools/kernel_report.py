@@ -123,7 +123,7 @@ def _attention(args):
         fwd.block_sparse_attention(q, k, v, *layout, None, 0.1, True, blk, blk, config=cfg)
     prune = dict(BLOCK_Q=blk, BLOCK_KV=blk, BLOCK_D=D, BLOCK_DV=D)
     runs = [("split", c, None, "attn_dkdv") for c in bwd._prune(bwd.DKDV_CONFIGS, {}, **prune)]
-    runs += [("split", None, c, "attn_dq") for c in bwd._prune(bwd.DQ_CONFIGS, {}, **prune)]
+    runs += [("split", None, c, "attn_dq") for c in bwd._prune_dq(bwd.DQ_CONFIGS, {}, **prune)]
     runs += [("atomic", c, None, "attn_dkdv_atomic")
              for c in bwd._prune(bwd.ATOMIC_CONFIGS, {}, **prune)]
     for variant, dkdv_cfg, dq_cfg, name in runs:

@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     ap.add_argument("--transpose", action="store_true",
                     help="time the transpose of x with every tile candidate, and torch's")
     ap.add_argument("--quick", action="store_true",
-                    help="sweep only the token ranges (splits) of each form's defaults")
+                    help="sweep only the token ranges (splits) and the xᵀ orders of each form")
     ap.add_argument("--sweep", type=float, nargs="*", default=[1e-3],
                     help="densities at which to time every tile variant")
     args = ap.parse_args(argv)

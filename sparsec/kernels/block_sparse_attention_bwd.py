@@ -298,11 +298,16 @@ def _configs(shapes):
 # dK/dV: BLOCK_N key rows stay resident, BLOCK_M query rows stream; dQ: the reverse.
 # dK/dV holds two fp32 accumulators of BLOCK_N x head dim: 8 warps where they are large.
 # (64, 128, 8 warps) — FlexAttention's sm90 tile — spills 72 bytes at head dim 128 with
-# Triton 3.6 (tools/kernel_report.py); it is a candidate all the same: on the GPU the
-# autotuner, not the register count, decides whether its wider products pay for the spill.
-DKDV_CONFIGS = _configs(((64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2),
-                         (64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3),
-                         (32, 32, 4, 3), (16, 16, 2, 3))
+# Triton 3.6 (tools/kernel_report.py); (64, 64, 4 warps, 2 stages) spills 80 bytes but two of
+# its CTAs fit on an SM (255 registers x 128 threads, 99 KB of shared memory each), so one's
+# products run while the other does its exponentials: measured the fastest dK/dV tile at 4k,
+# 16k and 32k (H100, head dim 128, whole backward timed interleaved with every candidate,
+# tools/ab_attention_tiles.py: 3-7% under (64, 128, 8, 3), which the autotuner had picked).
+# Spilling tiles stay candidates on purpose: on the GPU the autotuner, not the register
+# count, decides whether they pay.
+DKDV_CONFIGS = _configs(((64, 64, 4, 2), (64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3),
+                         (32, 128, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3),
+                         (32, 64, 4, 2), (16, 64, 4, 3), (32, 32, 4, 3), (16, 16, 2, 3))
                         ) if HAS_TRITON else []
 # the atomic variant's dK/dV kernel also holds a [BLOCK_M, head dim] float32 dQ tile: at head
 # dim 128 (64, 64, 8) and (32, 64, 4) spill with Triton 3.6 (kernel_report.py) and are left
@@ -310,8 +315,12 @@ DKDV_CONFIGS = _configs(((64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32,
 ATOMIC_CONFIGS = _configs(((64, 128, 8, 2), (32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3),
                            (16, 64, 4, 3), (32, 32, 4, 3), (16, 16, 2, 3))
                           ) if HAS_TRITON else []
-DQ_CONFIGS = _configs(((128, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
-                       (64, 32, 4, 3), (64, 16, 4, 3), (32, 32, 4, 3), (16, 16, 2, 3))
+# dQ tiles of 128 query rows are left out at head dims of 128 and more (`_prune_dq`): in the same
+# interleaved timing they were 4-8% slower than (64, 64, 4) at 4k, 16k and 32k, yet the
+# autotuner, timing each kernel alone, had picked (128, 64, 8, 3) at 32k.
+DQ_CONFIGS = _configs(((64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 32, 8, 3),
+                       (128, 64, 8, 2), (64, 32, 4, 3), (64, 16, 4, 3), (32, 32, 4, 3),
+                       (16, 16, 2, 3))
                       ) if HAS_TRITON else []
 
 
@@ -325,22 +334,34 @@ def _prune(configs, named_args, **kwargs):
     return keep or [_fallback(bq, bkv)]
 
 
+def _prune_dq(configs, named_args, **kwargs):
+    """`_prune`, and no dQ tiles of 128 query rows at head dims of 128 and more (above)."""
+    args = {**named_args, **kwargs}
+    if max(args["BLOCK_D"], args["BLOCK_DV"]) >= 128:
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] <= 64]
+    return _prune(configs, named_args, **kwargs)
+
+
 def _fallback(block_q, block_kv):
     return triton.Config({"BLOCK_M": min(16, block_q), "BLOCK_N": min(16, block_kv)},
                          num_warps=2, num_stages=2)
 
 
 def dkdv_config(block_q: int, block_kv: int, d: int):
-    bn = min(block_kv, 128 if d <= 128 else 64)
-    bm = min(block_q, 32)
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=8 if bn >= 64 else 4,
-                         num_stages=3)
+    """The tile used without autotuning: the fastest measured (above), smaller for wide heads."""
+    if d <= 128:
+        return triton.Config({"BLOCK_M": min(block_q, 64), "BLOCK_N": min(block_kv, 64)},
+                             num_warps=4, num_stages=2)
+    return triton.Config({"BLOCK_M": min(block_q, 32), "BLOCK_N": min(block_kv, 64)},
+                         num_warps=4, num_stages=3)
 
 
 def dq_config(block_q: int, block_kv: int, d: int):
-    bm = min(block_q, 128 if d <= 64 else 64)
-    bn = min(block_kv, 64 if d <= 64 else 32)
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=3)
+    """The tile used without autotuning: (64, 64, 4 warps), the fastest measured at head dim
+    128; narrower key tiles for wider heads."""
+    bn = min(block_kv, 64 if d <= 128 else 32)
+    return triton.Config({"BLOCK_M": min(block_q, 64), "BLOCK_N": bn}, num_warps=4,
+                         num_stages=3)
 
 
 _KEY = ["D", "DV", "BLOCK_Q", "BLOCK_KV", "CAUSAL", "MASK_KIND", "FP32", "L_KEY"]
@@ -353,7 +374,8 @@ if HAS_TRITON:
                                          prune_configs_by={"early_config_prune": _prune},
                                          reset_to_zero=["DQA"])(_bwd_dkdv_kernel)
     _dq_tuned = triton.autotune(configs=DQ_CONFIGS, key=_KEY,
-                                prune_configs_by={"early_config_prune": _prune})(_bwd_dq_kernel)
+                                prune_configs_by={"early_config_prune": _prune_dq}
+                                )(_bwd_dq_kernel)
 
 
 # launcher ---------------------------------------------------------------------------------

@@ -228,3 +228,16 @@ def test_autotuned_launch_path(monkeypatch):
                            0.8, seed=9)
     check(q, k, v, lay, None, True, 0.25)
     assert len(calls) == 4 * 2  # two surviving candidates for each of the four kernels
+
+
+def test_dq_tiles_of_128_rows_only_for_narrow_heads():
+    """`_prune_dq` keeps 128-query-row dQ tiles only below head dim 128 (measured slower at
+    128), and both prunes keep only tiles that divide the layout blocks."""
+    from sparsec.kernels import block_sparse_attention_bwd as B
+
+    def rows(d, bq=128):
+        keep = B._prune_dq(B.DQ_CONFIGS, {}, BLOCK_Q=bq, BLOCK_KV=128, BLOCK_D=d, BLOCK_DV=d)
+        return {c.kwargs["BLOCK_M"] for c in keep}
+    assert max(rows(128)) == 64 and max(rows(256)) <= 64
+    assert 128 in rows(64)
+    assert max(rows(64, bq=32)) == 32
