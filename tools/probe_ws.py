@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import flex_block_mask, random_causal_layout  # noqa: E402
 
 from sparsec.kernels import block_sparse_attention as F  # noqa: E402
-from sparsec.kernels._attention_common import layout_args  # noqa: E402
+from sparsec.kernels._attention_common import layout_args, query_tile  # noqa: E402
 from sparsec.kernels._triton import tl, triton  # noqa: E402
 
 
@@ -48,14 +48,7 @@ def ws_forward_kernel(Q, K, V, Out, Lse, Num, Idx, FNum, FIdx, qk_scale, L, S, H
                       BLOCK_KV: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, WS: tl.constexpr):
     SUBS: tl.constexpr = BLOCK_KV // BLOCK_N
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
-    m0 = pid_m * BLOCK_M
-    qb = m0 // BLOCK_Q
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    bh, b, h, hk, m0, qb, offs_m = query_tile(H, G, BLOCK_M, BLOCK_Q)
     b64 = b.to(tl.int64)
     qd = tl.make_tensor_descriptor(Q + b64 * sqb + h.to(tl.int64) * sqh, shape=[L, D],
                                    strides=[sqm, 1], block_shape=[BLOCK_M, D])

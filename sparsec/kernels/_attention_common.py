@@ -10,8 +10,8 @@ from . import _triton
 from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
 
 __all__ = ["empty", "kernel_supports", "layout_args", "mask_args", "transposed_layout",
-           "head_block", "load_rows", "mma", "LOG2E", "LN2", "PlanCache", "plan_key",
-           "direct_enabled", "launch_device"]
+           "head_block", "load_rows", "mma", "query_tile", "key_subtile", "LOG2E", "LN2",
+           "PlanCache", "plan_key", "direct_enabled", "launch_device"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -199,6 +199,37 @@ def mma(a, b, acc, FP32: tl.constexpr):
     else:
         r = tl.dot(a, b, acc)
     return r
+
+
+@triton.jit
+def query_tile(H, G, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """This program's query tile on a (query tiles, batch·query heads) grid, heaviest first
+    (under a causal layout the last query blocks list the most keys): (batch·head, batch,
+    query head, key/value head, first row, its layout block, the rows)."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    m0 = pid_m * BLOCK_M
+    return bh, bh // H, h, h // G, m0, m0 // BLOCK_Q, m0 + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def key_subtile(it, idx_ptr, idx_stride, S, m_last, BLOCK_KV: tl.constexpr,
+                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PARTIAL: tl.constexpr):
+    """Step `it` of a query tile's walk over a key-block list in BLOCK_N-row sub-tiles: (first
+    key row, whether it adds anything). Only partial lists test: a sub-tile past the end or
+    entirely above the diagonal is skipped; full lists skip nothing, with no run-time test (a
+    branch around their loads would keep the software pipeliner from overlapping them)."""
+    SUBS: tl.constexpr = BLOCK_KV // BLOCK_N
+    blk = tl.load(idx_ptr + (it // SUBS) * idx_stride)
+    n0 = blk * BLOCK_KV + (it % SUBS) * BLOCK_N
+    if PARTIAL:
+        live = n0 < S
+        if CAUSAL:
+            live = live & (n0 <= m_last)
+    else:
+        live = True
+    return n0, live
 
 
 @triton.jit

@@ -26,11 +26,13 @@ from ._attention_common import (
     LOG2E,
     head_block,
     kernel_supports,
+    key_subtile,
     layout_args,
     load_rows,
     mask_args,
     mma,
     plan_key,
+    query_tile,
 )
 from ._launch import first_launch
 from ._triton import HAS_TRITON, autotune_enabled, cdiv, next_pow2, no_sync_allowed, tl, triton
@@ -55,14 +57,8 @@ def _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_listed, idx_ptr, id
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for it in range(0, n_listed * SUBS):
-        blk = tl.load(idx_ptr + (it // SUBS) * idx_stride)
-        n0 = blk * BLOCK_KV + (it % SUBS) * BLOCK_N
-        # a sub-tile entirely above the diagonal or past the end adds nothing: skip it
-        live = True
-        if PARTIAL:
-            live = n0 < S
-            if CAUSAL:
-                live = live & (n0 <= m_last)
+        n0, live = key_subtile(it, idx_ptr, idx_stride, S, m_last, BLOCK_KV, BLOCK_N, CAUSAL,
+                               PARTIAL)
         if live:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k = load_rows(k_base, offs_n, S, offs_d, skn, skd, D, BLOCK_D, PARTIAL)
@@ -113,15 +109,7 @@ def _bsa_fwd_kernel(Q, K, V, Out, Lse, Num, Idx, FNum, FIdx, Mask,
                     BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
                     L_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # heaviest tiles first: under a causal layout the last query blocks list the most keys
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
-    m0 = pid_m * BLOCK_M
-    qb = m0 // BLOCK_Q
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    bh, b, h, hk, m0, qb, offs_m = query_tile(H, G, BLOCK_M, BLOCK_Q)
     m_last = tl.minimum(m0 + BLOCK_M, L) - 1
     b64 = b.to(tl.int64)
     q = load_rows(Q + b64 * sqb + h.to(tl.int64) * sqh, offs_m, L, tl.arange(0, BLOCK_D),

@@ -23,11 +23,13 @@ from ._attention_common import (
     LOG2E,
     head_block,
     kernel_supports,
+    key_subtile,
     layout_args,
     load_rows,
     mask_args,
     mma,
     plan_key,
+    query_tile,
     transposed_layout,
 )
 from ._launch import first_launch
@@ -201,13 +203,8 @@ def _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, n_listed, idx_pt
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for it in range(0, n_listed * SUBS):
-        blk = tl.load(idx_ptr + (it // SUBS) * idx_stride)
-        n0 = blk * BLOCK_KV + (it % SUBS) * BLOCK_N
-        live = True
-        if PARTIAL:
-            live = n0 < S
-            if CAUSAL:
-                live = live & (n0 <= m_last)
+        n0, live = key_subtile(it, idx_ptr, idx_stride, S, m_last, BLOCK_KV, BLOCK_N, CAUSAL,
+                               PARTIAL)
         if live:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k = load_rows(k_base, offs_n, S, offs_d, skn, skd, D, BLOCK_D, PARTIAL)
@@ -246,14 +243,7 @@ def _bwd_dq_kernel(Q, K, V, DO, Out, Lse, Delta, DQ, Num, Idx, FNum, FIdx, Mask,
                    BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
                    L_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // G
-    m0 = pid_m * BLOCK_M
-    qb = m0 // BLOCK_Q
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    bh, b, h, hk, m0, qb, offs_m = query_tile(H, G, BLOCK_M, BLOCK_Q)
     m_last = tl.minimum(m0 + BLOCK_M, L) - 1
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
