@@ -326,6 +326,7 @@ def _order_flags(order: str) -> tuple[bool, bool]:
         raise ValueError(f"order {order!r}: use one of {ORDERS}")
     return order in ("reverse", "cols-first"), order in ("reverse", "reverse-products")
 
+
 _SM_COUNT: dict = {}
 
 
@@ -412,7 +413,7 @@ def sampled_grad_sampled(grad: torch.Tensor, x: torch.Tensor, indices: torch.Ten
                   programs + 1, rw * in_features)
     _transpose_into(x2, xt, transpose_tile,
                     ("transpose", T, x2.shape[1], x2.dtype, x2.stride(), transpose_tile,
-                     device, aligned(x2, indices), cols_first, form, k, rw, in_features)
+                     device, aligned(x2, indices), cols_first, form, k, rw, out_f, in_features)
                     if planned else None, device, cols_first, bounds)
     tt, nw, ns = FORM_TILES[form]
     tokens, warps, pipeline = tokens or tt, warps or nw, pipeline or ns

@@ -225,6 +225,23 @@ def test_gpu_repeated_calls_replay_a_stored_launch(density):
     assert rel_err(again.cpu(), reference(grad, x, idx, 512)) < TOL[torch.bfloat16]
 
 
+@pytest.mark.gpu
+def test_gpu_stored_launches_tell_weights_apart():
+    """Two weights that share tokens, in_features, entry count and tiles but not out_features
+    (so not the number of row windows): the second call must not replay the first one's
+    transpose with its row bounds."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    K._PLANS.clear()
+    for out_f in (1024, 2048, 1024):
+        g = torch.Generator().manual_seed(out_f)
+        grad = torch.randn(512, out_f, generator=g).to("cuda", torch.bfloat16)
+        x = torch.randn(512, 256, generator=g).to("cuda", torch.bfloat16)
+        idx = torch.randperm(out_f * 256, generator=g)[:3000].sort().values.to("cuda")
+        got = K.sampled_grad_sampled(grad, x, idx, 256, form="window", entries=128, window=16)
+        assert rel_err(got.cpu(), reference(grad, x, idx, 256)) < TOL[torch.bfloat16]
+
+
 def test_forget_choices_drops_every_cached_choice(monkeypatch):
     monkeypatch.delenv("SPARSEC_SAMPLED_GRAD", raising=False)
     K._DECISIONS[("key",)] = K._SEEN[("exact",)] = "dense"
