@@ -5,7 +5,7 @@ timed interleaved in one process, so clock and neighbour noise hit every candida
 
     python tools/ab_attention_tiles.py --length 16384 --density 0.11 --reps 30
     python tools/ab_attention_tiles.py --kernel dq --other 64 64 4 2
-    python tools/ab_attention_tiles.py --kernel fwd
+    python tools/ab_attention_tiles.py --kernel fwd --layout window
 
 Each candidate is checked against the first one (dq, dk, dv; or out, lse) before timing. Per
 run: L2 flushed (a 256 MB write), then CUDA events around one call; the median and the
@@ -30,6 +30,7 @@ from bench_attention import random_causal_layout  # noqa: E402
 
 from sparsec.kernels import block_sparse_attention as F  # noqa: E402
 from sparsec.kernels import block_sparse_attention_bwd as B  # noqa: E402
+from sparsec.layouts import sliding_window  # noqa: E402
 
 CANDIDATES = {  # (BLOCK_M, BLOCK_N, warps, stages)
     "dkdv": ((64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 2),
@@ -52,6 +53,8 @@ def main(argv=None) -> int:
     ap.add_argument("--density", type=float, default=0.11)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--layout", choices=("random", "window"), default="random",
+                    help="random causal blocks at --density, or a window of L/16 + a 128 sink")
     ap.add_argument("--kernel", choices=list(CANDIDATES), default="dkdv")
     ap.add_argument("--other", type=int, nargs=4, default=None,
                     help="the other kernel's tile (default: dQ (64, 64, 4, 3), dK/dV (64, 64, 4, "
@@ -60,7 +63,8 @@ def main(argv=None) -> int:
     tiles = CANDIDATES[args.kernel]
     other = tuple(args.other or ((64, 64, 4, 3) if args.kernel == "dkdv" else (64, 64, 4, 2)))
     L, H = args.length, args.heads
-    layout = random_causal_layout(L, H, args.density, L).to("cuda")
+    layout = (random_causal_layout(L, H, args.density, L) if args.layout == "random" else
+              sliding_window(L, window=L // 16, sink=128, block=128)).to("cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(1, H, L, 128, device="cuda", dtype=torch.bfloat16, generator=g)
                    for _ in range(4))
@@ -97,18 +101,21 @@ def main(argv=None) -> int:
             times[t].append(s.elapsed_time(e))
     base = sorted(times[tiles[0]])[args.reps // 2]
     rows = {}
-    print(f"{torch.cuda.get_device_name()}: {args.kernel} tiles at L={L}, {args.density:.0%} "
-          f"random causal" + (f", the other kernel's {other}" if args.kernel != "fwd" else "") +
-          f"; ms over {args.reps} interleaved runs")
+    what = f"{args.density:.0%} random causal" if args.layout == "random" else \
+        f"window {L // 16} + sink 128"
+    other_txt = f", the other kernel's {other}" if args.kernel != "fwd" else ""
+    print(f"{torch.cuda.get_device_name()}: {args.kernel} tiles at L={L}, {what}{other_txt}; "
+          f"ms over {args.reps} interleaved runs")
     for t, ts in times.items():
         ts = sorted(ts)
         rows[str(t)] = {"median": ts[len(ts) // 2], "min": ts[0]}
         print(f"  {args.kernel} {str(t):18s} median {ts[len(ts) // 2]:.3f}  min {ts[0]:.3f}  "
               f"x{ts[len(ts) // 2] / base:.3f}")
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], f"ab_{args.kernel}_tiles_{L}.json").write_text(json.dumps(
+        name = f"ab_{args.kernel}_tiles_{args.layout}_{L}.json"
+        Path(os.environ["OUT"], name).write_text(json.dumps(
             {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-             "other": other, "rows": rows}, indent=1))
+             "layout": args.layout, "other": other, "rows": rows}, indent=1))
     return 0
 
 
