@@ -9,6 +9,7 @@ trust.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import traceback
@@ -16,16 +17,18 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils import _pytree as pytree
 
 from ._util import first_line, quiet
 from .errors import BadInputError, TraceError
+from .passes.canonicalize import matmuls_to_linear
 from .program import ModelSource, Program
 
-__all__ = ["ModelFile", "load_model_file", "trace", "trace_file"]
+__all__ = ["ModelFile", "load_model_file", "trace", "trace_file", "tracing_model",
+           "tie_aliases"]
 
 
 @dataclass
@@ -129,15 +132,90 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, source: ModelSource | 
         raise BadInputError(f"trace() takes a torch.nn.Module, got {type(model).__name__}")
     inputs = normalize_inputs(example_inputs, "example_inputs")
     model.eval()
-    ep = _export(model, inputs, source.path if source else None)
-    gm = ep.module()
-    _drop_guards(gm)
-    source = source or ModelSource(name=type(model).__name__)
-    source.module = model
-    program = Program(gm=gm, example_inputs=inputs, source=source)
-    if check:
-        _check_trace(model, program)
+    with tracing_model(model) as notes:
+        ep = _export(model, inputs, source.path if source else None)
+        gm = ep.module()
+        _drop_guards(gm)
+        tied = tie_aliases(gm)
+        transposed = matmuls_to_linear(gm)
+        source = source or ModelSource(name=type(model).__name__)
+        source.module = model
+        program = Program(gm=gm, example_inputs=inputs, source=source)
+        if check:
+            _check_trace(model, program)
+    if tied:
+        notes.append("tied parameters trained once: " +
+                     ", ".join(f"{a} = {c}" for a, c in tied.items()))
+    if transposed:
+        notes.append(f"{len(transposed)} weights stored [in, out] (as GPT-2's Conv1D) are "
+                     "held transposed, as linear layers")
+        program.state["transposed_weights"] = transposed
+    if notes:
+        program.state.setdefault("report", {})["trace"] = {
+            "notes": notes, "tied": tied, "transposed": transposed}
     return program
+
+
+@contextlib.contextmanager
+def tracing_model(model: torch.nn.Module) -> Iterator[list[str]]:
+    """Put a model in the state sparsec traces it in, and restore it afterwards.
+
+    Hugging Face decoders default to `use_cache=True` and then return a KV cache object,
+    which is no tensor output and which training and prefill do not need: caching is turned
+    off while tracing (and while re-tracing for ONNX). Yields notes for the report.
+    """
+    configs = {id(c): c for c in _configs(model)}.values()
+    cached = [c for c in configs if getattr(c, "use_cache", False) is True]
+    notes = []
+    if cached:
+        notes.append("traced with use_cache=False (a KV cache is no training or prefill "
+                     "output)")
+    try:
+        for c in cached:
+            c.use_cache = False
+        yield notes
+    finally:
+        for c in cached:
+            c.use_cache = True
+
+
+def _configs(model: torch.nn.Module) -> list[Any]:
+    """The Hugging Face configs (objects with `use_cache`) of `model` and its submodules."""
+    out = []
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "use_cache"):
+            out.append(cfg)
+        for sub in ("text_config", "decoder"):
+            inner = getattr(cfg, sub, None) if cfg is not None else None
+            if inner is not None and hasattr(inner, "use_cache") and not callable(inner):
+                out.append(inner)
+    return out
+
+
+def tie_aliases(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Give each parameter registered under several names (tied embeddings, T5's `shared`)
+    one name: the graph reads it through the first, the other registrations go. Returns
+    {alias: kept name}. One name means one gradient and one optimizer state, as eager
+    training has for a tied weight."""
+    first: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            alias[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    if not alias:
+        return {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in alias:
+            node.target = alias[node.target]
+    for name in alias:
+        *parents, leaf = name.split(".")
+        owner = gm.get_submodule(".".join(parents)) if parents else gm
+        delattr(owner, leaf)
+    gm.recompile()
+    return alias
 
 
 def trace_file(path: str | Path) -> Program:

@@ -42,6 +42,7 @@ class JointInfo:
     optimizer: OptimizerConfig
     state_names: dict[str, dict[str, str]] = field(default_factory=dict)  # param → key → attr
     n_model_inputs: int = 1
+    untrained: list[str] = field(default_factory=list)  # trainable, but the loss never reaches
 
     def mutable(self) -> list[str]:
         """Every tensor one step writes: trainable parameters, their state, the step count."""
@@ -87,22 +88,80 @@ def build_joint_step(program: Program, config: OptimizerConfig) -> tuple[fx.Grap
                             "before joint-graph")
     batch = example_batch(program)
     n_inputs = len(program.example_inputs)
-    joint, sig = _export_joint(forward, program.source.loss, n_inputs, batch)
+    reached = reached_parameters(forward, program.source.loss, n_inputs, batch)
+    untrained = [n for n in trainable if n not in reached]
+    trainable = [n for n in trainable if n in reached]
+    if not trainable:
+        raise BadInputError(f"the loss reaches none of the trainable parameters "
+                            f"({_names(untrained)}); make loss(output, batch) depend on them "
+                            "or train other parameters")
+    joint, sig = _export_joint(forward, program.source.loss, n_inputs, batch, reached)
     info = JointInfo(forward=forward, trainable=trainable, optimizer=config,
-                     n_model_inputs=n_inputs)
+                     n_model_inputs=n_inputs, untrained=untrained)
     step_gm = _with_optimizer(forward, joint, sig, info, batch)
     _tag_roles(step_gm)
     return step_gm, info, batch
 
 
-def _export_joint(forward: fx.GraphModule, loss: Callable, n_inputs: int, batch: tuple):
+def _names(names: list[str], most: int = 4) -> str:
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def reached_parameters(forward: fx.GraphModule, loss: Callable, n_inputs: int,
+                       batch: tuple) -> set[str]:
+    """Names of the parameters the loss depends on (a pooler that the loss never reads, say,
+    is not among them). Found from the autograd graph of one forward under fake tensors, so
+    it costs no memory; a loss that cannot run on fake tensors runs for real."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    params = dict(forward.named_parameters())
+    flags = {n: p.requires_grad for n, p in params.items()}
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        try:
+            with quiet(), torch.enable_grad(), \
+                    FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+                        for t in batch]
+                value = loss(forward(*fake[:n_inputs]), tuple(fake))
+        except Exception:
+            with quiet(), torch.enable_grad():
+                value = loss(forward(*batch[:n_inputs]), batch)
+    except Exception:
+        return set(params)  # the export below reports the loss's own error
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+    leaves = _autograd_leaves(value)
+    return {n for n, p in params.items() if id(p) in leaves}
+
+
+def _autograd_leaves(value: Any) -> set[int]:
+    fn = value.grad_fn if isinstance(value, torch.Tensor) else None
+    seen, stack, leaves = set(), [fn], set()
+    while stack:
+        f = stack.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        var = getattr(f, "variable", None)
+        if var is not None:
+            leaves.add(id(var))
+        stack.extend(g for g, _ in f.next_functions)
+    return leaves
+
+
+def _export_joint(forward: fx.GraphModule, loss: Callable, n_inputs: int, batch: tuple,
+                  reached: set[str]):
     from torch._functorch.aot_autograd import aot_export_module
 
     params = dict(forward.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
     try:
-        for p in params.values():  # the full step: every parameter gets its gradient
-            p.requires_grad_(True)
+        for n, p in params.items():  # the full step: every parameter the loss reaches
+            p.requires_grad_(n in reached)
         with quiet():
             return aot_export_module(_LossModule(forward, loss, n_inputs), batch,
                                      trace_joint=True, output_loss_index=0)

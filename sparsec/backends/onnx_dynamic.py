@@ -114,12 +114,13 @@ class _Refused(Exception):
 def _retrace(module, deployed: Program, original: Program, dims: dict[int, str]):
     from torch.export import Dim
 
-    from ..frontend import _drop_guards
+    from ..frontend import _drop_guards, tie_aliases, tracing_model
+    from ..passes.canonicalize import matmuls_to_linear
 
     inputs = deployed.example_inputs
     auto = _spec(inputs, {d: Dim.AUTO for d in dims})
     try:
-        with quiet():
+        with quiet(), tracing_model(module):
             ep = torch.export.export(module, inputs, dynamic_shapes=auto, strict=False)
     except Exception as e:
         raise _Refused(f"re-tracing with dynamic axes failed ({type(e).__name__}: "
@@ -129,6 +130,8 @@ def _retrace(module, deployed: Program, original: Program, dims: dict[int, str])
         raise _Refused("torch.export fixed every axis the model was asked to vary")
     gm = ep.module()
     _drop_guards(gm)
+    tie_aliases(gm)
+    matmuls_to_linear(gm)
     twin = Program(gm=gm, example_inputs=inputs, source=original.source)
     _rerun_passes(twin, original)
     _transplant(twin, deployed)

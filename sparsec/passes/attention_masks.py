@@ -59,40 +59,55 @@ class GraphFacts:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         params = {n for n, _ in gm.named_parameters()}
-        self.on_input: set[fx.Node] = set()
+        self.on_input: set[fx.Node] = set()    # depends on an input, its values or its shape
+        self.on_values: set[fx.Node] = set()   # depends on an input's values
         self.on_param: dict[fx.Node, str] = {}
         for n in gm.graph.nodes:
             if n.op == "placeholder" or n.op == "call_module":
                 self.on_input.add(n)
+                self.on_values.add(n)
             if n.op == "get_attr" and n.target in params:
                 self.on_param[n] = n.target
             for a in n.all_input_nodes:
                 if a in self.on_input:
                     self.on_input.add(n)
+                if a in self.on_values and not _is_size(n):
+                    self.on_values.add(n)
                 if a in self.on_param and n not in self.on_param:
                     self.on_param[n] = self.on_param[a]
         self._values: dict[fx.Node, Any] = {}
+        self._bumped: dict[fx.Node, Any] = {}
 
     def constant(self, node: Any) -> bool:
         return not isinstance(node, fx.Node) or (node not in self.on_input and
                                                  node not in self.on_param)
 
-    def value(self, node: Any) -> Any:
-        """Evaluate a constant node (no input or parameter behind it)."""
+    def shape_constant(self, node: Any) -> bool:
+        """No parameter and no input value behind it: at most input *shapes* (a mask made
+        from arange(batch) under a symbolic batch, say)."""
+        return not isinstance(node, fx.Node) or (node not in self.on_values and
+                                                 node not in self.on_param)
+
+    def value(self, node: Any, bump: int = 0) -> Any:
+        """Evaluate a (shape-)constant node; input sizes take their traced values, plus
+        `bump` for symbolic ones (to check that a fact holds for other sizes too)."""
         if not isinstance(node, fx.Node):
             return node
-        if node in self._values:
-            return self._values[node]
-        if node.op == "get_attr":
+        cache = self._bumped if bump else self._values
+        if node in cache:
+            return cache[node]
+        if _is_size(node):
+            out = _size_hint(node) + (bump if _symbolic(node) else 0)
+        elif node.op == "get_attr":
             out = _get_attr(self.gm, node.target)
         elif node.op == "call_function":
-            args = fx.node.map_arg(node.args, self.value)
-            kwargs = fx.node.map_arg(node.kwargs, self.value)
+            args = fx.node.map_arg(node.args, lambda a: self.value(a, bump))
+            kwargs = fx.node.map_arg(node.kwargs, lambda a: self.value(a, bump))
             with torch.no_grad():
                 out = node.target(*args, **kwargs)
         else:
             raise ValueError(f"cannot evaluate {node.op} node {node.name}")
-        self._values[node] = out
+        cache[node] = out
         return out
 
     def scalar(self, arg: Any) -> float | None:
@@ -109,6 +124,24 @@ class GraphFacts:
             if isinstance(val, (int, float)):
                 return float(val)
         return None
+
+
+def _is_size(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is aten.sym_size.int
+
+
+def _symbolic(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.SymInt)
+
+
+def _size_hint(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    if isinstance(val, torch.SymInt):
+        return int(val.node.hint)
+    if isinstance(val, int):
+        return val
+    ph, dim = node.args[0], node.args[1]
+    return int(ph.meta["val"].shape[dim])
 
 
 def _get_attr(gm: fx.GraphModule, target: str) -> Any:
@@ -198,7 +231,12 @@ def _conjuncts(node: fx.Node) -> list[fx.Node]:
 
 def fold_constant_masks(mask: MaskParts, facts: GraphFacts, q_len: int, kv_len: int) -> bool:
     """Drop constant all-true conjuncts; return True when the constant ones prove causality
-    (they are dropped too when they are exactly the causal triangle)."""
+    (they are dropped too when they are exactly the causal triangle).
+
+    Constant here means made of no parameter and no input *value*: a mask built from the
+    inputs' shapes (HF's masks under a symbolic batch) counts, and is checked at the traced
+    sizes and again at sizes one larger, so a fact that holds only at one batch size is not
+    taken for a constant one."""
     floats = dict(mask.const_floats)
     mask.const_floats = []
     try:
@@ -209,35 +247,70 @@ def fold_constant_masks(mask: MaskParts, facts: GraphFacts, q_len: int, kv_len: 
 
 def _fold_constants(mask: MaskParts, facts: GraphFacts, floats: dict[fx.Node, float],
                     L: int, S: int) -> bool:
-    consts = [n for n in mask.keeps if facts.constant(n)]
-    try:
-        values = {n: facts.value(n) for n in consts}
-        values.update({n: facts.value(n) == 0 for n in floats})
-    except Exception:  # a constant we cannot evaluate stays an element mask
-        return False
-    if any(not isinstance(v, torch.Tensor) or v.dtype != torch.bool for v in values.values()):
-        return False
-    ones = [n for n in values if bool(values[n].all())]
-    mask.keeps = [n for n in mask.keeps if n not in ones]
-    for n in ones:
-        floats.pop(n, None)
-    rest = [n for n in values if n not in ones]
+    keeps = [n for n in mask.keeps if facts.shape_constant(n)]
+    fills = [n for n in mask.fills if facts.shape_constant(n)]
+    nodes = keeps + fills + list(floats)
+    sized = any(n in facts.on_input for n in nodes)
+    views = [_keep_values(facts, keeps, fills, floats, 0)]
+    if sized:
+        views.append(_keep_values(facts, keeps, fills, floats, 1))
+    if any(v is None for v in views):
+        return False  # a constant we cannot evaluate stays an element mask
+    ones = [n for n in nodes if all(bool(v[n].all()) for v in views)]
+    rest = [n for n in nodes if n not in ones]
+    _drop(mask, floats, ones)
     if not rest or L != S:
         return False
-    total = torch.ones(L, S, dtype=torch.bool)
-    for n in rest:
-        v = values[n]
-        if v.dim() < 2:
-            return False
+    verdicts = [_causal(v, rest) for v in views]
+    if None in verdicts:
+        return False
+    if all(v == "exact" for v in verdicts):  # exactly causal: causal=True says it all
+        _drop(mask, floats, rest)
+    return True
+
+
+def _keep_values(facts: GraphFacts, keeps: list, fills: list, floats: dict,
+                 bump: int) -> dict[fx.Node, torch.Tensor] | None:
+    """Each constant conjunct as a bool keep tensor (True = attend), or None if one cannot
+    be evaluated or is not a bool mask."""
+    try:
+        out = {n: facts.value(n, bump) for n in keeps}
+        out.update({n: ~facts.value(n, bump) for n in fills})
+        out.update({n: facts.value(n, bump) == 0 for n in floats})
+    except Exception:
+        return None
+    if any(not isinstance(v, torch.Tensor) or v.dtype != torch.bool for v in out.values()):
+        return None
+    return out
+
+
+def _causal(values: dict[fx.Node, torch.Tensor], nodes: list[fx.Node]) -> str | None:
+    """'exact' when the conjuncts together are the causal triangle, 'within' when they only
+    keep entries inside it, None otherwise (or when they differ across batch and heads)."""
+    if any(values[n].dim() < 2 for n in nodes):
+        return None
+    try:
+        shape = torch.broadcast_shapes(*(values[n].shape for n in nodes))
+    except RuntimeError:
+        return None
+    L, S = shape[-2:]
+    if L != S:
+        return None
+    total = torch.ones(L, S, dtype=torch.bool, device=values[nodes[0]].device)
+    for n in nodes:
+        v = values[n].to(total.device)
         v2 = v.expand(*v.shape[:-2], L, S).reshape(-1, L, S)
         if not bool((v2 == v2[:1]).all()):
-            return False  # differs across batch/heads: leave it as an element mask
+            return None  # differs across batch/heads: leave it as an element mask
         total = total & v2[0]
-    tril = torch.ones(L, S, dtype=torch.bool).tril()
+    tril = torch.ones(L, S, dtype=torch.bool, device=total.device).tril()
     if bool((total & ~tril).any()):
-        return False
-    if bool((total == tril).all()):  # exactly causal: causal=True says it all
-        mask.keeps = [n for n in mask.keeps if n not in rest]
-        for n in rest:
-            floats.pop(n, None)
-    return True
+        return None
+    return "exact" if bool((total == tril).all()) else "within"
+
+
+def _drop(mask: MaskParts, floats: dict, nodes: list[fx.Node]) -> None:
+    mask.keeps = [n for n in mask.keeps if n not in nodes]
+    mask.fills = [n for n in mask.fills if n not in nodes]
+    for n in nodes:
+        floats.pop(n, None)

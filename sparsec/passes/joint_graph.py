@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..joint import build_joint_step, eager_step, example_batch
+from ..joint import build_joint_step, eager_step, example_batch, reached_parameters
 from ..optim import OptimizerConfig
 from ..program import Program, Prop
 from .base import Pass, PassResult, option, register
@@ -54,13 +54,22 @@ class JointGraph(Pass):
         roles = [n.meta.get("sparsec", {}).get("role") for n in step.graph.nodes]
         stats = {r: roles.count(r) for r in ("forward", "backward", "optimizer")}
         stats["trainable_tensors"] = len(info.trainable)
+        if info.untrained:  # the loss never reads them (a pooler, say): frozen, and said so
+            for n in info.untrained:
+                info.forward.get_parameter(n).requires_grad_(False)
+            stats["untrained_tensors"] = len(info.untrained)
+            program.state.setdefault("report", {})["joint"] = {
+                "untrained": info.untrained,
+                "note": "trainable parameters the loss does not reach are not trained"}
         return PassResult(modified=True, stats=stats)
 
     def reference(self, program: Program):
         forward, source = program.gm, program.source
         n_inputs, config = len(program.example_inputs), self.config()
-        trainable = [n for n, p in forward.named_parameters() if p.requires_grad]
         batch_expected = example_batch(program)
+        reached = reached_parameters(forward, source.loss, n_inputs, batch_expected) \
+            if source.loss is not None else set()
+        trainable = [n for n, p in forward.named_parameters() if p.requires_grad and n in reached]
 
         def one_eager_step(*batch):
             assert len(batch) == len(batch_expected)
