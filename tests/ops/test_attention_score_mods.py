@@ -112,3 +112,39 @@ def test_bias_backward_is_an_op_in_the_joint_graph():
     assert "sparsec.block_sparse_attention_bias_backward.default" in seen
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("eager", ["function", "op"])
+def test_gpu_softcap_and_bias_grad_through_autograd(eager):
+    """Real sizes in bfloat16 on CUDA, through both eager paths (the plain autograd.Function
+    and the op's registered autograd); the second call replays stored launch plans."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from sparsec.kernels._triton import settings
+    from sparsec.ops.attention_reference import block_sparse_attention_bias_backward_ref
+    from sparsec.ops.attention_reference import block_sparse_attention_ref
+    from sparsec.testing.kernels import TOL, rel_err
+
+    L, H, Hkv, D = 2048, 8, 4, 128
+    q, k, v, lay, bias = _inputs(B=2, H=H, Hkv=Hkv, L=L, S=L, D=D, bias_shape=(1, H, L, L),
+                                 dtype=torch.float32)
+    q, k, v, bias = (x.detach().cuda().to(torch.bfloat16).requires_grad_()
+                     for x in (q, k, v, bias))
+    lay = lay.to("cuda")
+    d = [x.detach().double() for x in (q, k, v, bias)]
+    args = (*lay.tensors(), d[3], D ** -0.5, True, 16, 16, 50.0)
+    ref_out, ref_lse = block_sparse_attention_ref(*d[:3], *args)
+    go = torch.randn(ref_out.shape, device="cuda").to(torch.bfloat16)
+    refs = block_sparse_attention_bias_backward_ref(go.double(), *d[:3], ref_out, ref_lse,
+                                                    *args)
+    with settings(eager=eager):
+        for _ in range(2):
+            for x in (q, k, v, bias):
+                x.grad = None
+            out = block_sparse_attention(q, k, v, lay, attn_mask=bias, scale=D ** -0.5,
+                                         softcap=50.0)
+            out.backward(go)
+            assert rel_err(out, ref_out) < TOL[torch.bfloat16]
+            for name, x, want in zip(("dq", "dk", "dv", "dbias"), (q, k, v, bias), refs):
+                assert rel_err(x.grad, want) < 2 * TOL[torch.bfloat16], name
