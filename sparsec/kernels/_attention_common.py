@@ -10,7 +10,8 @@ from . import _triton
 from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
 
 __all__ = ["empty", "kernel_supports", "layout_args", "mask_args", "transposed_layout",
-           "head_block", "load_rows", "mma", "query_tile", "key_subtile", "LOG2E", "LN2",
+           "head_block", "load_rows", "mma", "query_tile", "key_subtile", "tanh", "capped_scores",
+           "score_args", "LOG2E", "LN2",
            "PlanCache", "plan_key", "direct_enabled", "launch_device"]
 
 LOG2E = 1.4426950408889634
@@ -115,6 +116,14 @@ def transposed_layout(num: torch.Tensor, idx: torch.Tensor, fnum: torch.Tensor,
         lambda: (*_transpose_list(num, idx, nkv), *_transpose_list(fnum, fidx, nkv)))
 
 
+def score_args(scale: float, softcap: float) -> tuple[float, float]:
+    """(qk_scale, cap2) for the kernels: without a cap, scores are q·k · scale · log2(e) (base
+    2); with one, tanh(q·k · scale / softcap) · softcap · log2(e)."""
+    if softcap:
+        return float(scale) / float(softcap), float(softcap) * LOG2E
+    return float(scale) * LOG2E, 0.0
+
+
 # plans -------------------------------------------------------------------------------------
 def direct_enabled() -> bool:
     """Direct launches are on (SETTINGS.launch) and the kernels are not switched off."""
@@ -199,6 +208,27 @@ def mma(a, b, acc, FP32: tl.constexpr):
     else:
         r = tl.dot(a, b, acc)
     return r
+
+
+@triton.jit
+def tanh(x):
+    """tanh from one exp2 (Triton's interpreter has no libdevice): sign(x)·(1 − e)/(1 + e) with
+    e = exp(−2|x|), which never overflows; absolute error ~1e-7."""
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # 2·log2(e)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def capped_scores(s, qk_scale, cap2, SOFTCAP: tl.constexpr):
+    """(base-2 scores, tanh or None) from the raw products: see `score_args`."""
+    if SOFTCAP:
+        t = tanh(s * qk_scale)
+        s = t * cap2
+    else:
+        t = s
+        s = s * qk_scale
+    return s, t
 
 
 @triton.jit

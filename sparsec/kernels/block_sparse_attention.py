@@ -11,6 +11,8 @@ BLOCK_M divides block_q and BLOCK_N divides block_kv, so a tile never straddles 
 blocks. float32 inputs use IEEE-precision dots (no tf32), so fp32 results match the reference
 to ~1e-6; float16/bfloat16 run the tensor cores with float32 accumulation. The optional element
 mask (bool or float, broadcastable to [B, Hq, L, S]) is applied in the kernel, on every block.
+A soft-cap (SOFTCAP, a constexpr: the uncapped kernel is unchanged) maps the scaled scores
+through softcap·tanh(s / softcap) before the mask is added.
 """
 
 import torch
@@ -23,7 +25,7 @@ from ..ops.attention_reference import (
 from . import _attention_common as _ac
 from ._attention_common import (
     LN2,
-    LOG2E,
+    capped_scores,
     head_block,
     kernel_supports,
     key_subtile,
@@ -33,6 +35,7 @@ from ._attention_common import (
     mma,
     plan_key,
     query_tile,
+    score_args,
 )
 from ._launch import first_launch
 from ._triton import HAS_TRITON, autotune_enabled, cdiv, next_pow2, no_sync_allowed, tl, triton
@@ -45,11 +48,11 @@ __all__ = ["HAS_TRITON", "block_sparse_attention_ref", "block_sparse_attention_b
 # kernel -----------------------------------------------------------------------------------
 @triton.jit
 def _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_listed, idx_ptr, idx_stride,
-              offs_m, m_last, L, S, qk_scale, skn, skd, svn, svd, smm, smn,
+              offs_m, m_last, L, S, qk_scale, cap2, skn, skd, svn, svd, smm, smn,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-              FP32: tl.constexpr, PARTIAL: tl.constexpr):
+              FP32: tl.constexpr, PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr):
     """Online softmax over one block list (full or partial) of a query tile."""
     SUBS: tl.constexpr = BLOCK_KV // BLOCK_N
     # rows can be all -inf only where something masks them
@@ -63,7 +66,7 @@ def _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_listed, idx_ptr, id
             offs_n = n0 + tl.arange(0, BLOCK_N)
             k = load_rows(k_base, offs_n, S, offs_d, skn, skd, D, BLOCK_D, PARTIAL)
             s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32)
-            s = s * qk_scale
+            s, _ = capped_scores(s, qk_scale, cap2, SOFTCAP)
             if PARTIAL:
                 ok = offs_n[None, :] < S
                 if CAUSAL:
@@ -99,7 +102,7 @@ def _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_listed, idx_ptr, id
 
 @triton.jit
 def _bsa_fwd_kernel(Q, K, V, Out, Lse, Num, Idx, FNum, FIdx, Mask,
-                    qk_scale, L, S, H, G,
+                    qk_scale, cap2, L, S, H, G,
                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                     sob, soh, som, sod,
                     snb, snh, snm, sib, sih, sim, siw,
@@ -108,7 +111,8 @@ def _bsa_fwd_kernel(Q, K, V, Out, Lse, Num, Idx, FNum, FIdx, Mask,
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
-                    L_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    SOFTCAP: tl.constexpr, L_KEY, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
     bh, b, h, hk, m0, qb, offs_m = query_tile(H, G, BLOCK_M, BLOCK_Q)
     m_last = tl.minimum(m0 + BLOCK_M, L) - 1
     b64 = b.to(tl.int64)
@@ -123,13 +127,15 @@ def _bsa_fwd_kernel(Q, K, V, Out, Lse, Num, Idx, FNum, FIdx, Mask,
     n_full = tl.load(FNum + b * sfb + h * sfh + qb * sfm)
     acc, m_i, l_i = _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_full,
                               FIdx + b * sjb + h * sjh + qb * sjm, sjw, offs_m, m_last, L, S,
-                              qk_scale, skn, skd, svn, svd, smm, smn, D, DV, BLOCK_D,
-                              BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32, False)
+                              qk_scale, cap2, skn, skd, svn, svd, smm, smn, D, DV, BLOCK_D,
+                              BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32, False,
+                              SOFTCAP)
     n_part = tl.load(Num + b * snb + h * snh + qb * snm)
     acc, m_i, l_i = _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_part,
                               Idx + b * sib + h * sih + qb * sim, siw, offs_m, m_last, L, S,
-                              qk_scale, skn, skd, svn, svd, smm, smn, D, DV, BLOCK_D,
-                              BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32, True)
+                              qk_scale, cap2, skn, skd, svn, svd, smm, smn, D, DV, BLOCK_D,
+                              BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32, True,
+                              SOFTCAP)
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -181,7 +187,8 @@ def forward_config(block_q: int, block_kv: int, d: int):
 if HAS_TRITON:
     _bsa_fwd_tuned = triton.autotune(
         configs=FWD_CONFIGS,
-        key=["D", "DV", "BLOCK_Q", "BLOCK_KV", "CAUSAL", "MASK_KIND", "FP32", "L_KEY"],
+        key=["D", "DV", "BLOCK_Q", "BLOCK_KV", "CAUSAL", "MASK_KIND", "FP32", "SOFTCAP",
+             "L_KEY"],
         prune_configs_by={"early_config_prune": _prune_fwd},
     )(_bsa_fwd_kernel)
 
@@ -190,16 +197,16 @@ if HAS_TRITON:
 _PLANS = _ac.PlanCache()
 
 
-def _direct_call(q, k, v, layout, attn_mask, scale, causal, block_q, block_kv):
+def _direct_call(q, k, v, layout, attn_mask, scale, causal, block_q, block_kv, softcap):
     """(key, plan): the stored launch for these arguments (plan None on a miss)."""
     key = plan_key("fwd", (q, k, v), layout, attn_mask,
-                   (float(scale), bool(causal), block_q, block_kv))
+                   (float(scale), bool(causal), block_q, block_kv, float(softcap)))
     return key, _PLANS.get(key, layout)
 
 
 def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks,
                            full_kv_indices, attn_mask, scale, causal, block_q, block_kv,
-                           *, config=None):
+                           softcap=0.0, *, config=None):
     """(out [B, Hq, L, Dv], lse [B, Hq, L]): the op `sparsec::block_sparse_attention` on the
     Triton kernel. Inputs the kernel does not take (float64, odd blocks, CPU tensors outside
     the interpreter) run the gathered-block reference. `config` pins a tile
@@ -209,14 +216,15 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_block
     key = None
     device = _ac.launch_device(q) if config is None else None
     if device is not None:
-        key, plan = _direct_call(q, k, v, layout, attn_mask, scale, causal, block_q, block_kv)
+        key, plan = _direct_call(q, k, v, layout, attn_mask, scale, causal, block_q, block_kv,
+                                 softcap)
         if plan is not None:
             B, H, L = q.shape[:3]
             out = _ac.empty(B, H, L, v.shape[-1], dtype=q.dtype, device=q.device)
             lse = _ac.empty(B, H, L, dtype=torch.float32, device=q.device)
             plan(q, k, v, out, lse, q if attn_mask is None else attn_mask)
             return out, lse
-    args = (q, k, v, *layout, attn_mask, scale, causal, block_q, block_kv)
+    args = (q, k, v, *layout, attn_mask, scale, causal, block_q, block_kv, softcap)
     if kernel_supports(q, k, v, block_q, block_kv) is not None:
         return block_sparse_attention_gathered(*args)
     B, H, L, D = q.shape
@@ -229,12 +237,12 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_block
     fnum, fidx, fstr = layout_args(full_kv_num_blocks, full_kv_indices, B, H)
     mask, mstr, kind = mask_args(attn_mask, B, H, L, S, q)
     bd, bdv = head_block(D), head_block(DV)
-    common = (q, k, v, out, lse, num, idx, fnum, fidx, mask, float(scale) * LOG2E, L, S, H,
-              H // hkv, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pstr, *fstr,
+    common = (q, k, v, out, lse, num, idx, fnum, fidx, mask, *score_args(scale, softcap), L, S,
+              H, H // hkv, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pstr, *fstr,
               *mstr)
     meta = dict(D=D, DV=DV, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_Q=block_q, BLOCK_KV=block_kv,
                 CAUSAL=bool(causal), MASK_KIND=kind, FP32=q.dtype == torch.float32,
-                L_KEY=next_pow2(L))
+                SOFTCAP=bool(softcap), L_KEY=next_pow2(L))
     if config is None and autotune_enabled():
         kernel = _bsa_fwd_tuned
 

@@ -11,7 +11,12 @@ The "atomic" variant instead makes delta (and zeroes a float32 dQ accumulator) i
 `_bwd_preprocess_kernel`, adds dS·K into dQ atomically inside the dK/dV kernel and converts.
 Probabilities are recomputed from lse (base 2 inside); rows whose lse is −inf (they saw no key)
 contribute nothing. Full blocks skip element masks; partial blocks mask the causal diagonal and
-the ragged tails; the optional element mask applies everywhere.
+the ragged tails; the optional element mask applies everywhere. With a soft-cap (SOFTCAP) the
+scores are recomputed through softcap·tanh(s / softcap) and dS is multiplied by 1 − tanh² on
+its way to dQ and dK. With BIAS_GRAD the dQ kernel also stores dS (the gradient of the float
+mask, a bias) into a zeroed float32 [B, Hq, L, S] buffer — each (query, key) pair is visited once
+there, so no atomics — and the split variant runs. Both flags are constexprs: without them the
+kernels are the plain ones.
 """
 
 import torch
@@ -20,7 +25,7 @@ from ..ops.attention_reference import block_sparse_attention_backward_ref
 from . import _attention_common as _ac
 from . import _triton
 from ._attention_common import (
-    LOG2E,
+    capped_scores,
     head_block,
     kernel_supports,
     key_subtile,
@@ -30,6 +35,7 @@ from ._attention_common import (
     mma,
     plan_key,
     query_tile,
+    score_args,
     transposed_layout,
 )
 from ._launch import first_launch
@@ -81,11 +87,12 @@ def _load_lse2(Lse_row, offs, L):
 # dK, dV -----------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, dqa_row, start,
-               end, qblocks, n0, offs_n, L, S, qk_scale, sqm, sqd, sdm, sdd, smm, smn,
+               end, qblocks, n0, offs_n, L, S, qk_scale, cap2, sqm, sqd, sdm, sdd, smm, smn,
                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
-               FP32: tl.constexpr, PARTIAL: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+               FP32: tl.constexpr, PARTIAL: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+               SOFTCAP: tl.constexpr):
     """Accumulate dk, dv of one key tile over the query blocks qblocks[start:end]; with
     ATOMIC_DQ also add dS·K of every pair into the float32 dQ rows (unscaled)."""
     SUBS: tl.constexpr = BLOCK_Q // BLOCK_M
@@ -108,7 +115,7 @@ def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, dqa
             do = load_rows(do_base, offs_m, L, offs_dv, sdm, sdd, DV, BLOCK_DV, True)
             lse2 = _load_lse2(lse_row, offs_m, L)
             st = mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32)
-            st = st * qk_scale                                  # [BLOCK_N, BLOCK_M]
+            st, tt = capped_scores(st, qk_scale, cap2, SOFTCAP)  # [BLOCK_N, BLOCK_M]
             if MASK_KIND == 2:
                 mv = tl.load(mask_base + offs_m[None, :].to(tl.int64) * smm + offs_n[:, None] * smn,
                              mask=(offs_m[None, :] < L) & (offs_n[:, None] < S), other=0)
@@ -126,7 +133,10 @@ def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, dqa
             delta = tl.load(delta_row + offs_m, mask=offs_m < L, other=0.0)
             dv = mma(pt.to(do.dtype), do, dv, FP32)
             dpt = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32)
-            dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+            dst = pt * (dpt - delta[None, :])
+            if SOFTCAP:  # through softcap · tanh(s / softcap)
+                dst = dst * (1.0 - tt * tt)
+            dst = dst.to(q.dtype)
             dk = mma(dst, q, dk, FP32)
             if ATOMIC_DQ:  # dS·K for these query rows, added to the shared accumulator
                 dq = mma(tl.trans(dst), k, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32),
@@ -139,14 +149,14 @@ def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, dqa
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, DQA, PPtr, PQb, FPtr, FQb, Mask,
-                     qk_scale, sm_scale, L, S, H, G, HKV, NKV, row_b, row_h,
+                     qk_scale, cap2, sm_scale, L, S, H, G, HKV, NKV, row_b, row_h,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      sdb, sdh, sdm, sdd, smb, smh, smm, smn,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                      CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
-                     ATOMIC_DQ: tl.constexpr, L_KEY, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     ATOMIC_DQ: tl.constexpr, SOFTCAP: tl.constexpr, L_KEY,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # program 0 is key block 0, which a causal layout lists most: heaviest tiles go first
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -175,14 +185,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, DQA, PPtr, PQb, FPtr, FQb
         dqa_row = DQA + row_off * D
         dk, dv = _dkdv_list(dk, dv, k, v, q_base, do_base, Lse + row_off, Delta + row_off,
                             mask_base, dqa_row, tl.load(FPtr + row), tl.load(FPtr + row + 1),
-                            FQb, n0, offs_n, L, S, qk_scale, sqm, sqd, sdm, sdd, smm, smn, D,
-                            DV, BLOCK_D, BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND,
-                            FP32, False, ATOMIC_DQ)
+                            FQb, n0, offs_n, L, S, qk_scale, cap2, sqm, sqd, sdm, sdd, smm, smn,
+                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL,
+                            MASK_KIND, FP32, False, ATOMIC_DQ, SOFTCAP)
         dk, dv = _dkdv_list(dk, dv, k, v, q_base, do_base, Lse + row_off, Delta + row_off,
                             mask_base, dqa_row, tl.load(PPtr + row), tl.load(PPtr + row + 1),
-                            PQb, n0, offs_n, L, S, qk_scale, sqm, sqd, sdm, sdd, smm, smn, D,
-                            DV, BLOCK_D, BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND,
-                            FP32, True, ATOMIC_DQ)
+                            PQb, n0, offs_n, L, S, qk_scale, cap2, sqm, sqd, sdm, sdd, smm, smn,
+                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL,
+                            MASK_KIND, FP32, True, ATOMIC_DQ, SOFTCAP)
     dk = dk * sm_scale
     out_row = (b64 * HKV + hk.to(tl.int64)) * S
     tl.store(DK + (out_row + offs_n[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
@@ -193,12 +203,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, DQA, PPtr, PQb, FPtr, FQb
 
 # dQ ---------------------------------------------------------------------------------------
 @triton.jit
-def _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, n_listed, idx_ptr,
-             idx_stride, offs_m, m_last, L, S, qk_scale, skn, skd, svn, svd, smm, smn,
+def _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, db_base, n_listed, idx_ptr,
+             idx_stride, offs_m, m_last, L, S, qk_scale, cap2, skn, skd, svn, svd, smm, smn,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
-             PARTIAL: tl.constexpr):
+             PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, BIAS_GRAD: tl.constexpr):
     SUBS: tl.constexpr = BLOCK_KV // BLOCK_N
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -210,7 +220,7 @@ def _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, n_listed, idx_pt
             k = load_rows(k_base, offs_n, S, offs_d, skn, skd, D, BLOCK_D, PARTIAL)
             v = load_rows(v_base, offs_n, S, offs_dv, svn, svd, DV, BLOCK_DV, PARTIAL)
             s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32)
-            s = s * qk_scale
+            s, t = capped_scores(s, qk_scale, cap2, SOFTCAP)
             if MASK_KIND == 2:
                 mv = tl.load(mask_base + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn,
                              mask=(offs_m[:, None] < L) & (offs_n[None, :] < S), other=0)
@@ -227,13 +237,18 @@ def _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, n_listed, idx_pt
                 p = tl.where(mv != 0, p, 0.0)
             dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32)
             ds = p * (dp - delta[:, None])
+            if BIAS_GRAD:  # dS is the bias's gradient: 0 where p is (outside kept pairs)
+                tl.store(db_base + offs_m[:, None].to(tl.int64) * S + offs_n[None, :], ds,
+                         mask=(offs_m[:, None] < L) & (offs_n[None, :] < S))
+            if SOFTCAP:
+                ds = ds * (1.0 - t * t)
             dq = mma(ds.to(k.dtype), k, dq, FP32)
     return dq
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, Out, Lse, Delta, DQ, Num, Idx, FNum, FIdx, Mask,
-                   qk_scale, sm_scale, L, S, H, G,
+def _bwd_dq_kernel(Q, K, V, DO, Out, Lse, Delta, DQ, Num, Idx, FNum, FIdx, Mask, DB,
+                   qk_scale, cap2, sm_scale, L, S, H, G,
                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                    sdb, sdh, sdm, sdd, sob, soh, som, sod,
                    snb, snh, snm, sib, sih, sim, siw,
@@ -242,7 +257,8 @@ def _bwd_dq_kernel(Q, K, V, DO, Out, Lse, Delta, DQ, Num, Idx, FNum, FIdx, Mask,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
-                   L_KEY, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   SOFTCAP: tl.constexpr, BIAS_GRAD: tl.constexpr, L_KEY,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh, b, h, hk, m0, qb, offs_m = query_tile(H, G, BLOCK_M, BLOCK_Q)
     m_last = tl.minimum(m0 + BLOCK_M, L) - 1
     b64 = b.to(tl.int64)
@@ -262,17 +278,18 @@ def _bwd_dq_kernel(Q, K, V, DO, Out, Lse, Delta, DQ, Num, Idx, FNum, FIdx, Mask,
     k_base = K + b64 * skb + hk.to(tl.int64) * skh
     v_base = V + b64 * svb + hk.to(tl.int64) * svh
     mask_base = Mask + b64 * smb + h64 * smh
+    db_base = DB + row_off * S
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base,
+    dq = _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, db_base,
                   tl.load(FNum + b * sfb + h * sfh + qb * sfm), FIdx + b * sjb + h * sjh +
-                  qb * sjm, sjw, offs_m, m_last, L, S, qk_scale, skn, skd, svn, svd, smm, smn,
-                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32,
-                  False)
-    dq = _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base,
+                  qb * sjm, sjw, offs_m, m_last, L, S, qk_scale, cap2, skn, skd, svn, svd, smm,
+                  smn, D, DV, BLOCK_D, BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND,
+                  FP32, False, SOFTCAP, BIAS_GRAD)
+    dq = _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, db_base,
                   tl.load(Num + b * snb + h * snh + qb * snm), Idx + b * sib + h * sih +
-                  qb * sim, siw, offs_m, m_last, L, S, qk_scale, skn, skd, svn, svd, smm, smn,
-                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32,
-                  True)
+                  qb * sim, siw, offs_m, m_last, L, S, qk_scale, cap2, skn, skd, svn, svd, smm,
+                  smn, D, DV, BLOCK_D, BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND,
+                  FP32, True, SOFTCAP, BIAS_GRAD)
     dq = dq * sm_scale
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(DQ + (row_off + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -354,7 +371,7 @@ def dq_config(block_q: int, block_kv: int, d: int):
                          num_stages=3)
 
 
-_KEY = ["D", "DV", "BLOCK_Q", "BLOCK_KV", "CAUSAL", "MASK_KIND", "FP32", "L_KEY"]
+_KEY = ["D", "DV", "BLOCK_Q", "BLOCK_KV", "CAUSAL", "MASK_KIND", "FP32", "SOFTCAP", "L_KEY"]
 if HAS_TRITON:
     _dkdv_tuned = triton.autotune(configs=DKDV_CONFIGS, key=_KEY,
                                   prune_configs_by={"early_config_prune": _prune}
@@ -363,7 +380,7 @@ if HAS_TRITON:
     _dkdv_tuned_atomic = triton.autotune(configs=ATOMIC_CONFIGS, key=_KEY,
                                          prune_configs_by={"early_config_prune": _prune},
                                          reset_to_zero=["DQA"])(_bwd_dkdv_kernel)
-    _dq_tuned = triton.autotune(configs=DQ_CONFIGS, key=_KEY,
+    _dq_tuned = triton.autotune(configs=DQ_CONFIGS, key=[*_KEY, "BIAS_GRAD"],
                                 prune_configs_by={"early_config_prune": _prune_dq}
                                 )(_bwd_dq_kernel)
 
@@ -378,8 +395,8 @@ class _Backward:
     launches. With `record` a list, each launch goes through `first_launch` and is appended
     (with the names of the tensors that change per call) so the plan can replay it."""
 
-    def __init__(self, t, layout, attn_mask, scale, causal, block_q, block_kv, configs, record,
-                 device):
+    def __init__(self, t, layout, attn_mask, scale, causal, block_q, block_kv, softcap,
+                 configs, record, device):
         q, k, v = t["q"], t["k"], t["v"]
         B, H, L, D = q.shape
         hkv, S, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -390,8 +407,11 @@ class _Backward:
         _, self.mstr, kind = mask_args(attn_mask, B, H, L, S, q)
         self.meta = dict(D=D, DV=DV, BLOCK_D=self.bd, BLOCK_DV=self.bdv, BLOCK_Q=block_q,
                          BLOCK_KV=block_kv, CAUSAL=bool(causal), MASK_KIND=kind,
-                         FP32=q.dtype == torch.float32, L_KEY=next_pow2(L))
-        self.scale, self.qk_scale = float(scale), float(scale) * LOG2E
+                         FP32=q.dtype == torch.float32, SOFTCAP=bool(softcap),
+                         L_KEY=next_pow2(L))
+        self.scale = float(scale)
+        self.qk_scale, self.cap2 = score_args(scale, softcap)
+        self.bias_grad = "dbias" in t
         self.blocks = (block_q, block_kv)
         self.nkv = cdiv(S, block_kv)
         num, idx, fnum, fidx = layout
@@ -420,8 +440,8 @@ class _Backward:
         d = max(self.bd, self.bdv)
         return dkdv_config(bq, bkv, d) if which == 0 else dq_config(bq, bkv, d)
 
-    def kernel(self, plain, tuned, pinned, rows, rows_meta, bh, args, atomic=None):
-        meta = dict(self.meta) if atomic is None else dict(self.meta, ATOMIC_DQ=atomic)
+    def kernel(self, plain, tuned, pinned, rows, rows_meta, bh, args, **extra):
+        meta = dict(self.meta, **extra)
         if pinned is None:
             self.go(tuned, lambda m: (cdiv(rows, m[rows_meta]), bh), args, meta)
         else:
@@ -442,11 +462,12 @@ class _Backward:
             self.dq()
         p_ptr, p_qb, f_ptr, f_qb = self.transposed
         args = ("q", "k", "v", "go", "lse", "delta", "dk", "dv", "dqa" if atomic else "q",
-                p_ptr, p_qb, f_ptr, f_qb, self.mask_name, self.qk_scale, self.scale, L, S, H,
+                p_ptr, p_qb, f_ptr, f_qb, self.mask_name, self.qk_scale, self.cap2, self.scale,
+                L, S, H,
                 H // hkv, hkv, self.nkv, *self.rows, *t["q"].stride(), *t["k"].stride(),
                 *t["v"].stride(), *t["go"].stride(), *self.mstr)
         self.kernel(_bwd_dkdv_kernel, _dkdv_tuned_atomic if atomic else _dkdv_tuned,
-                    self.pinned(0), S, "BLOCK_N", B * hkv, args, atomic)
+                    self.pinned(0), S, "BLOCK_N", B * hkv, args, ATOMIC_DQ=atomic)
         if atomic:
             n = B * H * L * D
             self.go(_dq_convert_kernel, (cdiv(n, 1024),), ("dqa", "dq", n, self.scale),
@@ -457,14 +478,17 @@ class _Backward:
         t = self.t
         num, idx, pstr, fnum, fidx, fstr = self.lists
         args = ("q", "k", "v", "go", "out", "lse", "delta", "dq", num, idx, fnum, fidx,
-                self.mask_name, self.qk_scale, self.scale, L, S, H, H // hkv,
+                self.mask_name, "dbias" if self.bias_grad else "q", self.qk_scale, self.cap2,
+                self.scale, L, S, H, H // hkv,
                 *t["q"].stride(), *t["k"].stride(), *t["v"].stride(), *t["go"].stride(),
                 *t["out"].stride(), *pstr, *fstr, *self.mstr)
-        self.kernel(_bwd_dq_kernel, _dq_tuned, self.pinned(1), L, "BLOCK_M", B * H, args)
+        self.kernel(_bwd_dq_kernel, _dq_tuned, self.pinned(1), L, "BLOCK_M", B * H, args,
+                    BIAS_GRAD=self.bias_grad)
 
 
-def _outputs(t, variant) -> dict:
-    """Allocate the call's outputs and scratch into the tensor dict `t`."""
+def _outputs(t, variant, bias_grad=False) -> dict:
+    """Allocate the call's outputs and scratch into the tensor dict `t` (with `bias_grad`,
+    the zeroed float32 dS buffer the dQ kernel fills)."""
     q, k, v = t["q"], t["k"], t["v"]
     B, H, L, D = q.shape
     t["dq"] = _ac.empty(B, H, L, D, dtype=q.dtype, device=q.device)
@@ -473,6 +497,8 @@ def _outputs(t, variant) -> dict:
     t["delta"] = _ac.empty(B, H, L, dtype=torch.float32, device=q.device)
     if variant == "atomic":
         t["dqa"] = torch.empty(B, H, L, D, dtype=torch.float32, device=q.device)
+    if bias_grad:
+        t["dbias"] = torch.zeros(B, H, L, k.shape[2], dtype=torch.float32, device=q.device)
     return t
 
 
@@ -499,7 +525,7 @@ def _choose(tensors, args) -> str:
     device timing (graph capture, sync debugging) 'split'."""
     q, k, v = tensors["q"], tensors["k"], tensors["v"]
     layout, mask = args[0], args[1]
-    key = (q.shape, k.shape, v.shape, q.dtype, q.device, *args[3:6],
+    key = (q.shape, k.shape, v.shape, q.dtype, q.device, *args[3:7],
            None if mask is None else (mask.dtype, mask.shape), *(t.shape for t in layout))
     if key in _CHOICES:
         return _CHOICES[key]
@@ -517,43 +543,67 @@ def _choose(tensors, args) -> str:
 
 def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices,
                                     full_kv_num_blocks, full_kv_indices, attn_mask, scale,
-                                    causal, block_q, block_kv, *, configs=None, variant=None):
+                                    causal, block_q, block_kv, softcap=0.0, *, configs=None,
+                                    variant=None, bias_grad=False):
     """(dq, dk, dv), contiguous, for `sparsec::block_sparse_attention_backward`. `configs`
     = (dkdv config, dq config) pins the tiles, bypassing autotuning; `variant` "split" or
     "atomic" overrides `SETTINGS.attn_bwd` (the atomic variant runs the dK/dV kernel with
-    atomic dQ; its pinned tile is configs[0]). A repeated call reuses its stored plan."""
+    atomic dQ; its pinned tile is configs[0]). A repeated call reuses its stored plan.
+    `bias_grad` (a float `attn_mask`) adds a fourth result, dS as float32 [B, Hq, L, S] (0
+    outside the kept pairs; the caller sums it to the mask's shape), and runs "split"."""
     layout = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
-    variant = variant or _triton.SETTINGS.attn_bwd
+    if bias_grad and (attn_mask is None or attn_mask.dtype == torch.bool):
+        raise ValueError("bias_grad needs a float attn_mask")
+    variant = "split" if bias_grad else (variant or _triton.SETTINGS.attn_bwd)
     device = _ac.launch_device(q) if configs is None else None
     key = None
     if device is not None:
         key = plan_key("bwd", (grad_out, q, k, v, out, lse), layout, attn_mask,
-                       (float(scale), bool(causal), block_q, block_kv, variant))
+                       (float(scale), bool(causal), block_q, block_kv, variant,
+                        float(softcap), bool(bias_grad)))
         plan = _PLANS.get(key, layout)
         if plan is not None:
             chosen, launches = plan
             t = _outputs(dict(go=grad_out, q=q, k=k, v=v, out=out, lse=lse.float().contiguous(),
-                              mask=attn_mask), chosen)
+                              mask=attn_mask), chosen, bias_grad)
             for launch, names in launches:
                 launch(*(t[n] for n in names))
-            return t["dq"], t["dk"], t["dv"]
-    args = (grad_out, q, k, v, out, lse, *layout, attn_mask, scale, causal, block_q, block_kv)
+            return _results(t, bias_grad)
+    args = (grad_out, q, k, v, out, lse, *layout, attn_mask, scale, causal, block_q, block_kv,
+            softcap)
     if kernel_supports(q, k, v, block_q, block_kv) is not None:
-        return block_sparse_attention_backward_ref(*args)
+        return _reference(args, bias_grad)
     tensors = dict(go=grad_out, q=q, k=k, v=v, out=out, lse=lse.float().contiguous(),
                    mask=attn_mask)
     B, H, L, _ = q.shape
     if B * H == 0 or k.shape[2] == 0 or L == 0:
-        t = _outputs(tensors, "split")
-        return t["dq"], t["dk"].zero_(), t["dv"].zero_()
-    rest = (layout, attn_mask, scale, causal, block_q, block_kv, configs)
+        t = _outputs(tensors, "split", bias_grad)
+        t["dk"].zero_(), t["dv"].zero_()
+        return _results(t, bias_grad)
+    rest = (layout, attn_mask, scale, causal, block_q, block_kv, softcap, configs)
     if variant == "auto":
         variant = _choose(tensors, rest)
     if variant not in _VARIANTS:
         raise ValueError(f"backward variant {variant!r}: use one of {_VARIANTS} or 'auto'")
     record = [] if key is not None and not no_sync_allowed() else None
-    t = _outputs(tensors, variant)
+    t = _outputs(tensors, variant, bias_grad)
     _Backward(t, *rest, record, device).run(variant)
     if record is not None and all(launch is not None for launch, _ in record):
         _PLANS.put(key, layout, (variant, record))
-    return t["dq"], t["dk"], t["dv"]
+    return _results(t, bias_grad)
+
+
+def _results(t, bias_grad):
+    grads = (t["dq"], t["dk"], t["dv"])
+    return (*grads, t["dbias"]) if bias_grad else grads
+
+
+def _reference(args, bias_grad):
+    """The reference backward for inputs the kernels do not take (dS unreduced with
+    `bias_grad`, as the kernels return it)."""
+    if not bias_grad:
+        return block_sparse_attention_backward_ref(*args)
+    from ..ops.attention_reference import block_sparse_attention_backward_ds
+
+    *grads, ds = block_sparse_attention_backward_ds(*args)
+    return (*grads, ds.contiguous())

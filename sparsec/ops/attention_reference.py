@@ -4,16 +4,19 @@ Semantics shared by all of them (and by the kernels that replace them): query t 
 iff the layout keeps block (t // block_q, s // block_kv), s < kv_len, (causal ⇒ s ≤ t), and the
 optional `attn_mask` allows it. `attn_mask` follows `scaled_dot_product_attention`: a bool
 tensor (True = may attend) or a float tensor added to the scaled scores, broadcastable to
-[B, Hq, L, S]; a float entry of −inf masks like False. A query row with no visible key outputs
-0 and has logsumexp −inf (dense softmax would give NaN). Computation is in float32 (float64
-for float64 inputs); outputs are cast back to q's dtype.
+[B, Hq, L, S]; a float entry of −inf masks like False. `softcap` > 0 caps the scaled scores
+before the mask is added, as Gemma 2 does: s → softcap · tanh(s / softcap) (0 = no cap). A
+query row with no visible key outputs 0 and has logsumexp −inf (dense softmax would give NaN).
+Computation is in float32 (float64 for float64 inputs); outputs are cast back to q's dtype.
 
 - `block_sparse_attention_ref`: the dense scores under the layout's element mask: O(L·S).
 - `block_sparse_attention_gathered`: gathers the kept key/value blocks of each query block and
   runs batched matmul → softmax → matmul on them: O(L · kept keys). It is the CPU path of the
   op and the form the ONNX export writes in standard ops.
 - `block_sparse_attention_backward_ref`: dq, dk, dv from the explicit formulas, recomputing
-  the probabilities from the saved logsumexp as flash-attention kernels do.
+  the probabilities from the saved logsumexp as flash-attention kernels do;
+  `block_sparse_attention_bias_backward_ref` also the gradient of a float `attn_mask` (dS,
+  zero outside the kept pairs, summed over the mask's broadcast dims).
 """
 
 from __future__ import annotations
@@ -24,11 +27,25 @@ import torch
 
 __all__ = ["layout_element_mask", "block_sparse_attention_ref",
            "block_sparse_attention_gathered", "block_sparse_attention_backward_ref",
+           "block_sparse_attention_bias_backward_ref", "block_sparse_attention_backward_ds",
+           "fold_bias_grad", "soft_cap",
            "work_dtype"]
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def soft_cap(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    """softcap · tanh(scores / softcap), or the scores unchanged for softcap 0."""
+    if not softcap:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
+
+
+def fold_bias_grad(ds: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """dS [B, Hq, L, S] summed over the dims the float mask broadcasts, in its dtype."""
+    return ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype).contiguous()
 
 
 def _dense_blocks(num: torch.Tensor, idx: torch.Tensor, fnum: torch.Tensor, fidx: torch.Tensor,
@@ -73,12 +90,17 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
-def _dense_scores(q, k, attn_mask, layout, scale, causal, block_q, block_kv):
-    """(scores, allowed) on the dense [B, Hq, L, S] grid, in the working dtype."""
+def _dense_scores(q, k, attn_mask, layout, scale, causal, block_q, block_kv, softcap=0.0):
+    """(scores, allowed, d capped / d scaled or None) on the dense [B, Hq, L, S] grid, in the
+    working dtype."""
     work = work_dtype(q.dtype)
     L, S = q.shape[-2], k.shape[-2]
     kk = _expand_heads(k, q.shape[1]).to(work)
     scores = (q.to(work) @ kk.transpose(-1, -2)) * scale
+    cap_grad = None
+    if softcap:
+        t = torch.tanh(scores / softcap)
+        scores, cap_grad = t * softcap, 1 - t * t
     allowed = layout_element_mask(*layout, L, S, block_q, block_kv, causal)
     allowed = allowed.expand(q.shape[0], q.shape[1], L, S)
     if attn_mask is not None:
@@ -86,17 +108,19 @@ def _dense_scores(q, k, attn_mask, layout, scale, causal, block_q, block_kv):
             allowed = allowed & attn_mask
         else:
             scores = scores + attn_mask.to(work)
-    return scores, allowed
+    return scores, allowed, cap_grad
 
 
 def block_sparse_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
                                full_kv_num_blocks: torch.Tensor, full_kv_indices: torch.Tensor,
                                attn_mask: torch.Tensor | None, scale: float, causal: bool,
-                               block_q: int, block_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+                               block_q: int, block_kv: int, softcap: float = 0.0
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, Hq, L, Dv], lse [B, Hq, L]): dense attention under the layout's mask."""
     layout = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
-    scores, allowed = _dense_scores(q, k, attn_mask, layout, scale, causal, block_q, block_kv)
+    scores, allowed, _ = _dense_scores(q, k, attn_mask, layout, scale, causal, block_q,
+                                       block_kv, softcap)
     vv = _expand_heads(v, q.shape[1]).to(scores.dtype)
     out, lse = _softmax_av(scores, allowed, vv)
     return out.to(q.dtype).contiguous(), lse.contiguous()
@@ -109,11 +133,36 @@ def block_sparse_attention_backward_ref(grad_out: torch.Tensor, q: torch.Tensor,
                                         full_kv_num_blocks: torch.Tensor,
                                         full_kv_indices: torch.Tensor,
                                         attn_mask: torch.Tensor | None, scale: float,
-                                        causal: bool, block_q: int, block_kv: int
+                                        causal: bool, block_q: int, block_kv: int,
+                                        softcap: float = 0.0
                                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv): dk and dv summed over each key/value head's query-head group."""
+    return block_sparse_attention_backward_ds(
+        grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
+        full_kv_indices, attn_mask, scale, causal, block_q, block_kv, softcap)[:3]
+
+
+def block_sparse_attention_bias_backward_ref(grad_out, q, k, v, out, lse, kv_num_blocks,
+                                             kv_indices, full_kv_num_blocks, full_kv_indices,
+                                             attn_mask, scale, causal, block_q, block_kv,
+                                             softcap=0.0):
+    """(dq, dk, dv, d attn_mask) for a float `attn_mask` (an additive bias)."""
+    if attn_mask is None or attn_mask.dtype == torch.bool:
+        raise ValueError("a bias gradient needs a float attn_mask")
+    *grads, ds = block_sparse_attention_backward_ds(
+        grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
+        full_kv_indices, attn_mask, scale, causal, block_q, block_kv, softcap)
+    return (*grads, fold_bias_grad(ds, attn_mask))
+
+
+def block_sparse_attention_backward_ds(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices,
+                                       full_kv_num_blocks, full_kv_indices, attn_mask, scale,
+                                       causal, block_q, block_kv, softcap=0.0):
+    """(dq, dk, dv, dS [B, Hq, L, S] in the working dtype: the gradient of the capped,
+    biased scores, 0 where nothing is attended)."""
     layout = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
-    scores, allowed = _dense_scores(q, k, attn_mask, layout, scale, causal, block_q, block_kv)
+    scores, allowed, cap_grad = _dense_scores(q, k, attn_mask, layout, scale, causal, block_q,
+                                              block_kv, softcap)
     work = scores.dtype
     lse_w = lse.to(work)[..., None]
     live = torch.isfinite(lse_w)
@@ -126,10 +175,11 @@ def block_sparse_attention_backward_ref(grad_out: torch.Tensor, q: torch.Tensor,
     kk = _expand_heads(k, heads).to(work)
     dv = p.transpose(-1, -2) @ do
     ds = p * ((do @ vv.transpose(-1, -2)) - (do * o).sum(-1, keepdim=True))
-    dq = (ds @ kk) * scale
-    dk = (ds.transpose(-1, -2) @ q.to(work)) * scale
+    ds_pre = ds if cap_grad is None else ds * cap_grad   # through softcap · tanh(s / softcap)
+    dq = (ds_pre @ kk) * scale
+    dk = (ds_pre.transpose(-1, -2) @ q.to(work)) * scale
     return (dq.to(q.dtype).contiguous(), _fold(dk, kv_heads).to(k.dtype).contiguous(),
-            _fold(dv, kv_heads).to(v.dtype).contiguous())
+            _fold(dv, kv_heads).to(v.dtype).contiguous(), ds)
 
 
 def _fold(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -144,7 +194,8 @@ def block_sparse_attention_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.T
                                     full_kv_num_blocks: torch.Tensor,
                                     full_kv_indices: torch.Tensor,
                                     attn_mask: torch.Tensor | None, scale: float,
-                                    causal: bool, block_q: int, block_kv: int
+                                    causal: bool, block_q: int, block_kv: int,
+                                    softcap: float = 0.0
                                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) computing only the kept blocks; same semantics as the reference."""
     b, h, L, _ = q.shape
@@ -166,7 +217,7 @@ def block_sparse_attention_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.T
     kg = _gather_rows(k, pos, h).to(work)                          # [B, H, NQ, W·bk, D]
     vg = _gather_rows(v, pos, h).to(work)
     qb = _pad_rows(q.to(work), nq * block_q).unflatten(2, (nq, block_q))
-    scores = (qb @ kg.transpose(-1, -2)) * scale                   # [B, H, NQ, bq, W·bk]
+    scores = soft_cap((qb @ kg.transpose(-1, -2)) * scale, softcap)  # [B, H, NQ, bq, W·bk]
     t = (torch.arange(nq, device=q.device)[:, None] * block_q +
          torch.arange(block_q, device=q.device))                   # [NQ, bq]
     if causal:

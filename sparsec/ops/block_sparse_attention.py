@@ -2,16 +2,21 @@
 
     out, lse = torch.ops.sparsec.block_sparse_attention(
         q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-        attn_mask, scale, causal, block_q, block_kv)
+        attn_mask, scale, causal, block_q, block_kv, softcap=0.0)
 
 q [B, Hq, L, D]; k [B, Hkv, S, D] and v [B, Hkv, S, Dv] with Hq a multiple of Hkv (query head
 h reads key/value head h // (Hq / Hkv)); the four layout tensors of a `BlockLayout` (batch and
 head dims of size B or 1, Hq or 1); `attn_mask` None, bool (True = attend) or float (added),
-broadcastable to [B, Hq, L, S]. Returns out [B, Hq, L, Dv] in q's dtype and the logsumexp
-lse [B, Hq, L] (float32; float64 for float64 inputs), which is not differentiable. All outputs
-(and the backward's dq, dk, dv) are contiguous, whatever the inputs' strides. Semantics
-are in `sparsec.ops.attention_reference`. Gradients flow to q, k and v (never to the mask)
-through `sparsec::block_sparse_attention_backward`, itself an op, so a joint graph shows it.
+broadcastable to [B, Hq, L, S]; `softcap` > 0 caps the scaled scores, s → softcap·tanh(s /
+softcap), before the mask is added (Gemma 2; 0 = none). Returns out [B, Hq, L, Dv] in q's
+dtype and the logsumexp lse [B, Hq, L] (float32; float64 for float64 inputs), which is not
+differentiable. All outputs (and the backward's dq, dk, dv) are contiguous, whatever the
+inputs' strides. Semantics
+are in `sparsec.ops.attention_reference`. Gradients flow to q, k and v through
+`sparsec::block_sparse_attention_backward`, itself an op, so a joint graph shows it; when a
+float `attn_mask` (an additive bias, e.g. T5's relative positions) requires grad,
+`sparsec::block_sparse_attention_bias_backward` runs instead and also returns its gradient
+(dS summed over the mask's broadcast dims; a bool mask never gets one).
 
 Dispatch: on CUDA with a Triton kernel module `sparsec.kernels.block_sparse_attention`
 present, its `block_sparse_attention` / `block_sparse_attention_backward` launchers (same
@@ -33,11 +38,14 @@ from torch import Tensor
 
 from .attention_reference import (
     block_sparse_attention_backward_ref,
+    block_sparse_attention_bias_backward_ref,
     block_sparse_attention_gathered,
+    fold_bias_grad,
     work_dtype,
 )
 
-__all__ = ["block_sparse_attention", "attention_op", "attention_backward_op", "kernel_module"]
+__all__ = ["block_sparse_attention", "attention_op", "attention_backward_op",
+           "attention_bias_backward_op", "kernel_module"]
 
 _KERNEL_MODULE = "sparsec.kernels.block_sparse_attention"
 
@@ -62,9 +70,9 @@ def _kernel(q: Tensor, name: str):
 def attention_op(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                  full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
                  attn_mask: Optional[Tensor], scale: float, causal: bool, block_q: int,
-                 block_kv: int) -> tuple[Tensor, Tensor]:
+                 block_kv: int, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     args = (q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-            attn_mask, scale, causal, block_q, block_kv)
+            attn_mask, scale, causal, block_q, block_kv, softcap)
     kernel = _kernel(q, "block_sparse_attention")
     if kernel is not None:
         return kernel(*args)
@@ -73,7 +81,7 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indi
 
 @attention_op.register_fake
 def _attention_fake(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-                    attn_mask, scale, causal, block_q, block_kv):
+                    attn_mask, scale, causal, block_q, block_kv, softcap=0.0):
     _check_shapes(q, k, v, kv_num_blocks, block_q)
     b, h, L, _ = q.shape
     out = q.new_empty(b, h, L, v.shape[-1])
@@ -85,9 +93,10 @@ def attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
                           lse: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
                           full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
                           attn_mask: Optional[Tensor], scale: float, causal: bool,
-                          block_q: int, block_kv: int) -> tuple[Tensor, Tensor, Tensor]:
+                          block_q: int, block_kv: int, softcap: float = 0.0
+                          ) -> tuple[Tensor, Tensor, Tensor]:
     args = (grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
-            full_kv_indices, attn_mask, scale, causal, block_q, block_kv)
+            full_kv_indices, attn_mask, scale, causal, block_q, block_kv, softcap)
     kernel = _kernel(q, "block_sparse_attention_backward")
     if kernel is not None:
         return kernel(*args)
@@ -96,16 +105,45 @@ def attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
 
 @attention_backward_op.register_fake
 def _backward_fake(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
-                   full_kv_indices, attn_mask, scale, causal, block_q, block_kv):
+                   full_kv_indices, attn_mask, scale, causal, block_q, block_kv, softcap=0.0):
     # the gradients are contiguous whatever q, k, v's strides (kernels must match this)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
+@torch.library.custom_op("sparsec::block_sparse_attention_bias_backward", mutates_args=())
+def attention_bias_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                               lse: Tensor, kv_num_blocks: Tensor, kv_indices: Tensor,
+                               full_kv_num_blocks: Tensor, full_kv_indices: Tensor,
+                               attn_mask: Tensor, scale: float, causal: bool, block_q: int,
+                               block_kv: int, softcap: float = 0.0
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d attn_mask): the backward when the float mask (a bias) needs a gradient."""
+    args = (grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
+            full_kv_indices, attn_mask, scale, causal, block_q, block_kv, softcap)
+    kernel = _kernel(q, "block_sparse_attention_backward")
+    if kernel is not None:
+        *grads, ds = kernel(*args, bias_grad=True)
+        return (*grads, fold_bias_grad(ds, attn_mask))
+    return block_sparse_attention_bias_backward_ref(*args)
+
+
+@attention_bias_backward_op.register_fake
+def _bias_backward_fake(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices,
+                        full_kv_num_blocks, full_kv_indices, attn_mask, scale, causal, block_q,
+                        block_kv, softcap=0.0):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            attn_mask.new_empty(attn_mask.shape))
+
+
+def _wants_bias_grad(ctx, mask: Tensor | None) -> bool:
+    return mask is not None and mask.is_floating_point() and ctx.needs_input_grad[7]
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    (q, k, v, num, idx, fnum, fidx, mask, scale, causal, block_q, block_kv) = inputs
+    (q, k, v, num, idx, fnum, fidx, mask, scale, causal, block_q, block_kv, softcap) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, num, idx, fnum, fidx, mask)
-    ctx.options = (scale, causal, block_q, block_kv)
+    ctx.options = (scale, causal, block_q, block_kv, softcap)
     ctx.mark_non_differentiable(lse)
 
 
@@ -113,9 +151,13 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, num, idx, fnum, fidx, mask = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, num, idx,
-                                       fnum, fidx, mask, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    args = (grad_out.contiguous(), q, k, v, out, lse, num, idx, fnum, fidx, mask, *ctx.options)
+    dmask = None
+    if _wants_bias_grad(ctx, mask):
+        dq, dk, dv, dmask = attention_bias_backward_op(*args)
+    else:
+        dq, dk, dv = attention_backward_op(*args)
+    return dq, dk, dv, None, None, None, None, dmask, None, None, None, None, None
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -139,12 +181,13 @@ class _EagerAttention(torch.autograd.Function):
     compiled and subclass-tensor calls keep going through the op."""
 
     @staticmethod
-    def forward(ctx, q, k, v, num, idx, fnum, fidx, mask, scale, causal, block_q, block_kv):
+    def forward(ctx, q, k, v, num, idx, fnum, fidx, mask, scale, causal, block_q, block_kv,
+                softcap):
         mod = kernel_module()
         out, lse = mod.block_sparse_attention(q, k, v, num, idx, fnum, fidx, mask, scale,
-                                              causal, block_q, block_kv)
+                                              causal, block_q, block_kv, softcap)
         ctx.save_for_backward(q, k, v, out, lse, num, idx, fnum, fidx, mask)
-        ctx.options = (scale, causal, block_q, block_kv)
+        ctx.options = (scale, causal, block_q, block_kv, softcap)
         ctx.mark_non_differentiable(lse)
         ctx.set_materialize_grads(False)  # lse has no gradient: no zero tensor for it
         return out, lse
@@ -155,10 +198,16 @@ class _EagerAttention(torch.autograd.Function):
         q, k, v, out, lse, num, idx, fnum, fidx, mask = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = kernel_module().block_sparse_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, num, idx, fnum, fidx, mask,
-            *ctx.options)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        args = (grad_out.contiguous(), q, k, v, out, lse, num, idx, fnum, fidx, mask,
+                *ctx.options)
+        dmask = None
+        if _wants_bias_grad(ctx, mask):
+            dq, dk, dv, ds = kernel_module().block_sparse_attention_backward(*args,
+                                                                            bias_grad=True)
+            dmask = fold_bias_grad(ds, mask)
+        else:
+            dq, dk, dv = kernel_module().block_sparse_attention_backward(*args)
+        return dq, dk, dv, None, None, None, None, dmask, None, None, None, None, None
 
 
 def _eager_kernels(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
@@ -181,18 +230,21 @@ def _eager_kernels(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *,
                            attn_mask: Tensor | None = None, scale: float | None = None,
-                           return_lse: bool = False):
+                           return_lse: bool = False, softcap: float = 0.0):
     """Attention of q, k, v under a `BlockLayout` (and an optional element `attn_mask`).
 
-    `scale` defaults to 1/sqrt(head dim), as in `scaled_dot_product_attention`.
+    `scale` defaults to 1/sqrt(head dim), as in `scaled_dot_product_attention`; `softcap` > 0
+    caps the scaled scores (softcap · tanh(s / softcap)) before the mask is added.
     """
+    if softcap < 0:
+        raise ValueError(f"softcap must be ≥ 0 (0 = none), got {softcap}")
     if (q.shape[-2], k.shape[-2]) != (layout.q_len, layout.kv_len):
         raise ValueError(f"layout is for lengths ({layout.q_len}, {layout.kv_len}); q and k "
                          f"have ({q.shape[-2]}, {k.shape[-2]})")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     op = _EagerAttention.apply if _eager_kernels(q, k, v, attn_mask) else attention_op
     out, lse = op(q, k, v, *layout.tensors(), attn_mask, scale, layout.causal, layout.block_q,
-                  layout.block_kv)
+                  layout.block_kv, float(softcap))
     return (out, lse) if return_lse else out
 
 
@@ -204,8 +256,10 @@ from . import onnx_translation  # noqa: E402
 
 @onnx_translation(attention_op._opoverload)
 def _attention_onnx(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-                    attn_mask, scale: float, causal: bool, block_q: int, block_kv: int):
+                    attn_mask, scale: float, causal: bool, block_q: int, block_kv: int,
+                    softcap: float = 0.0):
     from .onnx_attention import translate_attention
 
     return translate_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks,
-                               full_kv_indices, attn_mask, scale, causal, block_q, block_kv)
+                               full_kv_indices, attn_mask, scale, causal, block_q, block_kv,
+                               softcap)

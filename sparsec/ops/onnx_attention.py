@@ -9,8 +9,11 @@ Three forms, all with the op's semantics (`sparsec.ops.attention_reference`):
   layouts: the index arithmetic folds to constants) or computed in the graph (dynamic layouts).
 - **dense**: the whole [L, S] score matrix under the layout's element mask (the fallback).
 - **contrib**: `com.microsoft.SparseAttention` (onnxruntime's Phi-3-small kernel), only for
-  causal self-attention with a static layout and no element mask; its CUDA kernel also needs
-  float16/bfloat16, head size 128 and blocks of 64.
+  causal self-attention with a static layout, no element mask and no soft-cap; its CUDA
+  kernel also needs float16/bfloat16, head size 128 and blocks of 64.
+
+A soft-cap (Gemma 2) is Div → Tanh → Mul on the scaled scores, before the mask, in the
+gathered and dense forms.
 
 Grouped-query attention reads each key/value head once: tensors are kept as
 [B, Hkv, G, NQ, bq, ·] (G query heads per key/value head); a layout without a head dimension
@@ -68,6 +71,7 @@ class Geometry:
     layout_batched: bool
     causal: bool
     scale: float
+    softcap: float = 0.0
 
     @property
     def g(self) -> int:
@@ -90,7 +94,8 @@ class Geometry:
         return 1 if self.layout_heads == 1 else self.hkv
 
 
-def geometry(q, k, v, num, idx, fidx, scale: float, causal: bool, bq: int, bk: int) -> Geometry:
+def geometry(q, k, v, num, idx, fidx, scale: float, causal: bool, bq: int, bk: int,
+             softcap: float = 0.0) -> Geometry:
     qd, kd, vd, nd = static_dims(q), static_dims(k), static_dims(v), static_dims(num)
     hq, length, d = qd[1], qd[2], qd[3]
     hkv, kv_length = kd[1], kd[2]
@@ -104,15 +109,17 @@ def geometry(q, k, v, num, idx, fidx, scale: float, causal: bool, bq: int, bk: i
     return Geometry(hq=hq, hkv=hkv, length=length, kv_length=kv_length, d=d, dv=vd[3], bq=bq,
                     bk=bk, nq=math.ceil(length / bq), nkv=math.ceil(kv_length / bk),
                     kp=static_dims(idx)[3], kf=static_dims(fidx)[3], layout_heads=layout_heads,
-                    layout_batched=nd[0] != 1, causal=bool(causal), scale=float(scale))
+                    layout_batched=nd[0] != 1, causal=bool(causal), scale=float(scale),
+                    softcap=float(softcap))
 
 
 # the translation registered for the op ---------------------------------------------------------
 def translate_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-                        attn_mask, scale: float, causal: bool, block_q: int, block_kv: int):
+                        attn_mask, scale: float, causal: bool, block_q: int, block_kv: int,
+                        softcap: float = 0.0):
     """Pick the form (backend options in `current_context()`), record it, and build it."""
     geo = geometry(q, k, v, kv_num_blocks, kv_indices, full_kv_indices, scale, causal, block_q,
-                   block_kv)
+                   block_kv, softcap)
     ctx = current_context()
     never_empty = ctx.hint(len(ctx.sites)).get("rows_never_empty", False)
     form, reason = _choose(ctx, geo, q.dtype, attn_mask is not None)
@@ -144,6 +151,8 @@ def _choose(ctx, geo: Geometry, dtype, masked: bool) -> tuple[str, str | None]:
 def contrib_refusal(geo: Geometry, dtype, masked: bool, kernel: bool = True) -> str | None:
     """Why `com.microsoft.SparseAttention` cannot compute this site (None: it can). `kernel`
     adds the limits of onnxruntime's CUDA kernel to those of the op itself."""
+    if geo.softcap:
+        return "the site soft-caps its scores (tanh, Gemma 2); the op has no soft-cap"
     if not geo.causal:
         return "the op computes causal (unidirectional) attention only"
     if masked:
@@ -278,9 +287,13 @@ def _split_mask(allowed, mask, gathered, work):
 
 # softmax and the empty-row rule --------------------------------------------------------------
 def _scaled_scores(q, kt, geo: Geometry, work):
-    """(q @ kᵀ) · scale, as the reference computes it; onnxruntime folds the scale and the
-    transpose into one FusedMatMul."""
-    return op.Mul(op.MatMul(q, kt), const(geo.scale, np_type(work)))
+    """(q @ kᵀ) · scale, as the reference computes it (onnxruntime folds the scale and the
+    transpose into one FusedMatMul), then softcap · tanh(· / softcap) if the site caps."""
+    scores = op.Mul(op.MatMul(q, kt), const(geo.scale, np_type(work)))
+    if not geo.softcap:
+        return scores
+    cap = const(geo.softcap, np_type(work))
+    return op.Mul(op.Tanh(op.Div(scores, cap)), cap)
 
 
 def _attend(scores, bias, values, work, never_empty: bool = False):

@@ -179,7 +179,7 @@ class BlockSparseAttention(Pass):
         info = {"node": site.node.name, "module": site.name, "kind": site.kind,
                 "q_len": site.q_len, "kv_len": site.kv_len, "heads": site.heads,
                 "kv_heads": site.kv_heads, "causal": site.causal, "gqa": site.gqa,
-                "mask": site.mask.describe(), "scale": site.scale}
+                "mask": site.mask.describe(), "scale": site.scale, "softcap": site.softcap}
         heads = site.heads
         extra: list[fx.Node] = []
         layout: BlockLayout | None = None
@@ -263,7 +263,8 @@ class BlockSparseAttention(Pass):
                 logits = learned_gates.gate_logits(q, k, lay[0], lay[1], site.scale,
                                                    site.causal, o.block, o.block)
                 lay = _select(o, torch.softmax(logits, dim=-1), site)
-            out = bsa(q, k, v, *lay, mask, site.scale, site.causal, o.block, o.block)[0]
+            out = bsa(q, k, v, *lay, mask, site.scale, site.causal, o.block, o.block,
+                      site.softcap)[0]
             return _shape_output(site, out, dtype)
         return fn
 

@@ -4,14 +4,16 @@ Two forms are matched:
 
 - `aten.scaled_dot_product_attention` (attn_mask, is_causal, scale, enable_gqa);
 - hand-written attention: matmul/bmm(q, kᵀ) → scale (mul/div by a constant, on the scores or
-  on q) → mask (add, masked_fill, where) → softmax over the last dim → casts / eval dropout →
-  matmul/bmm(·, v), as GPT-2, BERT and older Hugging Face models write it.
+  on q) → optional soft-cap (tanh between constant scales, as Gemma 2 writes it:
+  ·/c → tanh → ·c) → mask (add, masked_fill, where) → softmax over the last dim → casts /
+  eval dropout → matmul/bmm(·, v), as GPT-2, BERT and older Hugging Face models write it.
 
 Keys and values repeated for grouped-query attention (repeat_interleave on the head dim, or
 unsqueeze → expand → reshape as Hugging Face's `repeat_kv`) are traced back to their key/value
 heads. Masks are split into conjuncts: the parts that depend on no input are evaluated, and a
 constant causal part becomes `causal=True`; the rest (a padding mask, say) stays an element
-mask the op applies on top of the layout.
+mask the op applies on top of the layout. A float bias computed from a parameter (T5's
+relative-position bias) stays one additive mask, an input of the op, so it gets its gradient.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from .attention_masks import (
     GraphFacts,
     MaskParts,
     fold_constant_masks,
-    mask_from_tensor,
     normalize_mask,
 )
 
@@ -79,6 +80,7 @@ class Site:
     k_transposed: bool = False    # `k` holds kᵀ: the replacement transposes it back
     gqa: str | None = None        # how k/v were repeated, if they were
     dead: list[fx.Node] = field(default_factory=list)
+    softcap: float = 0.0          # scores → softcap · tanh(scores / softcap) before the mask
 
     @property
     def name(self) -> str:
@@ -153,7 +155,7 @@ def _match_sdpa(node: fx.Node, facts: GraphFacts) -> Site | Skip:
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     mask = MaskParts()
     if attn_mask is not None:
-        mask = mask_from_tensor(attn_mask, facts)
+        mask = _mask_from_tensor(attn_mask, facts)
         if isinstance(mask, str):
             return Skip(node, mask)
     site = Site(node, "sdpa", q, k, v, scale, is_causal, mask, b, h, _val(k).shape[1], L, S,
@@ -192,14 +194,14 @@ def _match_manual(softmax: fx.Node, facts: GraphFacts) -> Site | Skip:
     before = _walk_scores(softmax, facts)
     if isinstance(before, str):
         return Skip(softmax, before)
-    mm, scale, mask, chain = before
+    mm, scale, mask, chain, softcap = before
     qk = _split_qk(mm, facts)
     if isinstance(qk, str):
         return Skip(softmax, qk)
     q, k_node, k_transposed, q_scale, peeled = qk
     scale *= q_scale
     three_d = _val(q).dim() == 3
-    mask = normalize_mask(mask, facts)
+    mask = _normalize(mask, facts)
     if isinstance(mask, str):
         return Skip(softmax, mask)
     qv, kv, vv = _val(q), _val(k_node), _val(v)
@@ -216,7 +218,7 @@ def _match_manual(softmax: fx.Node, facts: GraphFacts) -> Site | Skip:
     dead = [out_mm, *reversed(tail), softmax, *chain, mm, *peeled]
     dead = [c for n in dead for c in (*_checks(n), n)]  # assertions go before their subject
     site = Site(out_mm, "manual", q, k_node, v, scale, False, mask, b, h, hkv, L, S, d,
-                three_d=three_d, k_transposed=k_transposed, dead=dead)
+                three_d=three_d, k_transposed=k_transposed, dead=dead, softcap=softcap)
     return _finish(site, facts)
 
 
@@ -245,7 +247,8 @@ def _walk_probabilities(softmax: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Nod
 
 
 def _walk_scores(softmax: fx.Node, facts: GraphFacts):
-    """From the softmax back to matmul(q, kᵀ): (matmul, scale, mask ops, chain) or a reason."""
+    """From the softmax back to matmul(q, kᵀ): (matmul, scale, mask ops, chain, softcap) or a
+    reason."""
     x, chain = softmax.args[0], []
     scale, ops = 1.0, []
     while True:
@@ -287,15 +290,28 @@ def _walk_scores(softmax: fx.Node, facts: GraphFacts):
             x = x.args[1]
         elif t in _CASTS:
             x = x.args[0]
+        elif t is aten.tanh.default:
+            ops.append(("tanh", None))
+            x = x.args[0]
         else:
             return f"{_op_name(x)} between QKᵀ and softmax (a score modification the " \
                    "block-sparse op cannot express)"
-    # apply the ops in forward order: later scales also scale earlier biases
+    # apply the ops in forward order: later scales also scale earlier biases; a tanh makes the
+    # scores a · tanh(b · qk) (+ biases): softcap |a|, scale a · b (tanh is odd)
     mask, biases = MaskParts(), []
+    capped, cap = False, 1.0
     for kind, arg in reversed(ops):
         if kind == "scale":
             scale *= arg
+            cap *= arg
             biases = [(n, f * arg) for n, f in biases]
+        elif kind == "tanh":
+            if capped:
+                return "two tanh between QKᵀ and softmax (one soft-cap is supported)"
+            if biases or mask.fills or mask.keeps:
+                return "a mask or bias before the tanh soft-cap (the op caps the scaled " \
+                       "scores, then adds the mask)"
+            capped, cap = True, 1.0
         elif kind == "bias":
             biases.append((arg, 1.0))
         elif kind == "fill":
@@ -303,7 +319,34 @@ def _walk_scores(softmax: fx.Node, facts: GraphFacts):
         else:
             mask.keeps.append(arg)
     mask.biases = biases
-    return x, scale, mask, chain
+    if capped and not cap:
+        return "the soft-capped scores are multiplied by 0"
+    return x, scale, mask, chain, abs(cap) if capped else 0.0
+
+
+def _mask_from_tensor(mask: fx.Node, facts: GraphFacts) -> MaskParts | str:
+    """SDPA's attn_mask as `MaskParts` (bool: a keep; float: a bias), normalized."""
+    val = _val(mask)
+    if val is None:
+        return "attn_mask has no traced shape"
+    parts = MaskParts()
+    if val.dtype == torch.bool:
+        parts.keeps.append(mask)
+    else:
+        parts.biases.append((mask, 1.0))
+    return _normalize(parts, facts)
+
+
+def _normalize(parts: MaskParts, facts: GraphFacts) -> MaskParts | str:
+    """`normalize_mask`, except that float biases computed from a parameter (T5's relative
+    positions) are kept whole as additive masks: the op takes them as an input and returns
+    their gradient, so they train."""
+    learned = [(n, f) for n, f in parts.biases if n in facts.on_param]
+    parts.biases = [(n, f) for n, f in parts.biases if n not in facts.on_param]
+    out = normalize_mask(parts, facts)
+    if not isinstance(out, str):
+        out.biases += learned
+    return out
 
 
 def _split_const(node: fx.Node, facts: GraphFacts, allow_right_only: bool):

@@ -4,7 +4,8 @@
 This path shares nothing with the op's implementation: the static layout arrives as a dense
 element mask (`BlockLayout.to_element_mask`), dynamic selections as dense block masks
 (`select_keep`, `vertical_slash_keep`) expanded to elements here, and the attention itself is
-torch's own SDPA. Query rows with no visible key give 0, as the op defines.
+torch's own SDPA (plain softmax attention for soft-capped sites, which SDPA cannot express).
+Query rows with no visible key give 0, as the op defines.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def blocks_to_elements(keep: torch.Tensor, q_len: int, kv_len: int, block_q: int
 
 def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            allowed: torch.Tensor, mask: torch.Tensor | None,
-                           scale: float) -> torch.Tensor:
+                           scale: float, softcap: float = 0.0) -> torch.Tensor:
     """SDPA of q [B, Hq, L, D] over k, v [B, Hkv, S, D] where `allowed` (and `mask`) permit;
-    rows that see nothing give 0."""
+    rows that see nothing give 0. `softcap` caps the scaled scores before the mask."""
     heads = q.shape[1]
     kk = k.repeat_interleave(heads // k.shape[1], dim=1)
     vv = v.repeat_interleave(heads // v.shape[1], dim=1)
@@ -52,8 +53,14 @@ def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     row_any = allowed.any(-1, keepdim=True)
     safe = allowed | ~row_any  # SDPA would return NaN for a row with no key
     attn = safe if bias is None else bias.masked_fill(~safe, float("-inf"))
-    out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=attn,
-                                                           scale=scale)
+    if softcap:
+        scores = torch.tanh((q @ kk.transpose(-1, -2)) * (scale / softcap)) * softcap
+        scores = scores + attn if attn.dtype != torch.bool else \
+            scores.masked_fill(~attn, float("-inf"))
+        out = torch.softmax(scores, dim=-1) @ vv
+    else:
+        out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=attn,
+                                                               scale=scale)
     return out.masked_fill(~row_any, 0.0).nan_to_num(0.0)
 
 
@@ -77,7 +84,7 @@ def reference_replacement(o: "BlockSparseAttention", site: Site) -> Callable[...
         else:
             keep = _dynamic_keep(o, site, q, k, lay)
             allowed = blocks_to_elements(keep, L, S, block, block, site.causal)
-        out = dense_masked_attention(q, k, v, allowed, mask, site.scale)
+        out = dense_masked_attention(q, k, v, allowed, mask, site.scale, site.softcap)
         return _shape_output(site, out, dtype)
     return fn
 

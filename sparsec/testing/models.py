@@ -22,8 +22,9 @@ __all__ = ["LayerSpec", "ModelSpec", "RandomModel", "build_model", "inputs_for",
 # F.scaled_dot_product_attention; "manual*" write matmul → scale → mask → softmax → matmul.
 ATTENTION_FORMS = ("sdpa", "sdpa_causal", "sdpa_mask", "manual", "manual_causal", "manual_div")
 # Look-alikes the attention pass must leave alone: softmax over the query axis, and a
-# softmax whose scores go through a nonlinearity first.
-NOT_ATTENTION_FORMS = ("softmax_over_queries", "tanh_scores")
+# softmax whose scores go through a nonlinearity first (a sigmoid: a tanh between constant
+# scales is a soft-cap, which the op takes).
+NOT_ATTENTION_FORMS = ("softmax_over_queries", "sigmoid_scores")
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,8 @@ class _Attention(nn.Module):
         causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         if self.form == "softmax_over_queries":
             return (q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)).softmax(dim=-2) @ v
-        if self.form == "tanh_scores":
-            return torch.tanh(q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        if self.form == "sigmoid_scores":
+            return torch.sigmoid(q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         if self.form == "sdpa":
             return F.scaled_dot_product_attention(q, k, v)
         if self.form == "sdpa_causal":

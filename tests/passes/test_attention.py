@@ -183,6 +183,9 @@ class Attn(nn.Module):
         elif s == "softcap":
             w = torch.tanh(q @ k.transpose(-1, -2) / 30.0) * 30.0
             out = torch.softmax(w, -1) @ v
+        elif s == "bias_in_tanh":
+            w = torch.tanh((q @ k.transpose(-1, -2) + self.bias) / 30.0) * 30.0
+            out = torch.softmax(w, -1) @ v
         elif s == "probs":
             p = torch.softmax(q @ k.transpose(-1, -2) * 0.3, -1)
             return (p @ v).transpose(1, 2).reshape(b, n, -1), p
@@ -209,10 +212,26 @@ def test_hand_written_forms_are_rewritten(style):
                model, _x(), idempotent=False)
 
 
+@pytest.mark.parametrize("style", ["softcap", "learned_bias"])
+def test_score_modifications_are_rewritten(style):
+    """A tanh soft-cap and a bias parameter (issue 16, class 6): rewritten, equal to eager,
+    and the bias gets eager's gradient."""
+    model = Attn(style).eval()
+    torch.nn.init.normal_(model.bias)
+    r = check_pass(BlockSparseAttention(layout="dense", block=16), model, _x())
+    assert r.stats["sites_rewritten"] == 1 and r.max_rel_err < 1e-5
+    site = r.program.state["report"]["attention"]["sites"][0]
+    assert site["softcap"] == (30.0 if style == "softcap" else 0.0)
+    if style == "learned_bias":
+        r.program.gm(*_x()).square().sum().backward()
+        model(*_x()).square().sum().backward()
+        got = dict(r.program.gm.named_parameters())["bias"].grad
+        torch.testing.assert_close(got, model.bias.grad, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("style,reason", [
-    ("softcap", "aten.tanh between QKᵀ and softmax"),
+    ("bias_in_tanh", "before the tanh soft-cap"),
     ("probs", "are used by"),
-    ("learned_bias", "depends on parameter 'bias'"),
     ("train_dropout", "dropout_p=0.1"),
 ])
 def test_unsupported_patterns_are_skipped_with_a_reason(style, reason):

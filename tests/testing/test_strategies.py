@@ -17,7 +17,7 @@ def test_attention_pass_preserves_random_models_with_keep_all_layout(model):
 
 
 def test_look_alikes_are_not_rewritten():
-    for form in ("softmax_over_queries", "tanh_scores"):
+    for form in ("softmax_over_queries", "sigmoid_scores"):
         model = build_model(ModelSpec(dim=16, length=32, layers=(
             LayerSpec("attention", (("form", form), ("heads", 2))),)))
         result = check_pass(parse_pass_arg("block-sparse-attention:layout=dense,block=16"),
