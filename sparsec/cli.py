@@ -84,6 +84,9 @@ class _OneLineGroup(click.Group):
         try:
             rv = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `sparsec`: the help
+                click.echo(e.ctx.get_help() if e.ctx else e.format_message())
+                sys.exit(0)
             where = e.ctx.command_path if e.ctx else "sparsec"
             _fail(f"{e.format_message()} (see `{where} --help`)", 2)
         except click.ClickException as e:

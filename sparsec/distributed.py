@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from .errors import BadInputError, SparsecError
 from .program import Program, Prop
-from .train import Trainer, TrainRun, _cycle, _train_section, batch_tokens
+from .train import Trainer, TrainRun, _cycle, _train_section, batch_tokens, check_trainable
 
 __all__ = ["DistEnv", "launched_by_torchrun", "setup", "sharded_batches", "CommCounter",
            "GradientBucket", "DistributedTrainer", "train_distributed", "rank_digest",
@@ -207,6 +207,12 @@ class DistributedTrainer(Trainer):
         self.tokens += int(tokens)
         return total / self.env.world_size
 
+    def _agree(self, ok: bool) -> bool:
+        """A NaN/Inf on any rank stops every rank at the same step (none waits forever)."""
+        flag = torch.tensor([float(ok)], device=self.env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def _regrow(self, t) -> int:
         """Decide on the gradient summed over all ranks, so every rank regrows alike."""
         g = t.grad_sum if t.grad_sum is not None else torch.zeros_like(t.weight)
@@ -347,7 +353,6 @@ def _prepare_program(env: DistEnv, model: Any, pass_list: list, verify: bool,
                      ckpt: Any) -> Program:
     from .deltas import apply_deltas
     from .frontend import trace_file
-    from .passes.sparse_finetune import finetune_nodes
     from .pipeline import run_passes
 
     joint = [p.name for p in pass_list if Prop.JOINT_GRAPH in p.establishes]
@@ -361,9 +366,7 @@ def _prepare_program(env: DistEnv, model: Any, pass_list: list, verify: bool,
         raise BadInputError(f"{program.source.name}: training needs batches(); define it in "
                             "model.py (see examples/tiny_llama.py)")
     program = run_passes(program, pass_list, verify=verify)
-    if not finetune_nodes(program):
-        raise BadInputError("the recipe has no sparse-finetune pass, so there is nothing to save "
-                            "as deltas; add one (see docs/finetune.md)")
+    check_trainable(program, pass_list)
     prints = _gather(program.fingerprint, env)
     if len(set(prints)) > 1:
         bad = next(r for r, f in enumerate(prints) if f != prints[0])
@@ -443,7 +446,7 @@ def _run(env: DistEnv, model: Any, *, steps: int, recipe: Any, passes: tuple, ou
          on_step: Any) -> TrainRun:
     import contextlib
 
-    from .api import resolve_passes, staged_output
+    from .api import check_output_dir, resolve_passes, staged_output
     from .backends import lower
     from .checkpoint import load_checkpoint, restore_optimizer
 
@@ -459,8 +462,9 @@ def _run(env: DistEnv, model: Any, *, steps: int, recipe: Any, passes: tuple, ou
         _check_same_recipe(ckpt, pass_list)
         lr = ckpt.state.lr if lr is None else lr
     lr = 1e-3 if lr is None else lr
-    if out_dir is not None and Path(out_dir).exists() and not force:
-        raise BadInputError(f"{out_dir}: output directory exists; pass --force to replace it")
+    inputs = [None if isinstance(model, Program) else model, recipe]
+    if out_dir is not None:
+        check_output_dir(out_dir, force=force, inputs=inputs)
     program = _prepare_program(env, model, pass_list, verify, ckpt)
     module, fsdp_info = _place(program, env, fsdp)
     compiled = lower(program, "eager")
@@ -487,7 +491,8 @@ def _run(env: DistEnv, model: Any, *, steps: int, recipe: Any, passes: tuple, ou
 
     writes = env.is_main and out_dir is not None
     error: BaseException | None = None
-    with (staged_output(out_dir, force=force) if writes else contextlib.nullcontext()) as staging:
+    with (staged_output(out_dir, force=force, inputs=inputs) if writes
+          else contextlib.nullcontext()) as staging:
         saver.directory = staging
         try:
             trainer.fit(data, steps, call)
