@@ -403,7 +403,10 @@ class _Saver:
     def __init__(self, env: DistEnv, trainer: DistributedTrainer, lr: float,
                  before: Any = None):
         self.env, self.trainer, self.lr, self.before = env, trainer, lr, before
-        self.directory: Path | None = None
+        self.run: Any = None  # rank 0's sparsec.api.RunDirectory, when it writes
+        self.write_report: Callable[[Path], dict[str, Any]] | None = None
+        self.report: dict[str, Any] = {}
+        self.completed = False
         self.step: int | None = None
         self.digests: list[str] = []
 
@@ -420,7 +423,10 @@ class _Saver:
             base_fingerprint=t.program.fingerprint,
             loss_last=t.stats.losses[-1] if t.stats.losses else None)
 
-    def save(self) -> None:
+    def save(self, completed: bool = False) -> None:
+        """A checkpoint (a collective); rank 0 writes it whole into a staging directory and
+        swaps that in, so the run directory always holds the last complete checkpoint."""
+        from ._util import remove_tree
         from .checkpoint import OPTIMIZER_FILE, save_optimizer_state
         from .deltas import extract_deltas, save_deltas
 
@@ -433,25 +439,32 @@ class _Saver:
                                f"{self.trainer.global_step} (digests {self.digests}); this is "
                                "a sparsec bug, please report it")
         sums = self.trainer.gathered_regrow_sums()
-        if self.env.is_main and self.directory is not None:
-            # the optimizer state first: a checkpoint whose deltas are newer than its
-            # optimizer state is refused on resume (the steps differ)
-            save_optimizer_state(self.directory / OPTIMIZER_FILE, self.trainer, state, sums)
-            save_deltas(deltas, self.directory / "deltas.safetensors")
+        self.completed = completed
+        if self.env.is_main and self.run is not None:
+            staging = self.run.stage()
+            try:
+                save_optimizer_state(staging / OPTIMIZER_FILE, self.trainer, state, sums)
+                save_deltas(deltas, staging / "deltas.safetensors")
+                self.step = state.global_step
+                self.report = self.write_report(staging)
+            except BaseException:
+                remove_tree(staging)
+                raise
+            self.run.commit(staging)
         self.step = state.global_step
 
 
 def _run(env: DistEnv, model: Any, *, steps: int, recipe: Any, passes: tuple, out_dir: Any,
          lr: float | None, save_every: int, force: bool, verify: bool, resume: Any, fsdp: bool,
          on_step: Any) -> TrainRun:
-    import contextlib
-
-    from .api import check_output_dir, resolve_passes, staged_output
+    from .api import RunDirectory, check_output_dir, resolve_passes
     from .backends import lower
     from .checkpoint import load_checkpoint, restore_optimizer
 
     if steps < 1:
         raise BadInputError(f"--steps is {steps}; train at least one step")
+    # what must survive the output (the resumed checkpoint is read first, so -o may be it)
+    inputs = [None if isinstance(model, Program) else model, recipe]
     ckpt = load_checkpoint(resume) if resume is not None else None
     if ckpt is not None and recipe is None and not passes:
         if ckpt.recipe is None:
@@ -462,7 +475,6 @@ def _run(env: DistEnv, model: Any, *, steps: int, recipe: Any, passes: tuple, ou
         _check_same_recipe(ckpt, pass_list)
         lr = ckpt.state.lr if lr is None else lr
     lr = 1e-3 if lr is None else lr
-    inputs = [None if isinstance(model, Program) else model, recipe]
     if out_dir is not None:
         check_output_dir(out_dir, force=force, inputs=inputs)
     program = _prepare_program(env, model, pass_list, verify, ckpt)
@@ -490,25 +502,26 @@ def _run(env: DistEnv, model: Any, *, steps: int, recipe: Any, passes: tuple, ou
             on_step(i, loss, trainer.stats)
 
     writes = env.is_main and out_dir is not None
-    error: BaseException | None = None
-    with (staged_output(out_dir, force=force, inputs=inputs) if writes
-          else contextlib.nullcontext()) as staging:
-        saver.directory = staging
-        try:
-            trainer.fit(data, steps, call)
-            saver.save()
-        except (Exception, KeyboardInterrupt) as e:
-            if saver.step is None or not writes:
-                raise
-            error = e
-        report = _report(compiled, trainer, saver, env, fsdp_info, ckpt, error, lr,
-                         staging, pass_list)
+
+    def report(staging: Path | None, error: BaseException | None = None) -> dict[str, Any]:
+        return _report(compiled, trainer, saver, env, fsdp_info, ckpt, error, lr, staging,
+                       pass_list)
+
     if writes:
-        compiled.artifacts = {k: Path(out_dir) / Path(v).name
-                              for k, v in compiled.artifacts.items()}
-    if error is not None:
-        raise error
-    return TrainRun(compiled, trainer, report)
+        saver.run = RunDirectory(out_dir, force=force, inputs=inputs)
+        saver.write_report = report
+    try:
+        trainer.fit(data, steps, call)
+        saver.save(completed=True)
+    except (Exception, KeyboardInterrupt) as e:
+        if saver.step is None or saver.run is None:
+            raise
+        report(saver.run.final, e)  # into the last checkpoint's report.json
+        raise
+    if not writes:
+        return TrainRun(compiled, trainer, report(None))
+    compiled.artifacts = {k: Path(out_dir) / Path(v).name for k, v in compiled.artifacts.items()}
+    return TrainRun(compiled, trainer, saver.report)
 
 
 def _check_same_recipe(ckpt: Any, pass_list: list) -> None:
@@ -544,7 +557,7 @@ def _report(compiled: Any, trainer: DistributedTrainer, saver: _Saver, env: Dist
     from .report import build_report
 
     program = trainer.program
-    section = _train_section(trainer, error is None)
+    section = _train_section(trainer, error is None and saver.completed)
     seconds = trainer.stats.seconds
     section.update(tokens=trainer.tokens, tokens_per_s=trainer.tokens / seconds if seconds else 0.0,
                    deltas_step=saver.step, global_step=trainer.global_step)
