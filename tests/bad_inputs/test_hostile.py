@@ -136,3 +136,75 @@ def test_force_never_deletes_user_files(where, extra, tmp_path, monkeypatch):
     _check(r, "", tmp_path, before)
     if where == "file":
         assert "--force" not in r.stderr.split(";")[0] and "not a directory" in r.stderr
+
+
+# deltas checked against the program, not their own header ------------------------------------
+RECIPE = HERE.parents[1] / "examples" / "finetune_delta.toml"
+
+
+@pytest.fixture(scope="module")
+def good_deltas(tmp_path_factory):
+    import sparsec
+
+    program = sparsec.run_passes(sparsec.trace_file(TINY), sparsec.load_recipe(RECIPE))
+    return sparsec.extract_deltas(program), tmp_path_factory.mktemp("d")
+
+
+def _first(d):
+    return next(iter(d.targets.values()))
+
+
+def _shrink(d):  # header and tensors agree with each other, not with the model
+    td = _first(d)
+    td.shape = (1, td.shape[1])
+    td.tensors["indices"] = td.tensors["indices"][:1] % td.shape[1]
+    td.tensors["values"] = td.tensors["values"][:1]
+
+
+def _drop(d):
+    d.targets.pop(next(iter(d.targets)))
+
+
+def _nan(d):
+    _first(d).tensors["values"][0] = float("nan")
+
+
+def _dtype(d):
+    _first(d).tensors["values"] = _first(d).tensors["values"].double()
+
+
+def _dupe(d):
+    t = _first(d).tensors["indices"]
+    t[1] = t[0]
+
+
+@pytest.mark.parametrize("edit, words", [(_shrink, "the model's is"), (_drop, "the deltas lack"),
+                                         (_nan, "NaN or Inf"), (_dtype, "the model's is"),
+                                         (_dupe, "sorted and unique")],
+                         ids=["header shape", "missing target", "nan", "dtype", "duplicate"])
+def test_deltas_must_fit_the_program(edit, words, good_deltas, tmp_path, monkeypatch):
+    import copy
+
+    import sparsec
+
+    d = copy.deepcopy(good_deltas[0])
+    edit(d)
+    path = sparsec.save_deltas(d, tmp_path / "d.safetensors")
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(tmp_path)
+    r = CliRunner().invoke(cli, ["compile", str(TINY), "--recipe", str(RECIPE), "--deltas",
+                                 str(path), "-o", "out"])
+    _check(r, words, tmp_path, before)
+
+
+def test_nan_is_a_mismatch_unless_at_the_same_place():
+    import torch
+
+    from sparsec.pipeline import compare_outputs
+
+    nan, inf = float("nan"), float("inf")
+    assert compare_outputs(torch.tensor([1.0, nan]), torch.tensor([5.0, nan]))["max_rel_err"] > 0.5
+    assert compare_outputs(torch.tensor([1.0, nan]), torch.tensor([1.0, 2.0]))["max_rel_err"] == inf
+    assert compare_outputs(torch.tensor([1.0, 2.0]), torch.tensor([1.0, nan]))["max_abs_err"] == inf
+    assert compare_outputs(torch.tensor([inf]), torch.tensor([-inf]))["max_rel_err"] == inf
+    assert compare_outputs(torch.tensor([1.0, inf]), torch.tensor([1.0, inf]))["max_rel_err"] == 0
