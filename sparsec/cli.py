@@ -165,7 +165,8 @@ def compile_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path),
               help="Write deltas.safetensors, recipe.toml and report.json here.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
-              show_default=True, callback=_finite, help="AdamW learning rate (with --resume: the checkpoint's).")
+              show_default=True, callback=_finite,
+              help="AdamW learning rate (with --resume: the checkpoint's).")
 @click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also save deltas every K steps (0: only at the end).")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")

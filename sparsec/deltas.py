@@ -31,7 +31,8 @@ from .passes.sparse_finetune import FINETUNE_OPS, finetune_nodes, refresh_report
 from .program import Program, fingerprint
 
 __all__ = ["Deltas", "TargetDelta", "MergeUndo", "FORMAT", "extract_deltas", "save_deltas",
-           "load_deltas", "check_base", "check_deltas", "apply_deltas", "merge_deltas", "unmerge_deltas",
+           "load_deltas", "check_base", "check_deltas", "apply_deltas", "merge_deltas",
+           "unmerge_deltas",
            "compose_deltas"]
 
 FORMAT = 1
@@ -190,7 +191,8 @@ def _misfit(program: Program, node: fx.Node, td: TargetDelta) -> str | None:
         program.get_tensor(node.args[4].target)
     if td.method == "structured":
         if node.args[5] != td.attrs.get("axis"):
-            return f"the deltas select axis {td.attrs.get('axis')} but the recipe axis {node.args[5]}"
+            return (f"the deltas select axis {td.attrs.get('axis')} but the recipe axis "
+                    f"{node.args[5]}")
         lines = shape[node.args[5]]
         want = (index.numel(), shape[1]) if node.args[5] == 0 else (shape[0], index.numel())
     else:

@@ -173,8 +173,8 @@ def _run(fn: Callable[..., Any], inputs: tuple) -> Any:
 
 def compare_outputs(got: Any, expected: Any) -> dict[str, float]:
     """Errors over all tensors: the max absolute error, the max relative error (to the largest
-    finite reference magnitude of each tensor) and the normwise relative error ‖a − b‖₂ / ‖b‖₂
-    (the worst tensor).
+    finite reference magnitude of each tensor) and the normwise relative error
+    ‖a − b‖₂ / ‖b‖₂ (the worst tensor).
 
     Non-finite values: a position where both sides hold the same non-finite value (both NaN,
     or an infinity of the same sign) counts as equal; any other position where either side is

@@ -26,7 +26,8 @@ def test_compile_onnx_writes_model_and_report(run_cli, tiny_llama_path, tmp_path
     assert again.returncode == 2 and "pass --force" in again.stderr
     forced = run_cli("compile", tiny_llama_path, "-o", out, "--force")
     assert forced.returncode == 0, forced.stderr
-    assert sorted(p.name for p in out.iterdir()) == [".sparsec-output", "recipe.toml", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".sparsec-output", "recipe.toml",
+                                                     "report.json"]
 
 
 def _one_line_error(r, code=2):
