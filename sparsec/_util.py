@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["quiet", "deepcopy", "atomic_write_bytes", "atomic_write_text", "remove_tree",
-           "first_line"]
+           "first_line", "user_frame", "read_regular_file"]
 
 _NOISY = ("torch", "torch._dynamo", "torch.fx", "torch.export", "torch._export", "torch.onnx",
           "onnxscript")
@@ -84,3 +84,47 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (at most 300 characters), or its type name."""
     text = str(e).strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def user_frame(e: BaseException, path: str | Path | None) -> str:
+    """'name.py:LINE' of the deepest traceback frame in the user's file `path`, or ''."""
+    import traceback
+
+    if not path:
+        return ""
+    target = os.path.realpath(path)
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if os.path.realpath(f.filename) == target]
+    return f"{Path(path).name}:{frames[-1].lineno}" if frames else ""
+
+
+def read_regular_file(path: str | Path, what: str, limit: int | None = None) -> bytes:
+    """The bytes of a regular file, at most `limit` of them; a device, FIFO or directory (which
+    could be endless, like /dev/zero) or a larger file is refused with a one-line error."""
+    import stat
+
+    from .errors import BadInputError
+
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise BadInputError(f"{p}: no such {what}") from None
+    except OSError as e:
+        raise BadInputError(f"{p}: cannot read the {what} ({e.strerror}); check the path") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise BadInputError(f"{p}: is {kind}; give the path of a {what}")
+    if limit is not None and st.st_size > limit:
+        raise BadInputError(f"{p}: is {st.st_size:,} bytes, more than a {what} can be "
+                            f"({limit:,}); give the right file")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(st.st_size + 1 if limit is None else limit + 1)
+    except OSError as e:
+        raise BadInputError(f"{p}: cannot read the {what} ({e.strerror}); check its "
+                            "permissions") from None
+    if limit is not None and len(data) > limit:
+        raise BadInputError(f"{p}: is larger than a {what} can be ({limit:,} bytes); give the "
+                            "right file")
+    return data

@@ -14,13 +14,14 @@ N processes resumes on M.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ._util import atomic_write_bytes
+from ._util import atomic_write_bytes, read_regular_file
 from .errors import BadInputError
 
 __all__ = ["TrainState", "Checkpoint", "OPTIMIZER_FILE", "save_optimizer_state",
@@ -94,19 +95,20 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
         raise BadInputError(f"{d}: no such checkpoint directory; give the -o directory of an "
                             "earlier `sparsec train` run started with torchrun")
     if not opt.exists():
-        raise BadInputError(f"{d}: has no {OPTIMIZER_FILE}; only runs launched with torchrun "
-                            "(or resumed with --resume) write resumable checkpoints")
+        raise BadInputError(f"{d}: has no {OPTIMIZER_FILE}, so it cannot be resumed (a run "
+                            "with joint-graph passes keeps its optimizer inside the graph); "
+                            "give the -o directory of a `sparsec train` run")
+    data = read_regular_file(opt, "checkpoint file")
     try:
-        data = opt.read_bytes()
         tensors = load(data)
         header = json.loads(_metadata(data).get("sparsec_train", "null"))
-    except (OSError, SafetensorError, ValueError) as e:
+    except (OSError, SafetensorError, ValueError, RecursionError) as e:
         raise BadInputError(f"{opt}: not a readable checkpoint ({type(e).__name__}); "
                             "resume from another checkpoint") from None
     if not isinstance(header, dict) or header.pop("format", None) != FORMAT:
         raise BadInputError(f"{opt}: no sparsec training header of format {FORMAT}; resume "
                             "from a checkpoint written by sparsec train")
-    state = TrainState(**{k: header[k] for k in TrainState.__dataclass_fields__ if k in header})
+    state = _train_state(opt, header)
     deltas = load_deltas(d / "deltas.safetensors")
     if deltas.info.get("step") != state.global_step:
         raise BadInputError(f"{d}: deltas.safetensors is from step {deltas.info.get('step')} but "
@@ -124,6 +126,36 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     return Checkpoint(d, state, optimizer, regrow, deltas, recipe if recipe.exists() else None)
 
 
+_COUNTERS = ("global_step", "batches_consumed", "samples_consumed", "tokens_consumed")
+
+
+def _train_state(opt: Path, header: dict[str, Any]) -> TrainState:
+    """The header as a TrainState, every field present and of its type and range."""
+    def bad(why: str) -> BadInputError:
+        return BadInputError(f"{opt}: the training header {why}; the checkpoint is damaged or "
+                             "was edited, resume from another one")
+
+    missing = [k for k in TrainState.__dataclass_fields__ if k not in header and k != "loss_last"]
+    if missing:
+        raise bad(f"lacks {missing[0]!r}")
+    for k in _COUNTERS + ("world_size",):
+        v = header[k]
+        if type(v) is not int or v < (1 if k == "world_size" else 0) or v >= 2**63:
+            raise bad(f"has {k} = {v!r}, not a non-negative integer")
+    for k in ("lr", "loss_last"):
+        v = header.get(k)
+        if k == "loss_last" and v is None:
+            continue
+        if type(v) not in (int, float) or not math.isfinite(v) or (k == "lr" and v <= 0):
+            raise bad(f"has {k} = {v!r}, not a finite{' positive' if k == 'lr' else ''} number")
+    if not isinstance(header["base_fingerprint"], str):
+        raise bad("has a base_fingerprint that is not a string")
+    return TrainState(**{k: header[k] for k in TrainState.__dataclass_fields__ if k in header})
+
+
+_ADAMW_STATE = ("exp_avg", "exp_avg_sq", "step")
+
+
 def restore_optimizer(trainer: Any, saved: dict[str, dict[str, torch.Tensor]]) -> None:
     """Load per-name optimizer state into a fresh trainer (its parameters must match)."""
     named = dict(trainer.program.trainable_parameters())
@@ -138,7 +170,15 @@ def restore_optimizer(trainer: Any, saved: dict[str, dict[str, torch.Tensor]]) -
     state = {}
     for i, p in enumerate(order):
         s = saved[names[id(p)]]
+        lacking = [k for k in _ADAMW_STATE if k not in s]
+        if lacking:
+            raise BadInputError(f"the checkpoint's optimizer state of {names[id(p)]} lacks "
+                                f"{lacking[0]}; the checkpoint is damaged, resume from another one")
         for k, v in s.items():
+            if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+                raise BadInputError(f"{names[id(p)]}: the checkpoint's {k} is not finite "
+                                    "floating-point; the checkpoint is damaged, resume from "
+                                    "another one")
             if v.dim() and v.shape != p.shape:
                 raise BadInputError(f"{names[id(p)]}: the checkpoint's {k} has shape "
                                     f"{tuple(v.shape)}, the parameter {tuple(p.shape)}; resume "

@@ -36,6 +36,14 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except BrokenPipeError:  # `sparsec … | head`: the reader left; stop quietly
+            _quiet_stdout()
+            sys.exit(141)
+        except SystemExit as e:  # only user code (model.py) exits inside a command
+            if verbose:
+                traceback.print_exc()
+            _fail(f"model.py called sys.exit({e.code!r}) instead of returning; remove the "
+                  "exit (or raise an exception with a message)", 2)
         except Exception as e:  # an internal error: say so and how to see more
             if verbose:
                 traceback.print_exc()
@@ -44,10 +52,51 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush cannot fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (tests' runners)
+        pass
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 verbose_option = click.option("-v", "--verbose", is_flag=True, help="Show tracebacks and details.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineGroup(click.Group):
+    """Usage errors (a bad option value, a missing argument) as one line, exit code 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `sparsec`: the help
+                click.echo(e.ctx.get_help() if e.ctx else e.format_message())
+                sys.exit(0)
+            where = e.ctx.command_path if e.ctx else "sparsec"
+            _fail(f"{e.format_message()} (see `{where} --help`)", 2)
+        except click.ClickException as e:
+            _fail(e.format_message(), e.exit_code)
+        except click.exceptions.Abort:
+            _fail("interrupted", 130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sparsec")
 def cli() -> None:
     """sparsec: an ahead-of-time compiler for sparse training and sparse attention."""
@@ -77,12 +126,15 @@ def cli() -> None:
               help="onnx: dynamic batch and sequence (auto, default), batch only, or none.")
 @click.option("--deltas", "deltas", type=click.Path(path_type=Path),
               help="Trained deltas (from `sparsec train`) to deploy; onnx merges them.")
+@click.option("--partial-deltas", is_flag=True,
+              help="Accept deltas that cover only some fine-tuned weights (others stay zero).")
 @verbose_option
 @handle_errors
 def compile_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...], backend: str,
                 out_dir: Path | None, force: bool, dump_dir: Path | None, verify: bool,
                 opset: int | None, onnx_attention: str | None, onnx_provider: str | None,
-                onnx_dynamic: str | None, deltas: Path | None, verbose: bool) -> None:
+                onnx_dynamic: str | None, deltas: Path | None, partial_deltas: bool,
+                verbose: bool) -> None:
     """Trace MODEL.py, run the passes and lower it with a backend."""
     from .api import compile as compile_model
     from .report import render_summary
@@ -97,7 +149,8 @@ def compile_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...
     with _status(f"compiling {model_file.name}", verbose):
         compiled = compile_model(model_file, recipe=recipe, passes=pass_args, backend=backend,
                                  out_dir=out_dir, verify=verify, dump_dir=dump_dir, force=force,
-                                 backend_options=onnx_opts or None, deltas=deltas)
+                                 backend_options=onnx_opts or None, deltas=deltas,
+                                 partial_deltas=partial_deltas)
     render_summary(compiled.summary)
     if out_dir is not None:
         click.echo(f"output: {out_dir}/")
@@ -112,7 +165,8 @@ def compile_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path),
               help="Write deltas.safetensors, recipe.toml and report.json here.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3,
-              show_default=True, help="AdamW learning rate (with --resume: the checkpoint's).")
+              show_default=True, callback=_finite,
+              help="AdamW learning rate (with --resume: the checkpoint's).")
 @click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also save deltas every K steps (0: only at the end).")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
@@ -336,7 +390,8 @@ def layout_cmd(model_file: Path | None, out: Path, verbose: bool, **kw: Any) -> 
 @click.option("--pass", "pass_args", multiple=True, metavar="NAME[:k=v,...]",
               help="A pass to run after the recipe's (repeatable).")
 @click.option("--steps", type=int, default=100, show_default=True)
-@click.option("--lr", type=float, default=5e-3, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-3,
+              show_default=True, callback=_finite)
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True,
               help="safetensors file for the trained gates (use it as the pass's `gates`).")
 @verbose_option

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ._util import atomic_write_bytes
+from ._util import atomic_write_bytes, read_regular_file
 from .errors import BadInputError
 from .ops.nm import apply_nm
 from .ops.sparse_delta import apply_delta
@@ -31,7 +31,8 @@ from .passes.sparse_finetune import FINETUNE_OPS, finetune_nodes, refresh_report
 from .program import Program, fingerprint
 
 __all__ = ["Deltas", "TargetDelta", "MergeUndo", "FORMAT", "extract_deltas", "save_deltas",
-           "load_deltas", "check_base", "apply_deltas", "merge_deltas", "unmerge_deltas",
+           "load_deltas", "check_base", "check_deltas", "apply_deltas", "merge_deltas",
+           "unmerge_deltas",
            "compose_deltas"]
 
 FORMAT = 1
@@ -129,11 +130,27 @@ def extract_deltas(program: Program, info: dict[str, Any] | None = None) -> Delt
     return Deltas(program.fingerprint, targets, _version(), dict(info or {}))
 
 
-def apply_deltas(program: Program, deltas: Deltas) -> None:
+def apply_deltas(program: Program, deltas: Deltas, *, partial: bool = False) -> None:
     """Put trained deltas into a program compiled with the recipe they were trained with.
 
     Indices may differ from the program's own selection (prune–regrow, composition): they are
-    replaced along with the values. Create a Trainer only after this.
+    replaced along with the values. Create a Trainer only after this. Everything is checked
+    (`check_deltas`) before the program is changed.
+    """
+    check_deltas(program, deltas, partial=partial)
+    nodes = {n.args[1].target: n for n in finetune_nodes(program)}
+    for weight, td in deltas.targets.items():
+        _apply_target(program, nodes[weight], td)
+    refresh_report(program)
+
+
+def check_deltas(program: Program, deltas: Deltas, *, partial: bool = False) -> None:
+    """Refuse deltas that do not fit `program`, before anything is changed.
+
+    Every tensor is checked against the program's real parameters (not only against the
+    file's own header): the base fingerprint; the target is fine-tuned here, by the same
+    method and attributes; shapes and dtypes; indices in range, sorted and unique; values
+    finite; and, unless `partial`, every fine-tuned weight of the program has its delta.
     """
     check_base(deltas, program)
     nodes = {n.args[1].target: n for n in finetune_nodes(program)}
@@ -146,8 +163,57 @@ def apply_deltas(program: Program, deltas: Deltas) -> None:
         if method != td.method:
             raise BadInputError(f"{weight}: the deltas are {td.method!r} but the recipe makes it "
                                 f"{method!r}; use the recipe the deltas were trained with")
-        _apply_target(program, node, td)
-    refresh_report(program)
+        problem = _misfit(program, node, td)
+        if problem:
+            raise BadInputError(f"{weight}: {problem}; these deltas do not belong to this "
+                                "program (give the file `sparsec train` wrote for it)")
+    missing = sorted(set(nodes) - set(deltas.targets))
+    if missing and not partial:
+        raise BadInputError(f"the deltas lack {missing[0]} ({len(missing)} of {len(nodes)} "
+                            "fine-tuned weights missing); give the complete file, or "
+                            "--partial-deltas to keep the untrained ones as they are")
+
+
+def _misfit(program: Program, node: fx.Node, td: TargetDelta) -> str | None:
+    """Why `td` cannot go into the op `node` of `program` (None if it can)."""
+    weight = program.gm.get_parameter(node.args[1].target)
+    shape = tuple(weight.shape)
+    if tuple(td.shape) != shape:
+        return f"the file says the weight is {list(td.shape)}, the model's is {list(shape)}"
+    if td.method == "nm":
+        if (node.args[3], node.args[4]) != (td.attrs.get("n"), td.attrs.get("m")):
+            return (f"the deltas are {td.attrs.get('n')}:{td.attrs.get('m')} but the recipe "
+                    f"says {node.args[3]}:{node.args[4]}")
+        return _tensor_misfit("weight", td.tensors["weight"], shape, weight.dtype)
+    index_part, value_part = _PARTS[td.method]
+    index, value = td.tensors[index_part], td.tensors[value_part]
+    own_index, own_value = program.get_tensor(node.args[3].target), \
+        program.get_tensor(node.args[4].target)
+    if td.method == "structured":
+        if node.args[5] != td.attrs.get("axis"):
+            return (f"the deltas select axis {td.attrs.get('axis')} but the recipe axis "
+                    f"{node.args[5]}")
+        lines = shape[node.args[5]]
+        want = (index.numel(), shape[1]) if node.args[5] == 0 else (shape[0], index.numel())
+    else:
+        lines, want = weight.numel(), tuple(index.shape)
+    if index.dtype != own_index.dtype or index.dim() != 1:
+        return f"{index_part} must be 1-D {own_index.dtype}, got {index.dim()}-D {index.dtype}"
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= lines):
+        return f"{index_part} out of range [0, {lines})"
+    if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+        return f"{index_part} must be sorted and unique"
+    return _tensor_misfit(value_part, value, want, own_value.dtype)
+
+
+def _tensor_misfit(part: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype) -> str | None:
+    if tuple(t.shape) != tuple(shape):
+        return f"{part} has shape {list(t.shape)}, the model needs {list(shape)}"
+    if t.dtype != dtype:
+        return f"{part} is {t.dtype}, the model's is {dtype}"
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        return f"{part} holds NaN or Inf values"
+    return None
 
 
 def _apply_target(program: Program, node: fx.Node, td: TargetDelta) -> None:
@@ -209,13 +275,11 @@ def load_deltas(path: str | Path, base: Program | torch.nn.Module | str | None =
     from safetensors.torch import load
 
     p = Path(path)
+    data = read_regular_file(p, "deltas file")
     try:
-        data = p.read_bytes()
         tensors = load(data)
         header = json.loads(_metadata(data).get("sparsec", "null"))
-    except FileNotFoundError:
-        raise BadInputError(f"{p}: no such deltas file") from None
-    except (OSError, SafetensorError, ValueError) as e:
+    except (OSError, SafetensorError, ValueError, RecursionError) as e:
         raise BadInputError(f"{p}: not a readable safetensors deltas file ({type(e).__name__}); "
                             "give a deltas.safetensors written by sparsec") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:

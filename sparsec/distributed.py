@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from .errors import BadInputError, SparsecError
 from .program import Program, Prop
-from .train import Trainer, TrainRun, _cycle, _train_section, batch_tokens
+from .train import Trainer, TrainRun, _cycle, _train_section, batch_tokens, check_trainable
 
 __all__ = ["DistEnv", "launched_by_torchrun", "setup", "sharded_batches", "CommCounter",
            "GradientBucket", "DistributedTrainer", "train_distributed", "rank_digest",
@@ -207,6 +207,12 @@ class DistributedTrainer(Trainer):
         self.tokens += int(tokens)
         return total / self.env.world_size
 
+    def _agree(self, ok: bool) -> bool:
+        """A NaN/Inf on any rank stops every rank at the same step (none waits forever)."""
+        flag = torch.tensor([float(ok)], device=self.env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def _regrow(self, t) -> int:
         """Decide on the gradient summed over all ranks, so every rank regrows alike."""
         g = t.grad_sum if t.grad_sum is not None else torch.zeros_like(t.weight)
@@ -347,7 +353,6 @@ def _prepare_program(env: DistEnv, model: Any, pass_list: list, verify: bool,
                      ckpt: Any) -> Program:
     from .deltas import apply_deltas
     from .frontend import trace_file
-    from .passes.sparse_finetune import finetune_nodes
     from .pipeline import run_passes
 
     joint = [p.name for p in pass_list if Prop.JOINT_GRAPH in p.establishes]
@@ -361,9 +366,7 @@ def _prepare_program(env: DistEnv, model: Any, pass_list: list, verify: bool,
         raise BadInputError(f"{program.source.name}: training needs batches(); define it in "
                             "model.py (see examples/tiny_llama.py)")
     program = run_passes(program, pass_list, verify=verify)
-    if not finetune_nodes(program):
-        raise BadInputError("the recipe has no sparse-finetune pass, so there is nothing to save "
-                            "as deltas; add one (see docs/finetune.md)")
+    check_trainable(program, pass_list)
     prints = _gather(program.fingerprint, env)
     if len(set(prints)) > 1:
         bad = next(r for r, f in enumerate(prints) if f != prints[0])
@@ -400,7 +403,10 @@ class _Saver:
     def __init__(self, env: DistEnv, trainer: DistributedTrainer, lr: float,
                  before: Any = None):
         self.env, self.trainer, self.lr, self.before = env, trainer, lr, before
-        self.directory: Path | None = None
+        self.run: Any = None  # rank 0's sparsec.api.RunDirectory, when it writes
+        self.write_report: Callable[[Path], dict[str, Any]] | None = None
+        self.report: dict[str, Any] = {}
+        self.completed = False
         self.step: int | None = None
         self.digests: list[str] = []
 
@@ -417,7 +423,10 @@ class _Saver:
             base_fingerprint=t.program.fingerprint,
             loss_last=t.stats.losses[-1] if t.stats.losses else None)
 
-    def save(self) -> None:
+    def save(self, completed: bool = False) -> None:
+        """A checkpoint (a collective); rank 0 writes it whole into a staging directory and
+        swaps that in, so the run directory always holds the last complete checkpoint."""
+        from ._util import remove_tree
         from .checkpoint import OPTIMIZER_FILE, save_optimizer_state
         from .deltas import extract_deltas, save_deltas
 
@@ -430,25 +439,32 @@ class _Saver:
                                f"{self.trainer.global_step} (digests {self.digests}); this is "
                                "a sparsec bug, please report it")
         sums = self.trainer.gathered_regrow_sums()
-        if self.env.is_main and self.directory is not None:
-            # the optimizer state first: a checkpoint whose deltas are newer than its
-            # optimizer state is refused on resume (the steps differ)
-            save_optimizer_state(self.directory / OPTIMIZER_FILE, self.trainer, state, sums)
-            save_deltas(deltas, self.directory / "deltas.safetensors")
+        self.completed = completed
+        if self.env.is_main and self.run is not None:
+            staging = self.run.stage()
+            try:
+                save_optimizer_state(staging / OPTIMIZER_FILE, self.trainer, state, sums)
+                save_deltas(deltas, staging / "deltas.safetensors")
+                self.step = state.global_step
+                self.report = self.write_report(staging)
+            except BaseException:
+                remove_tree(staging)
+                raise
+            self.run.commit(staging)
         self.step = state.global_step
 
 
 def _run(env: DistEnv, model: Any, *, steps: int, recipe: Any, passes: tuple, out_dir: Any,
          lr: float | None, save_every: int, force: bool, verify: bool, resume: Any, fsdp: bool,
          on_step: Any) -> TrainRun:
-    import contextlib
-
-    from .api import resolve_passes, staged_output
+    from .api import RunDirectory, check_output_dir, resolve_passes
     from .backends import lower
     from .checkpoint import load_checkpoint, restore_optimizer
 
     if steps < 1:
         raise BadInputError(f"--steps is {steps}; train at least one step")
+    # what must survive the output (the resumed checkpoint is read first, so -o may be it)
+    inputs = [None if isinstance(model, Program) else model, recipe]
     ckpt = load_checkpoint(resume) if resume is not None else None
     if ckpt is not None and recipe is None and not passes:
         if ckpt.recipe is None:
@@ -459,8 +475,8 @@ def _run(env: DistEnv, model: Any, *, steps: int, recipe: Any, passes: tuple, ou
         _check_same_recipe(ckpt, pass_list)
         lr = ckpt.state.lr if lr is None else lr
     lr = 1e-3 if lr is None else lr
-    if out_dir is not None and Path(out_dir).exists() and not force:
-        raise BadInputError(f"{out_dir}: output directory exists; pass --force to replace it")
+    if out_dir is not None:
+        check_output_dir(out_dir, force=force, inputs=inputs)
     program = _prepare_program(env, model, pass_list, verify, ckpt)
     module, fsdp_info = _place(program, env, fsdp)
     compiled = lower(program, "eager")
@@ -486,24 +502,26 @@ def _run(env: DistEnv, model: Any, *, steps: int, recipe: Any, passes: tuple, ou
             on_step(i, loss, trainer.stats)
 
     writes = env.is_main and out_dir is not None
-    error: BaseException | None = None
-    with (staged_output(out_dir, force=force) if writes else contextlib.nullcontext()) as staging:
-        saver.directory = staging
-        try:
-            trainer.fit(data, steps, call)
-            saver.save()
-        except (Exception, KeyboardInterrupt) as e:
-            if saver.step is None or not writes:
-                raise
-            error = e
-        report = _report(compiled, trainer, saver, env, fsdp_info, ckpt, error, lr,
-                         staging, pass_list)
+
+    def report(staging: Path | None, error: BaseException | None = None) -> dict[str, Any]:
+        return _report(compiled, trainer, saver, env, fsdp_info, ckpt, error, lr, staging,
+                       pass_list)
+
     if writes:
-        compiled.artifacts = {k: Path(out_dir) / Path(v).name
-                              for k, v in compiled.artifacts.items()}
-    if error is not None:
-        raise error
-    return TrainRun(compiled, trainer, report)
+        saver.run = RunDirectory(out_dir, force=force, inputs=inputs)
+        saver.write_report = report
+    try:
+        trainer.fit(data, steps, call)
+        saver.save(completed=True)
+    except (Exception, KeyboardInterrupt) as e:
+        if saver.step is None or saver.run is None:
+            raise
+        report(saver.run.final, e)  # into the last checkpoint's report.json
+        raise
+    if not writes:
+        return TrainRun(compiled, trainer, report(None))
+    compiled.artifacts = {k: Path(out_dir) / Path(v).name for k, v in compiled.artifacts.items()}
+    return TrainRun(compiled, trainer, saver.report)
 
 
 def _check_same_recipe(ckpt: Any, pass_list: list) -> None:
@@ -539,7 +557,7 @@ def _report(compiled: Any, trainer: DistributedTrainer, saver: _Saver, env: Dist
     from .report import build_report
 
     program = trainer.program
-    section = _train_section(trainer, error is None)
+    section = _train_section(trainer, error is None and saver.completed)
     seconds = trainer.stats.seconds
     section.update(tokens=trainer.tokens, tokens_per_s=trainer.tokens / seconds if seconds else 0.0,
                    deltas_step=saver.step, global_step=trainer.global_step)

@@ -47,13 +47,20 @@ class OptionError(RecipeError):
 class PreconditionError(BadInputError):
     """A pass needs a graph property that no earlier pass established."""
 
-    def __init__(self, pass_name: str, missing: set[str], providers: dict[str, list[str]]):
+    def __init__(self, pass_name: str, missing: set[str], providers: dict[str, list[str]],
+                 removed_by: dict[str, str] | None = None):
         self.pass_name, self.missing, self.providers = pass_name, set(missing), providers
+        removed_by = removed_by or {}
         parts = []
         for prop in sorted(self.missing):
             who = providers.get(prop) or []
-            fix = (f"run {' or '.join(repr(p) for p in who)} before it" if who
-                   else "no pass establishes it")
+            if prop in removed_by:  # it was there, and an earlier pass took it away
+                fix = (f"the earlier pass '{removed_by[prop]}' removed it; run '{pass_name}' "
+                       f"before '{removed_by[prop]}'")
+            elif who:
+                fix = f"run {' or '.join(repr(p) for p in who)} before it"
+            else:
+                fix = "no pass establishes it"
             parts.append(f"'{prop}' ({fix})")
         super().__init__(f"pass '{pass_name}' requires {', '.join(parts)}")
 

@@ -61,6 +61,8 @@ def load_model_file(path: str | Path) -> ModelFile:
                             "model() and example_inputs()")
     if p.is_dir():
         raise BadInputError(f"{p}: is a directory; give the path of a model.py file")
+    if not p.is_file():  # a device or FIFO (/dev/zero) would be read forever
+        raise BadInputError(f"{p}: is not a regular file; give the path of a model.py file")
     try:
         source = p.read_bytes()
     except OSError as e:

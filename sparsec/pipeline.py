@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
+from ._util import first_line, user_frame
 from .errors import BadInputError, PassError, PreconditionError, SparsecError, VerificationError
 from .passes.base import Pass, providers_of
 from .program import PassRecord, Program
@@ -33,6 +34,7 @@ def run_passes(program: Program, passes: Sequence[Pass], *, verify: bool = True,
     if verify:
         check_finite(inputs)
         entry_out = program.run_checked(*inputs)
+        _check_no_nan(entry_out)
     if dump_dir is not None:
         dump_graph(program, dump_dir, 0, "input")
     done: list[str] = []
@@ -62,7 +64,21 @@ def run_passes(program: Program, passes: Sequence[Pass], *, verify: bool = True,
 def _check_requires(p: Pass, program: Program) -> None:
     missing = set(p.requires) - program.props
     if missing:
-        raise PreconditionError(p.name, missing, {m: providers_of(m) for m in missing})
+        raise PreconditionError(p.name, missing, {m: providers_of(m) for m in missing},
+                                _removed_by(missing, program))
+
+
+def _removed_by(props: set[str], program: Program) -> dict[str, str]:
+    """The last earlier pass that invalidated each of `props` (to name it in the error)."""
+    from .passes.base import registered_passes
+
+    known = registered_passes()
+    out: dict[str, str] = {}
+    for record in program.history:
+        cls = known.get(record.name)
+        for prop in props & set(getattr(cls, "invalidates", ())):
+            out[prop] = record.name
+    return out
 
 
 def _run_pass(p: Pass, program: Program, done: list[str]):
@@ -73,6 +89,10 @@ def _run_pass(p: Pass, program: Program, done: list[str]):
     except SparsecError:
         raise
     except Exception as e:
+        where = user_frame(e, program.source.path)
+        if where:  # the user's model or loss raised while the pass ran it
+            raise BadInputError(f"{where}: pass '{p.name}' ran model.py code that raised "
+                                f"{type(e).__name__}: {first_line(e)}; fix model.py") from e
         raise PassError(p.name, done, e) from e
     if result is None:
         raise PassError(p.name, done, TypeError("run() returned None instead of a PassResult"))
@@ -153,8 +173,13 @@ def _run(fn: Callable[..., Any], inputs: tuple) -> Any:
 
 def compare_outputs(got: Any, expected: Any) -> dict[str, float]:
     """Errors over all tensors: the max absolute error, the max relative error (to the largest
-    reference magnitude of each tensor) and the normwise relative error ‖a − b‖₂ / ‖b‖₂ (the
-    worst tensor)."""
+    finite reference magnitude of each tensor) and the normwise relative error
+    ‖a − b‖₂ / ‖b‖₂ (the worst tensor).
+
+    Non-finite values: a position where both sides hold the same non-finite value (both NaN,
+    or an infinity of the same sign) counts as equal; any other position where either side is
+    NaN or infinite is an infinite error, so verification and parity fail on it.
+    """
     a, spec_a = pytree.tree_flatten(got)
     b, spec_b = pytree.tree_flatten(expected)
     if len(a) != len(b):
@@ -163,22 +188,33 @@ def compare_outputs(got: Any, expected: Any) -> dict[str, float]:
     for x, y in zip(a, b):
         if not isinstance(y, torch.Tensor):
             continue
-        if x.shape != y.shape:
-            raise VerificationError(f"output shape changed: {tuple(x.shape)} vs {tuple(y.shape)}")
+        if not isinstance(x, torch.Tensor) or x.shape != y.shape:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise VerificationError(f"output shape changed: {shape} vs {tuple(y.shape)}")
         if not y.is_floating_point():
             bad = float((x != y).any())
             abs_err, rel_err = max(abs_err, bad), max(rel_err, bad)
             continue
-        diff = (x.double() - y.double()).abs()
-        d = float(diff.max()) if diff.numel() else 0.0
-        scale = float(y.double().abs().max()) if y.numel() else 0.0
-        d = math.inf if math.isnan(d) else d
-        abs_err = max(abs_err, d)
-        rel_err = max(rel_err, d / max(scale, 1e-12))
-        norm = float(torch.linalg.vector_norm(y.double())) if y.numel() else 0.0
-        l2 = float(torch.linalg.vector_norm(diff)) if diff.numel() else 0.0
-        l2_err = max(l2_err, math.inf if math.isnan(l2) else l2 / max(norm, 1e-30))
+        d, rel, l2 = _tensor_errors(x.double(), y.double())
+        abs_err, rel_err, l2_err = max(abs_err, d), max(rel_err, rel), max(l2_err, l2)
     return {"max_abs_err": abs_err, "max_rel_err": rel_err, "rel_l2_err": l2_err}
+
+
+def _tensor_errors(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    """(max abs, max rel, normwise rel) of one float64 pair, non-finite values as documented
+    in `compare_outputs`."""
+    if not x.numel():
+        return 0.0, 0.0, 0.0
+    finite = torch.isfinite(x) & torch.isfinite(y)
+    same = (x == y) | (torch.isnan(x) & torch.isnan(y))  # same inf, or NaN at the same place
+    if bool((~finite & ~same).any()):
+        return math.inf, math.inf, math.inf
+    diff = torch.where(finite, (x - y).abs(), torch.zeros_like(x))
+    ref = torch.where(finite, y, torch.zeros_like(y))
+    d = float(diff.max())
+    scale = float(ref.abs().max())
+    norm = float(torch.linalg.vector_norm(ref))
+    return d, d / max(scale, 1e-12), float(torch.linalg.vector_norm(diff)) / max(norm, 1e-30)
 
 
 def tolerance(outputs: Any, rtol_float32: float) -> float:
@@ -197,6 +233,16 @@ def check_finite(inputs: tuple) -> None:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
             raise BadInputError(f"example input {i} contains NaN or Inf; fix example_inputs() "
                                 "or pass --no-verify")
+
+
+def _check_no_nan(outputs: Any) -> None:
+    """Refuse a model whose outputs on finite example inputs hold NaN: every comparison with
+    them would be vacuous there."""
+    for t in pytree.tree_leaves(outputs):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.isnan().any()):
+            raise BadInputError("the model's outputs on example_inputs() contain NaN, so "
+                                "verification would prove nothing; fix model() or pass "
+                                "--no-verify")
 
 
 def dump_graph(program: Program, dump_dir: str | Path, index: int, name: str) -> Path:

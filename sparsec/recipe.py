@@ -20,7 +20,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import OptionError, RecipeError
+from ._util import read_regular_file
+from .errors import BadInputError, OptionError, RecipeError
 from .passes.base import Pass, get_pass
 
 __all__ = ["RECIPE_VERSION", "load_recipe", "parse_recipe", "parse_pass_arg", "dump_recipe",
@@ -28,15 +29,18 @@ __all__ = ["RECIPE_VERSION", "load_recipe", "parse_recipe", "parse_pass_arg", "d
 
 RECIPE_VERSION = 1
 _TOP_LEVEL = {"version", "pass", "description"}
+_MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; this bounds a wrong path
 
 
 def load_recipe(path: str | Path) -> list[Pass]:
     p = Path(path)
     try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise RecipeError(f"{p}: no such recipe file") from None
-    except (OSError, UnicodeDecodeError) as e:
+        data = read_regular_file(p, "recipe file", _MAX_RECIPE_BYTES)
+    except BadInputError as e:
+        raise RecipeError(str(e)) from None
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
         raise RecipeError(f"{p}: cannot read the recipe ({e})") from None
     return parse_recipe(text, where=p.name)
 
@@ -46,18 +50,27 @@ def parse_recipe(text: str, where: str = "recipe") -> list[Pass]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{where}: TOML syntax error: {e}") from None
+    except RecursionError:
+        raise RecipeError(f"{where}: arrays or tables nested too deeply to be a recipe; a "
+                          "recipe has `version` and flat [[pass]] tables") from None
     lines = _key_lines(text)
     for key in data:
         if key not in _TOP_LEVEL:
             raise RecipeError(f"{where}:{lines.get((None, key), '?')}: unknown top-level key "
                               f"'{key}'; a recipe has `version` and `[[pass]]` tables")
     version = data.get("version", RECIPE_VERSION)
-    if version != RECIPE_VERSION:
+    if type(version) is not int or version != RECIPE_VERSION:
         raise RecipeError(f"{where}: recipe version {version!r} is not supported; this sparsec "
                           f"reads version {RECIPE_VERSION}")
     entries = data.get("pass", [])
     if not isinstance(entries, list):
         raise RecipeError(f"{where}: `pass` must be an array of tables: write [[pass]]")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise RecipeError(f"{where}: `pass` entry #{i + 1} is {e!r:.40}, not a table; write "
+                              "each pass as a [[pass]] table with name = \"...\"")
+    if not isinstance(data.get("description", ""), str):
+        raise RecipeError(f"{where}: `description` must be a string")
     return [_entry_to_pass(e, i, lines, where) for i, e in enumerate(entries)]
 
 
@@ -140,7 +153,11 @@ def parse_pass_arg(arg: str) -> Pass:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
             raise RecipeError(f"--pass {arg!r}: option {item!r} is not key=value")
-        options[key.strip()] = _parse_value(value.strip())
+        try:
+            options[key.strip()] = _parse_value(value.strip())
+        except RecursionError:
+            raise RecipeError(f"--pass {name}: option {key.strip()!r} is nested too deeply; "
+                              "give a flat list") from None
     return make_pass(cls, options, lambda key: f"--pass {name}")
 
 
@@ -170,6 +187,9 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         pass
+    except RecursionError:
+        raise RecipeError(f"--pass value {text[:20]!r}…: nested too deeply; give a flat "
+                          "list") from None
     if text.startswith("[") and text.endswith("]"):
         return [_parse_value(x) for x in _split_top(text[1:-1])]
     return text

@@ -16,19 +16,27 @@ from zero moments and a zero value.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import itertools
 import resource
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from .errors import BadInputError
+from ._util import first_line, user_frame
+from .errors import BadInputError, SparsecError
 from .program import Program, Prop
 
-__all__ = ["Trainer", "TrainStats", "TrainRun", "train_model", "batch_tokens", "peak_memory"]
+__all__ = ["Trainer", "TrainStats", "TrainRun", "train_model", "batch_tokens", "batch_rows",
+           "peak_memory", "NonFiniteError"]
+
+
+class NonFiniteError(BadInputError):
+    """A training step met a NaN/Inf loss or gradient; the values were not updated with it."""
 
 
 @dataclass
@@ -41,6 +49,7 @@ class TrainStats:
     losses: list[float] = field(default_factory=list)
     regrows: int = 0
     regrown_entries: int = 0
+    samples: int = 0  # rows of the first input, summed (a checkpoint's progress)
 
     def to_json(self) -> dict[str, Any]:
         mem, kind = peak_memory()
@@ -132,7 +141,7 @@ class Trainer:
             t.weight.requires_grad_(True)
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            loss = self.loss_fn(self.module(*batch[:self.n_inputs]), batch)
+            loss = self._user_loss(batch)
             loss.backward()
         finally:
             for t in accumulating:
@@ -142,6 +151,8 @@ class Trainer:
             if g is not None:
                 t.grad_sum = g if t.grad_sum is None else t.grad_sum.add_(g)
         self._sync_gradients()
+        self._check_finite(loss, [p.grad for p in self.optimizer_params() if p.grad is not None],
+                           "gradient")
         self.optimizer.step()
         self.stats.steps += 1
         for t in self.regrow_targets:
@@ -152,14 +163,57 @@ class Trainer:
         return self._finish_step(loss, batch, start)
 
     def _joint_loss(self, batch: tuple) -> torch.Tensor:
-        out = self.program.gm(*batch)
+        out = self._user_call(lambda: self.program.gm(*batch), "the model failed on")
+        loss = out[0] if isinstance(out, (tuple, list)) else out
+        # the traced step has already updated the values: check them too
+        self._check_finite(loss, [p for _, p in self.program.trainable_parameters()], "value")
         self.stats.steps += 1
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return loss
+
+    def optimizer_params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def _user_loss(self, batch: tuple) -> torch.Tensor:
+        """loss(model(inputs), batch), with the user's errors as one-line BadInputErrors."""
+        out = self._user_call(lambda: self.module(*batch[:self.n_inputs]), "the model failed on")
+        loss = self._user_call(lambda: self.loss_fn(out, batch), "loss() raised on")
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise BadInputError(f"loss() returned {got}, not a scalar tensor; return e.g. "
+                                "F.cross_entropy(...) (a mean)")
+        return loss
+
+    def _user_call(self, fn: Callable[[], Any], what: str) -> Any:
+        try:
+            return fn()
+        except SparsecError:
+            raise
+        except Exception as e:
+            where = user_frame(e, self.program.source.path)
+            where = f"{where}: " if where else ""
+            raise BadInputError(f"{where}{what} the batch of step {self.global_step + 1} "
+                                f"({type(e).__name__}: {first_line(e)}); batches() must yield "
+                                "what example_inputs() and loss() expect") from e
+
+    def _check_finite(self, loss: torch.Tensor, tensors: list[torch.Tensor], kind: str) -> None:
+        """Stop at the first NaN/Inf loss or gradient, before it reaches the values."""
+        flags = [torch.isfinite(loss.detach()).all()] + [torch.isfinite(t).all() for t in tensors]
+        ok = self._agree(bool(torch.stack(flags).all()))
+        if not ok:
+            what = "loss" if not bool(flags[0]) else f"a {kind}"
+            raise NonFiniteError(f"step {self.global_step + 1}: {what} is NaN or Inf (loss "
+                                 f"{float(loss.detach()):.4g}); training stopped there. Lower "
+                                 "--lr, or fix loss()/batches() in model.py")
+
+    def _agree(self, ok: bool) -> bool:
+        """Whether every process found the step finite (one process: this one)."""
+        return ok
 
     def _finish_step(self, loss: torch.Tensor, batch: tuple, start: float) -> float:
         value = self._loss_value(loss)
         self.stats.losses.append(value)
         self.stats.tokens += batch_tokens(batch[:self.n_inputs])
+        self.stats.samples += batch_rows(batch[:self.n_inputs])
         self.stats.seconds += time.perf_counter() - start
         return value
 
@@ -257,13 +311,44 @@ def _groups(named: list[tuple[str, torch.nn.Parameter]], lr: float,
 def _cycle(batches: Callable[[], Iterable[Any]] | Iterable[Any]) -> Iterator[Any]:
     while True:
         empty = True
-        for batch in (batches() if callable(batches) else batches):
+        for batch in _guarded(batches):
             empty = False
             yield batch
         if empty:
             raise BadInputError("batches() yielded no batch; it must yield at least one")
         if not callable(batches):
             return
+
+
+def _guarded(batches: Callable[[], Iterable[Any]] | Iterable[Any]) -> Iterator[Any]:
+    """The items of batches(), its errors as one-line BadInputErrors."""
+    def fail(e: Exception) -> BadInputError:
+        path = getattr(getattr(batches, "__code__", None), "co_filename", None)
+        where = user_frame(e, path)
+        return BadInputError(f"{where + ': ' if where else ''}batches() raised "
+                             f"{type(e).__name__}: {first_line(e)}; fix batches() in model.py")
+    try:
+        it = iter(batches() if callable(batches) else batches)
+    except SparsecError:
+        raise
+    except Exception as e:
+        raise fail(e) from e
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except SparsecError:
+            raise
+        except Exception as e:
+            raise fail(e) from e
+        yield batch
+
+
+def batch_rows(inputs: tuple) -> int:
+    """Samples in a batch: the first tensor input's leading dimension (1 for a scalar)."""
+    t = next((x for x in inputs if isinstance(x, torch.Tensor)), None)
+    return 0 if t is None else (t.shape[0] if t.dim() else 1)
 
 
 def batch_tokens(inputs: tuple) -> int:
@@ -300,21 +385,19 @@ def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (
                 verify: bool = True,
                 on_step: Callable[[int, float, TrainStats], None] | None = None) -> TrainRun:
     """Compile `model` (a model.py path or a Program) with the recipe, train `steps` steps on
-    model.py's batches, and with `out_dir` write deltas.safetensors (every `save_every` steps
-    and at the end), recipe.toml and report.json there. `lr`: AdamW's learning rate (default
-    1e-3); a recipe with joint-graph passes trains with the optimizer it sets, so `lr` is
-    refused there.
+    model.py's batches, and with `out_dir` write a checkpoint there every `save_every` steps
+    and at the end. `lr`: AdamW's learning rate (default 1e-3); a recipe with joint-graph
+    passes trains with the optimizer it sets, so `lr` is refused there.
 
-    The output directory is staged: it appears complete or not at all. If training fails
-    after a checkpoint was saved, the directory still appears with that checkpoint and a
-    report saying `train.completed = false`, and the error is raised.
+    Crash-safe: each checkpoint (deltas.safetensors, optimizer.safetensors, recipe.toml,
+    report.json) is written into a staging directory and swapped in atomically, so `out_dir`
+    always holds the last complete one, and `sparsec train --resume out_dir` continues it
+    (even after kill -9). If training fails after a checkpoint, its report says
+    `train.completed = false` with the error, and the error is raised.
     """
-    from pathlib import Path
-
-    from .api import resolve_passes, staged_output, write_outputs
+    from .api import RunDirectory, check_output_dir, resolve_passes
     from .backends import lower
     from .frontend import trace_file
-    from .passes.sparse_finetune import finetune_nodes
     from .pipeline import run_passes
     from .report import build_report
 
@@ -325,16 +408,15 @@ def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (
     if joint and lr is not None:
         raise BadInputError(f"--lr {lr:g} is not used: the recipe's {joint[0]} pass sets the "
                             "optimizer of the traced step; set lr in that pass instead")
+    inputs = [None if isinstance(model, Program) else model, recipe]
+    if out_dir is not None:
+        check_output_dir(out_dir, force=force, inputs=inputs)
     program = model if isinstance(model, Program) else trace_file(model)
     if program.source.batches is None:
         raise BadInputError(f"{program.source.name}: training needs batches(); define it in "
                             "model.py (see examples/tiny_llama.py)")
-    if out_dir is not None and Path(out_dir).exists() and not force:
-        raise BadInputError(f"{out_dir}: output directory exists; pass --force to replace it")
     program = run_passes(program, pass_list, verify=verify)
-    if not finetune_nodes(program):
-        raise BadInputError("the recipe has no sparse-finetune pass, so there is nothing to save "
-                            "as deltas; add one (see docs/finetune.md)")
+    check_trainable(program, pass_list)
     compiled = lower(program, "eager")
     trainer = Trainer(program, lr=1e-3 if lr is None else lr)
     compiled.trainer = trainer
@@ -342,45 +424,118 @@ def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (
         trainer.fit(program.source.batches, steps, _callback(trainer, on_step, None, 0))
         program.state.setdefault("report", {})["train"] = _train_section(trainer, True)
         return TrainRun(compiled, trainer, build_report(compiled))
-    error: BaseException | None = None
-    with staged_output(out_dir, force=force) as staging:
-        saver = _Saver(program, staging / "deltas.safetensors")
-        try:
-            trainer.fit(program.source.batches, steps,
-                        _callback(trainer, on_step, saver, save_every))
-            saver.save(trainer.stats.steps)
-        except (Exception, KeyboardInterrupt) as e:
-            if saver.step is None:
-                raise
-            error = e
-        section = _train_section(trainer, error is None)
-        section["deltas_step"] = saver.step
-        if error is not None:
-            section["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
-        program.state.setdefault("report", {})["train"] = section
-        compiled.artifacts["deltas.safetensors"] = Path(out_dir) / "deltas.safetensors"
-        report = write_outputs(compiled, staging, pass_list)
-    compiled.artifacts = {k: Path(out_dir) / Path(v).name for k, v in compiled.artifacts.items()}
-    if error is not None:
-        raise error
+    saver = _Saver(compiled, RunDirectory(out_dir, force=force, inputs=inputs), pass_list)
+    try:
+        trainer.fit(program.source.batches, steps, _callback(trainer, on_step, saver, save_every))
+    except (Exception, KeyboardInterrupt) as e:
+        if saver.step is not None:
+            saver.record_error(e)
+            if isinstance(e, BadInputError):  # say where the good checkpoint is
+                raise type(e)(f"{e}; the checkpoint of step {saver.step} is in {out_dir} "
+                              f"(--resume {out_dir})") from e
+        raise
+    report = saver.save(completed=True)
     return TrainRun(compiled, trainer, report)
 
 
-class _Saver:
-    def __init__(self, program: Program, path: Any):
-        self.program, self.path, self.step = program, path, None
+def check_trainable(program: Program, pass_list: list) -> None:
+    """Refuse a program without sparse fine-tuning ops, saying why there are none."""
+    from .passes.sparse_finetune import finetune_nodes
 
-    def save(self, step: int) -> None:
+    if finetune_nodes(program):
+        return
+    if not any(p.name == "sparse-finetune" for p in pass_list):
+        raise BadInputError("the recipe has no sparse-finetune pass, so there is nothing to save "
+                            "as deltas; add one (see docs/finetune.md)")
+    skipped = program.state.get("report", {}).get("sparse_finetune", {}).get("skipped", {})
+    if skipped:
+        path, why = next(iter(skipped.items()))
+        raise BadInputError(f"sparse-finetune rewrote no weight: the {len(skipped)} it matched "
+                            f"were skipped ({path}: {why}); set `targets` to other layers")
+    raise BadInputError("sparse-finetune rewrote no weight; set `targets` to module-path globs "
+                        "of linear layers (see docs/finetune.md)")
+
+
+class _Saver:
+    """Checkpoints of a one-process run, each swapped into the run directory whole."""
+
+    def __init__(self, compiled: Any, run: Any, pass_list: list):
+        self.compiled, self.run, self.pass_list = compiled, run, pass_list
+        self.step: int | None = None
+
+    @property
+    def trainer(self) -> Trainer:
+        return self.compiled.trainer
+
+    def save(self, completed: bool = False) -> dict[str, Any]:
+        """Write a checkpoint of the current step and swap it in; return its report."""
+        staging = self.run.stage()
+        try:
+            report = self._write(staging, completed)
+        except BaseException:
+            from ._util import remove_tree
+
+            remove_tree(staging)
+            raise
+        self.run.commit(staging)
+        self.step = self.trainer.global_step
+        self.compiled.artifacts = {k: self.run.final / Path(v).name
+                                   for k, v in self.compiled.artifacts.items()}
+        return report
+
+    def _write(self, staging: Path, completed: bool) -> dict[str, Any]:
+        from .api import write_outputs
+        from .checkpoint import OPTIMIZER_FILE, save_optimizer_state
         from .deltas import extract_deltas, save_deltas
 
-        save_deltas(extract_deltas(self.program, info={"step": step}), self.path)
-        self.step = step
+        t, program = self.trainer, self.trainer.program
+        step = t.global_step
+        save_deltas(extract_deltas(program, info={"step": step}), staging / "deltas.safetensors")
+        self.compiled.artifacts["deltas.safetensors"] = staging / "deltas.safetensors"
+        if t.optimizer is not None:  # a traced step keeps its optimizer state in the graph
+            save_optimizer_state(staging / OPTIMIZER_FILE, t, self.progress(), _regrow_sums(t))
+            self.compiled.artifacts[OPTIMIZER_FILE] = staging / OPTIMIZER_FILE
+        section = _train_section(t, completed)
+        section["deltas_step"] = step
+        program.state.setdefault("report", {})["train"] = section
+        return write_outputs(self.compiled, staging, self.pass_list)
+
+    def progress(self) -> Any:
+        from .checkpoint import TrainState
+
+        t = self.trainer
+        return TrainState(global_step=t.global_step, batches_consumed=t.global_step,
+                          samples_consumed=t.stats.samples, tokens_consumed=t.stats.tokens,
+                          world_size=1, lr=t.learning_rate(),
+                          base_fingerprint=t.program.fingerprint,
+                          loss_last=t.stats.losses[-1] if t.stats.losses else None)
+
+    def record_error(self, error: BaseException) -> None:
+        """Put the error into the committed checkpoint's report.json (atomically)."""
+        import json
+
+        from ._util import atomic_write_text
+        from .report import to_json
+
+        path = self.run.final / "report.json"
+        with contextlib.suppress(OSError, ValueError):
+            report = json.loads(path.read_text())
+            report["train"]["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+            report["train"]["steps_after_checkpoint"] = self.trainer.global_step - self.step
+            atomic_write_text(path, to_json(report))
+
+
+def _regrow_sums(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Partial prune–regrow gradient sums by weight name (a checkpoint inside a window)."""
+    names = {id(p): n for n, p in trainer.program.gm.named_parameters()}
+    return {names[id(t.weight)]: t.grad_sum for t in trainer.regrow_targets
+            if t.grad_sum is not None}
 
 
 def _callback(trainer: Trainer, on_step: Any, saver: _Saver | None, every: int):
     def call(i: int, loss: float) -> None:
         if saver is not None and every and i % every == 0:
-            saver.save(i)
+            saver.save()
         if on_step is not None:
             on_step(i, loss, trainer.stats)
     return call

@@ -9,7 +9,8 @@ def test_compile_onnx_writes_model_and_report(run_cli, tiny_llama_path, tmp_path
     r = run_cli("compile", tiny_llama_path, "--backend", "onnx", "-o", out,
                 "--pass", "dead-code", "--dump-dir", tmp_path / "dump")
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "recipe.toml", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".sparsec-output", "model.onnx", "recipe.toml",
+                                                     "report.json"]
     report = json.loads((out / "report.json").read_text())
     assert report["backend"] == "onnx"
     assert report["onnx"]["max_abs_err"] < 1e-4
@@ -25,7 +26,8 @@ def test_compile_onnx_writes_model_and_report(run_cli, tiny_llama_path, tmp_path
     assert again.returncode == 2 and "pass --force" in again.stderr
     forced = run_cli("compile", tiny_llama_path, "-o", out, "--force")
     assert forced.returncode == 0, forced.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["recipe.toml", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".sparsec-output", "recipe.toml",
+                                                     "report.json"]
 
 
 def _one_line_error(r, code=2):

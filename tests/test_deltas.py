@@ -215,13 +215,14 @@ def batches():
 def test_failed_run_keeps_its_last_checkpoint_and_says_so(tmp_path, tiny_llama_path):
     model = tmp_path / "failing.py"
     model.write_text(FAILING.format(examples=str(tiny_llama_path.parent)))
-    with pytest.raises(RuntimeError, match="data loader"):
+    # batches() raising is the user's error (exit 2), naming the checkpoint it kept
+    with pytest.raises(BadInputError, match="data loader.*checkpoint of step 4"):
         train_model(model, steps=10, passes=("sparse-finetune",), out_dir=tmp_path / "run",
                     save_every=2, verify=False)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["train"]["completed"] is False and report["train"]["deltas_step"] == 4
     assert load_deltas(tmp_path / "run" / "deltas.safetensors").info == {"step": 4}
-    with pytest.raises(RuntimeError):  # no checkpoint yet: nothing is written at all
+    with pytest.raises(BadInputError):  # no checkpoint yet: nothing is written at all
         train_model(model, steps=10, passes=("sparse-finetune",), out_dir=tmp_path / "run2",
                     verify=False)
     assert not (tmp_path / "run2").exists()

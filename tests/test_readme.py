@@ -43,7 +43,7 @@ def test_recipe_block_parses():
 def test_python_api_block_runs(workdir):
     scope: dict = {}
     exec(_block("sparsec.trace("), scope)
-    assert (workdir / "out" / "model.onnx").exists()
+    assert (workdir / "out" / "api" / "model.onnx").exists()
     assert scope["logits"][0].shape == (2, 32, 256)
 
 

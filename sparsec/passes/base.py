@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import typing
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -140,6 +141,9 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+_INT64 = (-2**63, 2**63 - 1)  # what torch (seeds, sizes) and safetensors can hold
+
+
 def _check_range(value: Any, f: dataclasses.Field, pass_name: str) -> None:
     m, where = f.metadata, f"{pass_name}.{f.name}"
     if value is None:
@@ -149,6 +153,11 @@ def _check_range(value: Any, f: dataclasses.Field, pass_name: str) -> None:
         if m.get("choices") is not None and v not in m["choices"]:
             allowed = ", ".join(repr(c) for c in m["choices"])
             raise OptionError(f"option '{where}' is {v!r}; choose one of {allowed}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise OptionError(f"option '{where}' is {v}; give a finite number")
+        if isinstance(v, int) and not isinstance(v, bool) and not _INT64[0] <= v <= _INT64[1]:
+            raise OptionError(f"option '{where}' is {v}, beyond a 64-bit integer; give a "
+                              f"value in [{_INT64[0]}, {_INT64[1]}]")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             lo, hi = m.get("min"), m.get("max")
             if (lo is not None and v < lo) or (hi is not None and v > hi):

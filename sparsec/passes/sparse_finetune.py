@@ -299,8 +299,15 @@ def find_targets(program: Program,
         w = gm.get_parameter(node.args[1].target)
         targets.append(Target(node, path, node.args[1].target, tuple(w.shape)))
     if globs and not matched:
-        paths = sorted({module_path(n) for n in program.call_nodes(_LINEAR)})
-        example = f"; module paths look like '{paths[0]}'" if paths else ""
+        all_paths = {module_path(n) for n in program.call_nodes(_LINEAR)}
+        paths = sorted(p for p in all_paths if p)
+        if paths:
+            example = f"; module paths look like '{paths[0]}'"
+        elif all_paths:  # linear layers called by the root module have the empty path
+            example = "; the model's linear layers belong to the root module (path ''), which "
+            example += "only the glob '*' matches"
+        else:
+            example = "; the model has no linear layer"
         raise BadInputError(f"targets {list(globs)} match no linear layer{example}")
     if not globs and not matched:
         raise BadInputError("no linear layer inside the model's blocks (paths with an index "

@@ -62,14 +62,16 @@ def test_api_bad_input(case, model, args, words, tmp_path):
 
 def test_existing_output_is_refused_then_replaced_with_force(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    r = CliRunner().invoke(cli, ["compile", str(TINY), "-o", str(out)])
+    assert r.exit_code == 0, r.output
     (out / "keep").write_text("old")
     r = CliRunner().invoke(cli, ["compile", str(TINY), "-o", str(out)])
     assert r.exit_code == 2 and "pass --force" in r.stderr
     assert (out / "keep").read_text() == "old"
     r = CliRunner().invoke(cli, ["compile", str(TINY), "-o", str(out), "--force"])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) == ["recipe.toml", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".sparsec-output", "recipe.toml",
+                                                     "report.json"]
 
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
