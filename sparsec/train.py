@@ -41,6 +41,7 @@ class TrainStats:
     losses: list[float] = field(default_factory=list)
     regrows: int = 0
     regrown_entries: int = 0
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss)
 
     def to_json(self) -> dict[str, Any]:
         mem, kind = peak_memory()
@@ -298,12 +299,14 @@ def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (
                 out_dir: Any = None, lr: float | None = None, save_every: int = 0,
                 force: bool = False,
                 verify: bool = True,
-                on_step: Callable[[int, float, TrainStats], None] | None = None) -> TrainRun:
+                on_step: Callable[[int, float, TrainStats], None] | None = None,
+                source: Any = None, eval_every: int = 0) -> TrainRun:
     """Compile `model` (a model.py path or a Program) with the recipe, train `steps` steps on
     model.py's batches, and with `out_dir` write deltas.safetensors (every `save_every` steps
     and at the end), recipe.toml and report.json there. `lr`: AdamW's learning rate (default
     1e-3); a recipe with joint-graph passes trains with the optimizer it sets, so `lr` is
-    refused there.
+    refused there. `source`: a `sparsec.sources.SourceOptions` (data files, HF task);
+    `eval_every`: the eval loss every N steps (and at the end) when it names eval data.
 
     The output directory is staged: it appears complete or not at all. If training fails
     after a checkpoint was saved, the directory still appears with that checkpoint and a
@@ -313,8 +316,10 @@ def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (
 
     from .api import resolve_passes, staged_output, write_outputs
     from .backends import lower
-    from .frontend import trace_file
+    from .evaluate import Evaluator
     from .passes.sparse_finetune import finetune_nodes
+    from .sources import open_model
+    from .trainable import DELTAS_FILE, output_file
     from .pipeline import run_passes
     from .report import build_report
 
@@ -325,40 +330,45 @@ def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (
     if joint and lr is not None:
         raise BadInputError(f"--lr {lr:g} is not used: the recipe's {joint[0]} pass sets the "
                             "optimizer of the traced step; set lr in that pass instead")
-    program = model if isinstance(model, Program) else trace_file(model)
+    opened = None if isinstance(model, Program) else open_model(model, source)
+    program = model if opened is None else opened.program
+    evaluator = Evaluator(opened.eval_batches, eval_every) if opened and opened.eval_batches \
+        else None
     if program.source.batches is None:
         raise BadInputError(f"{program.source.name}: training needs batches(); define it in "
                             "model.py (see examples/tiny_llama.py)")
     if out_dir is not None and Path(out_dir).exists() and not force:
         raise BadInputError(f"{out_dir}: output directory exists; pass --force to replace it")
+    saved_file = output_file(pass_list, program)  # before compiling: refuse early
     program = run_passes(program, pass_list, verify=verify)
-    if not finetune_nodes(program):
+    if saved_file == DELTAS_FILE and not finetune_nodes(program):
         raise BadInputError("the recipe has no sparse-finetune pass, so there is nothing to save "
                             "as deltas; add one (see docs/finetune.md)")
     compiled = lower(program, "eager")
     trainer = Trainer(program, lr=1e-3 if lr is None else lr)
     compiled.trainer = trainer
     if out_dir is None:
-        trainer.fit(program.source.batches, steps, _callback(trainer, on_step, None, 0))
+        trainer.fit(program.source.batches, steps,
+                    _callback(trainer, on_step, None, 0, evaluator, steps))
         program.state.setdefault("report", {})["train"] = _train_section(trainer, True)
         return TrainRun(compiled, trainer, build_report(compiled))
     error: BaseException | None = None
     with staged_output(out_dir, force=force) as staging:
-        saver = _Saver(program, staging / "deltas.safetensors")
+        saver = _Saver(program, staging / saved_file)
         try:
             trainer.fit(program.source.batches, steps,
-                        _callback(trainer, on_step, saver, save_every))
+                        _callback(trainer, on_step, saver, save_every, evaluator, steps))
             saver.save(trainer.stats.steps)
         except (Exception, KeyboardInterrupt) as e:
             if saver.step is None:
                 raise
             error = e
         section = _train_section(trainer, error is None)
-        section["deltas_step"] = saver.step
+        section["deltas_step" if saved_file == DELTAS_FILE else "trainable_step"] = saver.step
         if error is not None:
             section["error"] = f"{type(error).__name__}: {error}".splitlines()[0]
         program.state.setdefault("report", {})["train"] = section
-        compiled.artifacts["deltas.safetensors"] = Path(out_dir) / "deltas.safetensors"
+        compiled.artifacts[saved_file] = Path(out_dir) / saved_file
         report = write_outputs(compiled, staging, pass_list)
     compiled.artifacts = {k: Path(out_dir) / Path(v).name for k, v in compiled.artifacts.items()}
     if error is not None:
@@ -372,15 +382,22 @@ class _Saver:
 
     def save(self, step: int) -> None:
         from .deltas import extract_deltas, save_deltas
+        from .trainable import TRAINABLE_FILE, save_trainable
 
-        save_deltas(extract_deltas(self.program, info={"step": step}), self.path)
+        if self.path.name == TRAINABLE_FILE:
+            save_trainable(self.program, self.path, info={"step": step})
+        else:
+            save_deltas(extract_deltas(self.program, info={"step": step}), self.path)
         self.step = step
 
 
-def _callback(trainer: Trainer, on_step: Any, saver: _Saver | None, every: int):
+def _callback(trainer: Trainer, on_step: Any, saver: _Saver | None, every: int,
+              evaluator: Any = None, last: int = 0):
     def call(i: int, loss: float) -> None:
         if saver is not None and every and i % every == 0:
             saver.save(i)
+        if evaluator is not None and evaluator.due(i, last):
+            evaluator(trainer, i)
         if on_step is not None:
             on_step(i, loss, trainer.stats)
     return call

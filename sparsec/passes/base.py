@@ -210,6 +210,9 @@ def registered_passes() -> dict[str, type[Pass]]:
     from . import _builtin  # noqa: F401  (registers the built-in passes)
 
     _load_entry_points()
+    from .plugins import load_env_plugins
+
+    load_env_plugins()
     return dict(sorted(_REGISTRY.items()))
 
 
@@ -222,7 +225,9 @@ def get_pass(name: str) -> type[Pass]:
 
         close = difflib.get_close_matches(name, passes, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else "; `sparsec passes` lists them"
-        raise RecipeError(f"unknown pass '{name}'{hint}")
+        raise RecipeError(f"unknown pass '{name}'{hint}; a pass of your own: import its module "
+                          "with --plugin MODULE (or SPARSEC_PLUGINS), or install it with a "
+                          "'sparsec.passes' entry point")
     return passes[name]
 
 
