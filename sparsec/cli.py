@@ -342,13 +342,28 @@ def train_gates_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str,
     click.echo(train_gates_file(model_file, recipe, pass_args, steps, lr, out, log))
 
 
-def _add_commands() -> None:
-    from .export import export_cmd
+@cli.command("export")
+@click.argument("model", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--deltas", type=click.Path(path_type=Path), required=True,
+              help="deltas.safetensors (or trainable.safetensors) from `sparsec train`.")
+@click.option("--format", "fmt", type=click.Choice(["hf", "peft-shira"]), default="hf",
+              show_default=True, help="hf: a merged save_pretrained directory; peft-shira: a "
+                                      "PEFT SHiRA adapter for the unchanged base.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Directory to write.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@source_options(data=False)
+@verbose_option
+@handle_errors
+def export_cmd(model: Path, deltas: Path, fmt: str, out_dir: Path, force: bool, source: Any,
+               verbose: bool) -> None:
+    """Write MODEL (an HF directory, or a model.py around a transformers model) with trained
+    deltas as an HF directory or a PEFT adapter."""
+    from .export import describe, export_model
 
-    cli.add_command(export_cmd)
-
-
-_add_commands()
+    with _status(f"exporting {model.name}", verbose):
+        record = export_model(model, deltas, out_dir, fmt=fmt, source=source, force=force)
+    click.echo(describe(record, out_dir))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,12 +20,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import click
 import torch
 
 from .errors import BadInputError
 
-__all__ = ["FORMATS", "export_model", "export_cmd"]
+__all__ = ["FORMATS", "export_model", "describe"]
 
 FORMATS = ("hf", "peft-shira")
 _AUTO = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM",
@@ -274,36 +273,11 @@ def _fill_values(peft_model: Any, masks: dict[str, tuple[torch.Tensor, torch.Ten
         raise BadInputError(f"internal: PEFT adapted {filled} of {len(masks)} layers")
 
 
-# the command ---------------------------------------------------------------------------------
-def _command() -> click.Command:
-    from .cli import handle_errors, verbose_option
-    from .cli_options import source_options
-
-    @click.command("export")
-    @click.argument("model", metavar="MODEL", type=click.Path(path_type=Path))
-    @click.option("--deltas", type=click.Path(path_type=Path), required=True,
-                  help="deltas.safetensors (or trainable.safetensors) from `sparsec train`.")
-    @click.option("--format", "fmt", type=click.Choice(FORMATS), default="hf",
-                  show_default=True, help="hf: merged save_pretrained directory; peft-shira: "
-                                          "a PEFT SHiRA adapter for the unchanged base.")
-    @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True,
-                  help="Directory to write.")
-    @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
-    @source_options(data=False)
-    @verbose_option
-    @handle_errors
-    def export_cmd(model: Path, deltas: Path, fmt: str, out_dir: Path, force: bool,
-                   source: Any, verbose: bool) -> None:
-        """Write MODEL with trained deltas as an HF directory or a PEFT adapter."""
-        record = export_model(model, deltas, out_dir, fmt=fmt, source=source, force=force)
-        if fmt == "hf":
-            p = record["parity"]
-            click.echo(f"exported {record['merged']['kind']} merged into {out_dir}/ "
-                       f"(reloaded with transformers: max abs err {p['max_abs_err']:.3g})")
-        else:
-            click.echo(f"exported a PEFT SHiRA adapter (r={record['r']}, {record['targets']} "
-                       f"layers, {record['trained']:,} trained entries) to {out_dir}/")
-    return export_cmd
-
-
-export_cmd = _command()
+def describe(record: dict[str, Any], out_dir: Any) -> str:
+    """The line `sparsec export` prints."""
+    if record["format"] == "hf":
+        p = record["parity"]
+        return (f"exported {record['merged']['kind']} merged into {out_dir}/ (reloaded with "
+                f"transformers: max abs err {p['max_abs_err']:.3g})")
+    return (f"exported a PEFT SHiRA adapter (r={record['r']}, {record['targets']} layers, "
+            f"{record['trained']:,} trained entries) to {out_dir}/")

@@ -10,18 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadInputError
+from .layouts.plot import IMAGE_FORMATS, image_format
 
 __all__ = ["IMAGE_FORMATS", "check_plot_path", "plot_memory_timeline", "save_figure"]
 
-IMAGE_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpeg", ".jpeg": "jpeg"}
-
-
 def check_plot_path(path: Path) -> str:
     """The image format `path`'s suffix names, or a one-line refusal (before any work)."""
-    fmt = IMAGE_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise BadInputError(f"{path}: cannot write a {path.suffix or 'suffix-less'} image; "
-                            f"name it {', '.join(sorted(IMAGE_FORMATS))}")
+    fmt = image_format(path)
     try:
         import matplotlib  # noqa: F401
     except ImportError:

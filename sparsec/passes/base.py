@@ -148,7 +148,8 @@ def _check_range(value: Any, f: dataclasses.Field, pass_name: str) -> None:
     for v in values:
         if m.get("choices") is not None and v not in m["choices"]:
             allowed = ", ".join(repr(c) for c in m["choices"])
-            raise OptionError(f"option '{where}' is {v!r}; choose one of {allowed}")
+            raise OptionError(f"option '{where}' is {v!r}; {_did_you_mean(v, m['choices'])}"
+                              f"choose one of {allowed}")
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             lo, hi = m.get("min"), m.get("max")
             if (lo is not None and v < lo) or (hi is not None and v > hi):
@@ -229,6 +230,15 @@ def get_pass(name: str) -> type[Pass]:
                           "with --plugin MODULE (or SPARSEC_PLUGINS), or install it with a "
                           "'sparsec.passes' entry point")
     return passes[name]
+
+
+def _did_you_mean(value: Any, choices: tuple) -> str:
+    import difflib
+
+    if not isinstance(value, str):
+        return ""
+    close = difflib.get_close_matches(value, [c for c in choices if isinstance(c, str)], n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
 
 
 def providers_of(prop: str) -> list[str]:
