@@ -55,7 +55,7 @@ def open_model(model: str | Path, opts: SourceOptions | None = None) -> Opened:
     if is_hf_dir(model):
         return _open_hf(Path(model), opts)
     if Path(model).is_dir():
-        raise BadInputError(f"{model}: a directory without config.json; give a model.py or an "
+        raise BadInputError(f"{model}: is a directory without config.json; give a model.py or an "
                             "HF checkpoint directory (config.json + *.safetensors)")
     if opts.task is not None:
         raise BadInputError(f"--task is for HF checkpoint directories; {Path(model).name} "

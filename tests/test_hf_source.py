@@ -133,7 +133,7 @@ def test_hf_dir_errors_are_one_line(tmp_path):
     from sparsec.errors import BadInputError
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(BadInputError, match="without config.json"):
+    with pytest.raises(BadInputError, match="is a directory without config.json"):
         sparsec.compile(tmp_path / "empty")
     (tmp_path / "nowts").mkdir()
     (tmp_path / "nowts" / "config.json").write_text("{}")
