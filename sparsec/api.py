@@ -16,7 +16,7 @@ import torch
 from ._util import atomic_write_text, remove_tree
 from .backends import Compiled, LowerOptions, lower
 from .errors import BadInputError, RecipeError
-from .frontend import trace, trace_file
+from .frontend import trace
 from .passes.base import Pass
 from .pipeline import run_passes
 from .program import Program
@@ -32,7 +32,8 @@ def compile(model: torch.nn.Module | Program | str | Path, example_inputs: Any =
             backend: str = "eager", out_dir: str | Path | None = None, verify: bool = True,
             dump_dir: str | Path | None = None, force: bool = False,
             backend_options: dict[str, Any] | None = None,
-            deltas: str | Path | None = None, partial_deltas: bool = False) -> Compiled:
+            deltas: str | Path | None = None, partial_deltas: bool = False,
+            source: Any = None) -> Compiled:
     """Trace (unless given a Program), run the recipe's passes then `passes`, and lower.
 
     `model` may be an `nn.Module` (with `example_inputs`), a traced `Program`, or the path of a
@@ -40,12 +41,16 @@ def compile(model: torch.nn.Module | Program | str | Path, example_inputs: Any =
     `deltas` (a file from `sparsec train`), the trained deltas are put into the program's sparse
     fine-tuning ops before lowering; the onnx backend exports them merged into dense weights.
     Every fine-tuned weight must have its delta unless `partial_deltas`.
+    `model` may also be an HF checkpoint directory; `source` (`sparsec.sources.SourceOptions`)
+    sets its task and input shape.
     """
     pass_list = resolve_passes(recipe, passes)
     if isinstance(model, Program):
         program = model
     elif isinstance(model, (str, Path)):
-        program = trace_file(model)
+        from .sources import open_model
+
+        program = open_model(model, source).program
     else:
         if example_inputs is None:
             raise BadInputError("compile() needs example_inputs with an nn.Module")

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import click
 
+from .cli_options import plugin_option, source_options
 from .errors import BadInputError, SparsecError
 
 __all__ = ["main", "cli"]
@@ -103,7 +104,7 @@ def cli() -> None:
 
 
 @cli.command("compile")
-@click.argument("model_file", metavar="MODEL.py", type=click.Path(path_type=Path))
+@click.argument("model_file", metavar="MODEL", type=click.Path(path_type=Path))
 @click.option("--recipe", "recipe", type=click.Path(path_type=Path), help="TOML recipe of passes.")
 @click.option("--pass", "pass_args", multiple=True, metavar="NAME[:k=v,...]",
               help="A pass to run after the recipe's (repeatable).")
@@ -128,16 +129,24 @@ def cli() -> None:
               help="Trained deltas (from `sparsec train`) to deploy; onnx merges them.")
 @click.option("--partial-deltas", is_flag=True,
               help="Accept deltas that cover only some fine-tuned weights (others stay zero).")
+@click.option("--plot-memory", type=click.Path(path_type=Path),
+              help="Draw the training step's predicted memory per node (PNG/SVG/PDF/JPEG).")
+@plugin_option
+@source_options(data=False)
 @verbose_option
 @handle_errors
 def compile_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...], backend: str,
                 out_dir: Path | None, force: bool, dump_dir: Path | None, verify: bool,
                 opset: int | None, onnx_attention: str | None, onnx_provider: str | None,
                 onnx_dynamic: str | None, deltas: Path | None, partial_deltas: bool,
-                verbose: bool) -> None:
-    """Trace MODEL.py, run the passes and lower it with a backend."""
+                plot_memory: Path | None, source: Any, verbose: bool) -> None:
+    """Trace MODEL (a model.py or an HF checkpoint directory), run the passes and lower it."""
     from .api import compile as compile_model
+    from .memory_plot import check_plot_path, plot_memory_timeline
     from .report import render_summary
+
+    if plot_memory is not None:
+        check_plot_path(plot_memory)
 
     onnx_opts = {"opset": opset, "attention": onnx_attention, "provider": onnx_provider,
                  "dynamic": onnx_dynamic}
@@ -150,14 +159,16 @@ def compile_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...
         compiled = compile_model(model_file, recipe=recipe, passes=pass_args, backend=backend,
                                  out_dir=out_dir, verify=verify, dump_dir=dump_dir, force=force,
                                  backend_options=onnx_opts or None, deltas=deltas,
-                                 partial_deltas=partial_deltas)
+                                 partial_deltas=partial_deltas, source=source)
     render_summary(compiled.summary)
+    if plot_memory is not None:
+        click.echo(plot_memory_timeline(compiled.program, plot_memory))
     if out_dir is not None:
         click.echo(f"output: {out_dir}/")
 
 
 @cli.command("train")
-@click.argument("model_file", metavar="MODEL.py", type=click.Path(path_type=Path))
+@click.argument("model_file", metavar="MODEL", type=click.Path(path_type=Path))
 @click.option("--recipe", "recipe", type=click.Path(path_type=Path), help="TOML recipe of passes.")
 @click.option("--pass", "pass_args", multiple=True, metavar="NAME[:k=v,...]",
               help="A pass to run after the recipe's (repeatable).")
@@ -178,12 +189,16 @@ def compile_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...
               "(distributed runs; see docs/distributed.md).")
 @click.option("--backend", "dist_backend", type=click.Choice(["gloo", "nccl"]),
               help="torch.distributed backend (default: nccl with CUDA GPUs, else gloo).")
+@plugin_option
+@source_options(data=True)
 @verbose_option
 @handle_errors
 def train_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...], steps: int,
               out_dir: Path | None, lr: float, save_every: int, force: bool, verify: bool,
-              resume: Path | None, fsdp: bool, dist_backend: str | None, verbose: bool) -> None:
-    """Compile MODEL.py with sparse fine-tuning and train it on its batches().
+              resume: Path | None, fsdp: bool, dist_backend: str | None, source: Any,
+              eval_every: int, verbose: bool) -> None:
+    """Compile MODEL (a model.py or an HF checkpoint directory) with the recipe and train it
+    on its batches() or on --data.
 
     Under torchrun (`torchrun --nproc-per-node N -m sparsec train ...`), with --resume or with
     --fsdp it trains data-parallel on torch.distributed (docs/distributed.md).
@@ -195,12 +210,16 @@ def train_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...],
         extra = {"resume": resume, "fsdp": fsdp, "backend": dist_backend}
         if resume is not None and _is_default("lr"):
             lr = None  # the checkpoint's
+        if source.given() or Path(model_file).is_dir():
+            raise BadInputError("--data, --task and HF checkpoint directories train in one "
+                                "process for now; for a distributed run give a model.py "
+                                "whose batches() reads the data")
     else:
         from .train import train_model as train
-        extra = {}
+        extra = {"source": source, "eval_every": eval_every}
         if _is_default("lr"):
             lr = None  # AdamW's default, or the recipe's optimizer for a traced step
-    with _TrainProgress(steps) as progress:
+    with _TrainProgress(steps, f"compiling {model_file.name}") as progress:
         run = train(model_file, steps=steps, recipe=recipe, passes=pass_args, out_dir=out_dir,
                     lr=lr, save_every=save_every, force=force, verify=verify,
                     on_step=progress.update, **extra)
@@ -220,8 +239,14 @@ def train_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...],
                    f"{d['bytes_per_step']:,} bytes all-reduced per step "
                    f"(full fine-tuning: {d['full_ft_bytes_per_step']:,}), "
                    f"global step {d['global_step']}")
+    ev = run.report.get("eval")
+    if ev:
+        click.echo(f"eval loss {ev['loss_first']:.4f} -> {ev['loss_last']:.4f} "
+                   f"({len(ev['losses'])} evaluations of {ev['batches']} batches)")
     if out_dir is not None:
-        click.echo(f"output: {out_dir}/ (deltas.safetensors, report.json)")
+        saved = next((a for a in run.report.get("artifacts", [])
+                      if a in ("deltas.safetensors", "trainable.safetensors")), "deltas.safetensors")
+        click.echo(f"output: {out_dir}/ ({saved}, report.json)")
 
 
 def _is_default(param: str) -> bool:
@@ -230,50 +255,11 @@ def _is_default(param: str) -> bool:
     return click.get_current_context().get_parameter_source(param) == ParameterSource.DEFAULT
 
 
-class _TrainProgress:
-    """A rich progress bar with loss, tokens/s and peak memory (plain lines when piped)."""
-
-    def __init__(self, steps: int):
-        self.steps, self.progress, self.task = steps, None, None
-
-    def __enter__(self) -> "_TrainProgress":
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        console = Console(stderr=True)
-        if console.is_terminal:
-            self.progress = Progress(
-                TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                TextColumn("peak {task.fields[mem]}"), TimeRemainingColumn(), console=console)
-            self.progress.__enter__()
-            self.task = self.progress.add_task("train", total=self.steps, loss="-", tps="-",
-                                               mem="-")
-        return self
-
-    def update(self, step: int, loss: float, stats) -> None:
-        from .train import peak_memory
-
-        if self.progress is None:
-            if step == 1 or step == self.steps or step % max(1, self.steps // 10) == 0:
-                click.echo(f"step {step}/{self.steps} loss {loss:.4f}", err=True)
-            return
-        tps = stats.tokens / stats.seconds if stats.seconds else 0.0
-        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}",
-                             mem=f"{peak_memory()[0] / 2**20:,.0f} MiB")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
+from .progress import TrainProgress as _TrainProgress  # noqa: E402
 
 
 @cli.command("passes")
+@plugin_option
 @verbose_option
 @handle_errors
 def passes_cmd(verbose: bool) -> None:
@@ -297,6 +283,7 @@ def passes_cmd(verbose: bool) -> None:
 
 @cli.command("explain")
 @click.argument("pass_name", metavar="PASS")
+@plugin_option
 @verbose_option
 @handle_errors
 def explain_cmd(pass_name: str, verbose: bool) -> None:
@@ -406,6 +393,30 @@ def train_gates_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str,
             click.echo(f"step {step}: loss {loss:.5f}", err=True)
 
     click.echo(train_gates_file(model_file, recipe, pass_args, steps, lr, out, log))
+
+
+@cli.command("export")
+@click.argument("model", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--deltas", type=click.Path(path_type=Path), required=True,
+              help="deltas.safetensors (or trainable.safetensors) from `sparsec train`.")
+@click.option("--format", "fmt", type=click.Choice(["hf", "peft-shira"]), default="hf",
+              show_default=True, help="hf: a merged save_pretrained directory; peft-shira: a "
+                                      "PEFT SHiRA adapter for the unchanged base.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Directory to write.")
+@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@source_options(data=False)
+@verbose_option
+@handle_errors
+def export_cmd(model: Path, deltas: Path, fmt: str, out_dir: Path, force: bool, source: Any,
+               verbose: bool) -> None:
+    """Write MODEL (an HF directory, or a model.py around a transformers model) with trained
+    deltas as an HF directory or a PEFT adapter."""
+    from .export import describe, export_model
+
+    with _status(f"exporting {model.name}", verbose):
+        record = export_model(model, deltas, out_dir, fmt=fmt, source=source, force=force)
+    click.echo(describe(record, out_dir))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["MemoryPlan", "predict_peak", "measure_peak", "tensor_bytes", "saved_activations"]
+__all__ = ["MemoryPlan", "predict_peak", "predict_timeline", "resident_bytes", "measure_peak", "tensor_bytes", "saved_activations"]
 
 
 @dataclass
@@ -51,6 +51,11 @@ def _aliases_input(node: fx.Node) -> bool:
     if schema is None or not schema.returns:
         return node.target is getattr  # attribute access on a tuple etc.
     return schema.returns[0].alias_info is not None
+
+
+def resident_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of the parameters, buffers and inputs, resident for the whole graph."""
+    return _resident(gm)
 
 
 def _resident(gm: fx.GraphModule) -> int:
@@ -88,6 +93,16 @@ def _fetch(gm: fx.GraphModule, target: str) -> Any:
 
 def predict_peak(gm: fx.GraphModule) -> MemoryPlan:
     """Replay `gm` (nodes need `meta["val"]`, as torch.export and make_fx give them)."""
+    peak, peak_node = 0, ""
+    for name, live in predict_timeline(gm):
+        if live > peak:
+            peak, peak_node = live, name
+    return MemoryPlan(_resident(gm), peak, peak_node)
+
+
+def predict_timeline(gm: fx.GraphModule) -> list[tuple[str, int]]:
+    """(node name, transient bytes live while it runs) for every node, in graph order; add
+    `MemoryPlan.resident_bytes` for the total. Its maximum is `predict_peak`'s transient peak."""
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     base: dict[fx.Node, fx.Node] = {}  # node → the node that allocated its storage
@@ -118,8 +133,8 @@ def predict_peak(gm: fx.GraphModule) -> MemoryPlan:
                 last_use[owner] = max(last_use[owner], _last_user(tup, pos))
     outputs = {base.get(a, a) for a in pytree.tree_leaves(gm.graph.output_node().args)
                if isinstance(a, fx.Node)}
-    live = peak = 0
-    peak_node = ""
+    live = 0
+    timeline = []
     frees: dict[int, int] = {}
     for node in nodes:
         if node in size:
@@ -127,10 +142,9 @@ def predict_peak(gm: fx.GraphModule) -> MemoryPlan:
             end = last_use.get(node, pos[node])
             if node not in outputs and base.get(node, node) is node:
                 frees[end] = frees.get(end, 0) + size[node]
-        if live > peak:
-            peak, peak_node = live, node.name
+        timeline.append((node.name, live))
         live -= frees.pop(pos[node], 0)
-    return MemoryPlan(_resident(gm), peak, peak_node)
+    return timeline
 
 
 def _is_getitem(node: fx.Node) -> bool:

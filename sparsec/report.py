@@ -90,10 +90,29 @@ def render_summary(report: dict[str, Any], console: Any = None) -> None:
     if "onnx" in report and "max_abs_err" in report["onnx"]:
         line += f" · onnxruntime parity max abs err {report['onnx']['max_abs_err']:.3g}"
     console.print(line)
+    mem = report.get("memory") or {}
+    if "predicted_peak_bytes" in mem:
+        line = (f"memory plan: predicted peak {_gib(mem['predicted_peak_bytes'])} (resident "
+                f"{_gib(mem.get('resident_bytes', 0))})")
+        if mem.get("measured_peak_bytes"):
+            line += f", measured {_gib(mem['measured_peak_bytes'])}"
+        if mem.get("eager_full_ft_peak_bytes"):
+            line += f", eager full fine-tuning {_gib(mem['eager_full_ft_peak_bytes'])}"
+        console.print(line)
+    if report.get("sparse_finetune") and not report.get("deltas"):
+        console.print("deltas: untrained (zeros); train them with `sparsec train … -o DIR` and "
+                      "deploy with `--deltas DIR/deltas.safetensors`")
+    elif report.get("deltas"):
+        console.print(f"deltas: {report['deltas']['file']} ({report['deltas']['targets']} "
+                      "targets)")
     for note in report.get("notes", []):
         console.print(f"note: {note}")
     if report.get("artifacts"):
         console.print("wrote: " + ", ".join(report["artifacts"]))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
 
 
 def _fmt(v: Any) -> str:

@@ -50,6 +50,7 @@ class TrainStats:
     regrows: int = 0
     regrown_entries: int = 0
     samples: int = 0  # rows of the first input, summed (a checkpoint's progress)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss)
 
     def to_json(self) -> dict[str, Any]:
         mem, kind = peak_memory()
@@ -383,11 +384,14 @@ def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (
                 out_dir: Any = None, lr: float | None = None, save_every: int = 0,
                 force: bool = False,
                 verify: bool = True,
-                on_step: Callable[[int, float, TrainStats], None] | None = None) -> TrainRun:
+                on_step: Callable[[int, float, TrainStats], None] | None = None,
+                source: Any = None, eval_every: int = 0) -> TrainRun:
     """Compile `model` (a model.py path or a Program) with the recipe, train `steps` steps on
-    model.py's batches, and with `out_dir` write a checkpoint there every `save_every` steps
-    and at the end. `lr`: AdamW's learning rate (default 1e-3); a recipe with joint-graph
-    passes trains with the optimizer it sets, so `lr` is refused there.
+    model.py's batches (or the data files of `source`), and with `out_dir` write a checkpoint
+    there every `save_every` steps and at the end. `lr`: AdamW's learning rate (default 1e-3); a
+    recipe with joint-graph passes trains with the optimizer it sets, so `lr` is refused there.
+    `source`: a `sparsec.sources.SourceOptions` (data files, HF task); `eval_every`: the eval
+    loss every N steps (and at the end) when it names eval data.
 
     Crash-safe: each checkpoint (deltas.safetensors, optimizer.safetensors, recipe.toml,
     report.json) is written into a staging directory and swapped in atomically, so `out_dir`
@@ -397,7 +401,10 @@ def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (
     """
     from .api import RunDirectory, check_output_dir, resolve_passes
     from .backends import lower
-    from .frontend import trace_file
+    from .evaluate import Evaluator
+    from .passes.sparse_finetune import finetune_nodes
+    from .sources import open_model
+    from .trainable import DELTAS_FILE, output_file
     from .pipeline import run_passes
     from .report import build_report
 
@@ -411,22 +418,30 @@ def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (
     inputs = [None if isinstance(model, Program) else model, recipe]
     if out_dir is not None:
         check_output_dir(out_dir, force=force, inputs=inputs)
-    program = model if isinstance(model, Program) else trace_file(model)
+    opened = None if isinstance(model, Program) else open_model(model, source)
+    program = model if opened is None else opened.program
+    evaluator = Evaluator(opened.eval_batches, eval_every) if opened and opened.eval_batches \
+        else None
     if program.source.batches is None:
         raise BadInputError(f"{program.source.name}: training needs batches(); define it in "
                             "model.py (see examples/tiny_llama.py)")
+    saved_file = output_file(pass_list, program)  # before compiling: refuse early
     program = run_passes(program, pass_list, verify=verify)
-    check_trainable(program, pass_list)
+    if saved_file == DELTAS_FILE:
+        check_trainable(program, pass_list)
     compiled = lower(program, "eager")
     trainer = Trainer(program, lr=1e-3 if lr is None else lr)
     compiled.trainer = trainer
     if out_dir is None:
-        trainer.fit(program.source.batches, steps, _callback(trainer, on_step, None, 0))
+        trainer.fit(program.source.batches, steps,
+                    _callback(trainer, on_step, None, 0, evaluator, steps))
         program.state.setdefault("report", {})["train"] = _train_section(trainer, True)
         return TrainRun(compiled, trainer, build_report(compiled))
-    saver = _Saver(compiled, RunDirectory(out_dir, force=force, inputs=inputs), pass_list)
+    saver = _Saver(compiled, RunDirectory(out_dir, force=force, inputs=inputs), pass_list,
+                   saved_file)
     try:
-        trainer.fit(program.source.batches, steps, _callback(trainer, on_step, saver, save_every))
+        trainer.fit(program.source.batches, steps,
+                    _callback(trainer, on_step, saver, save_every, evaluator, steps))
     except (Exception, KeyboardInterrupt) as e:
         if saver.step is not None:
             saver.record_error(e)
@@ -459,8 +474,9 @@ def check_trainable(program: Program, pass_list: list) -> None:
 class _Saver:
     """Checkpoints of a one-process run, each swapped into the run directory whole."""
 
-    def __init__(self, compiled: Any, run: Any, pass_list: list):
+    def __init__(self, compiled: Any, run: Any, pass_list: list, saved_file: str):
         self.compiled, self.run, self.pass_list = compiled, run, pass_list
+        self.saved_file = saved_file  # deltas or trainable tensors
         self.step: int | None = None
 
     @property
@@ -487,16 +503,21 @@ class _Saver:
         from .api import write_outputs
         from .checkpoint import OPTIMIZER_FILE, save_optimizer_state
         from .deltas import extract_deltas, save_deltas
+        from .trainable import DELTAS_FILE, TRAINABLE_FILE, save_trainable
 
         t, program = self.trainer, self.trainer.program
         step = t.global_step
-        save_deltas(extract_deltas(program, info={"step": step}), staging / "deltas.safetensors")
-        self.compiled.artifacts["deltas.safetensors"] = staging / "deltas.safetensors"
+        path = staging / self.saved_file
+        if self.saved_file == TRAINABLE_FILE:
+            save_trainable(program, path, info={"step": step})
+        else:
+            save_deltas(extract_deltas(program, info={"step": step}), path)
+        self.compiled.artifacts[self.saved_file] = path
         if t.optimizer is not None:  # a traced step keeps its optimizer state in the graph
             save_optimizer_state(staging / OPTIMIZER_FILE, t, self.progress(), _regrow_sums(t))
             self.compiled.artifacts[OPTIMIZER_FILE] = staging / OPTIMIZER_FILE
         section = _train_section(t, completed)
-        section["deltas_step"] = step
+        section["deltas_step" if self.saved_file == DELTAS_FILE else "trainable_step"] = step
         program.state.setdefault("report", {})["train"] = section
         return write_outputs(self.compiled, staging, self.pass_list)
 
@@ -532,10 +553,13 @@ def _regrow_sums(trainer: Trainer) -> dict[str, torch.Tensor]:
             if t.grad_sum is not None}
 
 
-def _callback(trainer: Trainer, on_step: Any, saver: _Saver | None, every: int):
+def _callback(trainer: Trainer, on_step: Any, saver: _Saver | None, every: int,
+              evaluator: Any = None, last: int = 0):
     def call(i: int, loss: float) -> None:
         if saver is not None and every and i % every == 0:
             saver.save()
+        if evaluator is not None and evaluator.due(i, last):
+            evaluator(trainer, i)
         if on_step is not None:
             on_step(i, loss, trainer.stats)
     return call

@@ -146,6 +146,11 @@ def export_onnx(program: Program, path: Path | None = None, *, opset: int | None
         kwargs["opset_version"] = opset
     if dynamic_shapes is not None:
         kwargs["dynamic_shapes"] = dynamic_shapes
+    from .onnx_names import output_names
+
+    names = output_names(program)
+    if names:
+        kwargs["output_names"] = names
     try:
         with quiet():
             onx = torch.onnx.export(program.gm, program.example_inputs, **kwargs)

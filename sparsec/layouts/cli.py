@@ -40,6 +40,9 @@ def _heads(text: str) -> tuple[int, ...]:
 def draw_layout(model_file: Path | None, out: Path, **kw: Any) -> str:
     """Build the layout (static from lengths, or as the pass chooses it on MODEL.py) and
     plot it. Returns the line to print."""
+    from .plot import image_format
+
+    image_format(out)  # refuse an unknown image suffix before any work
     p = _make_pass(kw)
     heads = _heads(kw.get("plot_heads") or "0")
     if model_file is None:
@@ -64,8 +67,12 @@ def draw_layout(model_file: Path | None, out: Path, **kw: Any) -> str:
                                 f"attention sites (0..{len(layouts) - 1})")
         where, layout = layouts[index]
     path = plot_layout(layout, out, heads=heads, title=f"{p.layout} · {where}")
-    return (f"wrote {path}: {p.layout}, L={layout.q_len}, S={layout.kv_len}, block "
+    line = (f"wrote {path}: {p.layout}, L={layout.q_len}, S={layout.kv_len}, block "
             f"{layout.block_q}, density {layout.density():.1%} of the {layout.grid()} grid")
+    if layout.density() >= 1.0:
+        line += ("\nwarning: this layout keeps 100% of the blocks, so attention stays dense; "
+                 "use a longer --seq-len or a smaller --window/--sink")
+    return line
 
 
 def site_layouts(model_file: Path, pass_) -> list[tuple[str, BlockLayout]]:

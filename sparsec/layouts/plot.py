@@ -10,7 +10,19 @@ from .._util import atomic_write_bytes
 from ..errors import BadInputError
 from .block_layout import BlockLayout
 
-__all__ = ["plot_layout"]
+__all__ = ["plot_layout", "IMAGE_FORMATS", "image_format"]
+
+IMAGE_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpeg", ".jpeg": "jpeg"}
+
+
+def image_format(path: str | Path) -> str:
+    """The format the file's suffix names (a .jpg is written as a JPEG), or a refusal."""
+    p = Path(path)
+    fmt = IMAGE_FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise BadInputError(f"{p}: cannot write a {p.suffix or 'suffix-less'} image; name it "
+                            f"{', '.join(sorted(IMAGE_FORMATS))}")
+    return fmt
 
 # dropped, partial (masked), full
 _COLORS = ("#ffffff", "#f4a259", "#3b6ea5")
@@ -60,7 +72,7 @@ def plot_layout(layout: BlockLayout, path: str | Path, *, heads: Sequence[int] =
                loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1))  # room for the legend
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format=image_format(path), dpi=110)
     plt.close(fig)
     out = Path(path)
     try:

@@ -152,7 +152,8 @@ def _check_range(value: Any, f: dataclasses.Field, pass_name: str) -> None:
     for v in values:
         if m.get("choices") is not None and v not in m["choices"]:
             allowed = ", ".join(repr(c) for c in m["choices"])
-            raise OptionError(f"option '{where}' is {v!r}; choose one of {allowed}")
+            raise OptionError(f"option '{where}' is {v!r}; {_did_you_mean(v, m['choices'])}"
+                              f"choose one of {allowed}")
         if isinstance(v, float) and not math.isfinite(v):
             raise OptionError(f"option '{where}' is {v}; give a finite number")
         if isinstance(v, int) and not isinstance(v, bool) and not _INT64[0] <= v <= _INT64[1]:
@@ -219,6 +220,9 @@ def registered_passes() -> dict[str, type[Pass]]:
     from . import _builtin  # noqa: F401  (registers the built-in passes)
 
     _load_entry_points()
+    from .plugins import load_env_plugins
+
+    load_env_plugins()
     return dict(sorted(_REGISTRY.items()))
 
 
@@ -231,8 +235,19 @@ def get_pass(name: str) -> type[Pass]:
 
         close = difflib.get_close_matches(name, passes, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else "; `sparsec passes` lists them"
-        raise RecipeError(f"unknown pass '{name}'{hint}")
+        raise RecipeError(f"unknown pass '{name}'{hint}; a pass of your own: import its module "
+                          "with --plugin MODULE (or SPARSEC_PLUGINS), or install it with a "
+                          "'sparsec.passes' entry point")
     return passes[name]
+
+
+def _did_you_mean(value: Any, choices: tuple) -> str:
+    import difflib
+
+    if not isinstance(value, str):
+        return ""
+    close = difflib.get_close_matches(value, [c for c in choices if isinstance(c, str)], n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
 
 
 def providers_of(prop: str) -> list[str]:

@@ -108,7 +108,8 @@ def assert_pass_preserves(pass_: Pass, strategy: st.SearchStrategy | None = None
     On failure hypothesis shrinks the model to a minimal one, and the error raised is a
     `PassPropertyError` whose message holds Python that rebuilds that model and its inputs
     (paste it into a regression test). `settings` is a `hypothesis.settings` (default: the
-    active profile).
+    active profile without a deadline and without the too-slow health checks, since every
+    example compiles a graph: this works in a plain script as under pytest).
     """
     from . import strategies
 
@@ -124,6 +125,13 @@ def assert_pass_preserves(pass_: Pass, strategy: st.SearchStrategy | None = None
                 f"{type(e).__name__}: {e}") from e
 
     test = given(strategy)(prop)
-    if settings is not None:
-        test = settings(test)
+    test = (settings if settings is not None else _unhurried())(test)
     test()
+
+
+def _unhurried() -> Any:
+    from hypothesis import HealthCheck
+    from hypothesis import settings as hypothesis_settings
+
+    slow = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    return hypothesis_settings(deadline=None, suppress_health_check=slow)
