@@ -22,19 +22,24 @@ def bench():
 def test_quick_run_measures_each_row_kind(bench, tmp_path):
     rows = ["full-eager", "lora-eager", "prefill-dense-eager", "prefill-window-compile",
             "prefill-topk", "sparsec-opbyop", "sparsec-bsa-compile"]
+    named = rows[:5] + [f"{r}/{s}" for r in rows[5:] for s in ("op-classes", "min-cut")]
     out = tmp_path / "r.json"
     rc = bench.main(["--quick", "--layers", "1", "--steps", "1", "--warmup", "0",
-                     "--compile-backend", "eager", "--rows", ",".join(rows), "--json", str(out)])
+                     "--compile-backend", "eager", "--rows", ",".join(rows), "--json", str(out),
+                     "--reduce-saved-strategy", "op-classes,min-cut"])
     results = json.loads(out.read_text())
     got = results["lengths"]["128"]
     assert rc == 0, {n: r.get("error") for n, r in got.items()}
-    assert sorted(got) == sorted(rows)
+    assert sorted(got) == sorted(named)
     assert results["versions"]["transformers"] and results["date"]
     for name, r in got.items():
         assert r["tokens_per_s"] > 0 and r["setup_s"] >= 0, name
     lora_params = got["lora-eager"]["trainable"]
-    assert 0 < got["sparsec-opbyop"]["trainable"] <= 1.05 * lora_params
-    assert got["sparsec-bsa-compile"]["predicted_peak_bytes"] > 0
+    for strategy in ("op-classes", "min-cut"):
+        r = got[f"sparsec-opbyop/{strategy}"]
+        assert 0 < r["trainable"] <= 1.05 * lora_params
+        assert r["reduce_saved"]["strategy"] == strategy
+        assert got[f"sparsec-bsa-compile/{strategy}"]["predicted_peak_bytes"] > 0
     for name in ("prefill-window-compile", "prefill-topk"):
         err = got[name]["error_vs_dense"]
         assert got[name]["density"] < 1 and err["finite"] and 0 < err["rel_l2_err"] < 1
