@@ -41,7 +41,6 @@ import copy
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
