@@ -522,7 +522,8 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     s = Setup(args, device, dtype, config, block, args.window, args.sink, args.dynamic_window)
-    s.base_cpu = T.LlamaForCausalLM(config)
+    # the weights every row starts from, on the host in the run's dtype (rows copy them over)
+    s.base_cpu = T.LlamaForCausalLM(config).to(dtype)
     results = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
                "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "config": {k: getattr(config, k) for k in (
