@@ -10,7 +10,13 @@ Two parts, in one run, every session with 2 intra-op threads, sequential executi
    export of `sparsec::block_sparse_attention` under sliding-window + sink layouts of several
    densities (and sparsec's dense masked fallback at the first length);
 2. whole models: examples/tiny_llama.py at max_len 4096 exported without passes (dense) and
-   with block-sparse-attention (sliding window), through `sparsec.compile(..., backend="onnx")`.
+   with block-sparse-attention (sliding window), through `sparsec.compile(..., backend="onnx")`;
+3. one whole attention layer (q/k/v/o projections + causal attention, hidden 512, the shapes
+   of part 1), each variant timed in its own process so its peak RSS is its own: torch's dense
+   export at each `--opset` (at 23 the exporter emits the ONNX `Attention` op, which
+   onnxruntime runs), onnxruntime's fused CPU attention (`com.microsoft.MultiHeadAttention`,
+   unidirectional, in a hand-built graph), sparsec's gathered export per layout, and sparsec's
+   `contrib` form (`com.microsoft.SparseAttention`) where onnxruntime runs it.
 
 Parity is checked before timing (onnxruntime vs PyTorch). Times are medians of `--runs` runs
 after `--warmup` runs. "ideal" is the causal block grid over the kept blocks (the issue's
@@ -26,10 +32,12 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -84,10 +92,12 @@ class Sparse(torch.nn.Module):
             BLOCK, BLOCK)[0]
 
 
-def export_bytes(module, inputs, form: str = "gathered") -> bytes:
+def export_bytes(module, inputs, form: str = "gathered", opset: int | None = None) -> bytes:
+    kwargs = {} if opset is None else {"opset_version": opset}
     with export_context(ExportContext(attention=form)), sparsec._util.quiet():
         onx = torch.onnx.export(module, inputs, dynamo=True,
-                                custom_translation_table=sparsec.ops.onnx_translations())
+                                custom_translation_table=sparsec.ops.onnx_translations(),
+                                **kwargs)
     return onx.model_proto.SerializeToString()
 
 
@@ -171,6 +181,189 @@ def bench_models(lengths, args) -> list[dict]:
     return rows
 
 
+# whole layers, one process per variant ----------------------------------------------------------
+HIDDEN = HEADS * HEAD_DIM
+
+# Runs in a fresh interpreter that imports only onnxruntime and numpy, so the peak RSS it
+# reports is the session's (plus a fixed interpreter baseline, reported too).
+WORKER = r"""
+import json, statistics, sys, time
+import numpy as np, onnxruntime as ort
+def status(key):  # this process's own memory (ru_maxrss would carry the parent's over exec)
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+path, feed_path, out_path, threads, warmup, runs = sys.argv[1:7]
+feed = dict(np.load(feed_path))
+base = status("VmRSS")
+so = ort.SessionOptions()
+so.intra_op_num_threads = int(threads)
+so.inter_op_num_threads = 1
+so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+out = sess.run(None, feed)[0]
+for _ in range(int(warmup)):
+    sess.run(None, feed)
+times = []
+for _ in range(int(runs)):
+    t = time.perf_counter()
+    sess.run(None, feed)
+    times.append(time.perf_counter() - t)
+np.save(out_path, out)
+peak = status("VmHWM")
+print(json.dumps({"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3,
+                  "runs": len(times), "peak_rss_bytes": peak, "baseline_rss_bytes": base}))
+"""
+
+
+class Layer(torch.nn.Module):
+    """One attention layer: projections, causal attention (dense SDPA or a sparsec layout)."""
+
+    def __init__(self, layout=None):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        for name in "qkvo":
+            lin = torch.nn.Linear(HIDDEN, HIDDEN, bias=False)
+            lin.weight.data = torch.randn(HIDDEN, HIDDEN, generator=g) * HIDDEN ** -0.5
+            setattr(self, name, lin)
+        self.layout = layout
+        if layout is not None:
+            for name, t in zip(("num", "idx", "fnum", "fidx"), layout.tensors()):
+                self.register_buffer(name, t)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (getattr(self, p)(x).view(b, n, HEADS, HEAD_DIM).transpose(1, 2)
+                   for p in "qkv")
+        if self.layout is None:
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            a = torch.ops.sparsec.block_sparse_attention(
+                q, k, v, self.num, self.idx, self.fnum, self.fidx, None, HEAD_DIM ** -0.5, True,
+                BLOCK, BLOCK)[0]
+        return self.o(a.transpose(1, 2).reshape(b, n, HIDDEN))
+
+
+def ort_fused_layer(layer: Layer) -> bytes:
+    """The layer as MatMuls around onnxruntime's CPU `com.microsoft.MultiHeadAttention`
+    (unidirectional = causal), the fused kernel a user of onnxruntime would pick."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(getattr(layer, p).weight.detach().T.contiguous().numpy(),
+                                     f"w{p}") for p in "qkvo"]
+    nodes = [helper.make_node("MatMul", ["x", f"w{p}"], [p]) for p in "qkv"]
+    nodes.append(helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["a"],
+                                  domain="com.microsoft", num_heads=HEADS, unidirectional=1))
+    nodes.append(helper.make_node("MatMul", ["a", "wo"], ["y"]))
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, "L", HIDDEN]) for n in "xy"]
+    graph = helper.make_graph(nodes, "layer", io[:1], io[1:], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    return model.SerializeToString()
+
+
+def run_worker(model: bytes, x: torch.Tensor, args, tmp: Path) -> tuple[dict, torch.Tensor]:
+    import numpy as np
+
+    path, feed, out = tmp / "m.onnx", tmp / "feed.npz", tmp / "out.npy"
+    path.write_bytes(model)
+    np.savez(feed, x=x.numpy())
+    proc = subprocess.run([sys.executable, "-c", WORKER, str(path), str(feed), str(out),
+                           str(args.threads), str(args.warmup), str(args.runs)],
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode:
+        last = (proc.stderr.strip() or "no output").splitlines()[-1]
+        raise RuntimeError(last[-240:])  # onnxruntime's reason is at the end
+    return json.loads(proc.stdout.strip().splitlines()[-1]), torch.from_numpy(np.load(out))
+
+
+def layer_variants(L: int, opsets) -> list[tuple[str, str, Any]]:
+    """(name, layout description, how to build the model bytes) for one length."""
+    dense = Layer()
+    out = [(f"dense export, opset {o}", "causal", lambda o=o: (dense, export_bytes(
+        dense, (torch.zeros(1, L, HIDDEN),), opset=o))) for o in opsets]
+    out.append(("onnxruntime MultiHeadAttention (fused)", "causal",
+                lambda: (dense, ort_fused_layer(dense))))
+    for window, sink in LAYOUTS:
+        if window >= L:
+            continue
+        lay = sliding_window(L, block=BLOCK, window=window, sink=sink)
+        sparse = Layer(lay)
+        desc = f"window={window},sink={sink}"
+        out.append(("sparsec gathered", desc, lambda m=sparse: (m, export_bytes(
+            m, (torch.zeros(1, L, HIDDEN),)))))
+        if window == LAYOUTS[0][0]:
+            out.append(("sparsec contrib (SparseAttention)", desc, lambda m=sparse: (
+                m, export_bytes(m, (torch.zeros(1, L, HIDDEN),), "contrib"))))
+    return out
+
+
+def bench_layers(lengths, args) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for L in lengths:
+            x = torch.randn(1, L, HIDDEN, generator=torch.Generator().manual_seed(L))
+            for name, desc, build in layer_variants(L, args.opset):
+                row = {"L": L, "variant": name, "layout": desc}
+                try:
+                    module, model = build()
+                    ops = _op_types(model)
+                    row["attention_ops"] = sorted(ops & {"Attention", "MultiHeadAttention",
+                                                         "SparseAttention", "Softmax"})
+                    with torch.no_grad():
+                        want = module(x)
+                    r, got = run_worker(model, x, args, Path(tmp))
+                    r["max_rel_err"] = float((got - want).abs().max() / want.abs().max())
+                    if not r["max_rel_err"] <= 1e-4:
+                        raise RuntimeError(f"parity failed: max relative error "
+                                           f"{r['max_rel_err']:.3g}")
+                    if module.layout is not None:
+                        r["density"] = module.layout.density()
+                    row.update(r)
+                except Exception as e:  # a variant onnxruntime cannot run is a result too
+                    row["error"] = str(e).strip().splitlines()[0][-240:] or type(e).__name__
+                rows.append(row)
+                print(_layer_line(row), flush=True)
+    return rows
+
+
+def _op_types(model: bytes) -> set[str]:
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    types = {n.op_type for n in proto.graph.node}
+    for f in proto.functions:
+        types |= {n.op_type for n in f.node}
+    return types
+
+
+def _layer_line(r: dict) -> str:
+    head = f"layer L={r['L']} {r['variant']} ({r['layout']})"
+    if "error" in r:
+        return f"{head}: not run: {r['error']}"
+    return (f"{head}: {r['median_ms']:.1f} ms, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB "
+            f"(+{(r['peak_rss_bytes'] - r['baseline_rss_bytes']) / 2**20:.0f} MiB over the "
+            f"interpreter), ops {r['attention_ops']}, err {r['max_rel_err']:.1e}")
+
+
+def layer_table(rows: list[dict]) -> str:
+    lines = ["| L | variant | layout | attention ops | ms | × dense opset 18 | peak RSS MiB "
+             "| over interpreter MiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['L']} | {r['variant']} | {r['layout']} | - | not run: "
+                         f"{r['error']} | - | - | - |")
+            continue
+        ref = next((x for x in rows if x["L"] == r["L"] and "median_ms" in x
+                    and x["variant"].startswith("dense export")), None)
+        speed = f"{ref['median_ms'] / r['median_ms']:.2f}x" if ref else "-"
+        lines.append(f"| {r['L']} | {r['variant']} | {r['layout']} | "
+                     f"{', '.join(r['attention_ops'])} | {r['median_ms']:.1f} | {speed} | "
+                     f"{r['peak_rss_bytes'] / 2**20:.0f} | "
+                     f"{(r['peak_rss_bytes'] - r['baseline_rss_bytes']) / 2**20:.0f} |")
+    return "\n".join(lines)
+
+
 def _attention_line(r: dict) -> str:
     return (f"L={r['L']} {r['layout']}: dense {r['dense']['median_ms']:.1f} ms, gathered "
             f"{r['gathered']['median_ms']:.1f} ms, speedup {r['speedup']:.2f}x, ideal "
@@ -226,19 +419,36 @@ def main(argv=None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-models", action="store_true", help="attention alone only")
+    ap.add_argument("--parts", default="attention,models,layers",
+                    help="comma-separated parts to run: attention, models, layers")
+    ap.add_argument("--opset", type=int, nargs="+", default=[18, 23],
+                    help="opsets of the dense layer export (23: the ONNX Attention op)")
     ap.add_argument("--json", type=Path, default=ROOT / "docs" / "data" / "bench_onnx.json")
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if parts - {"attention", "models", "layers"} or not parts:
+        print(f"bench_onnx: --parts {args.parts!r}: choose from attention, models, layers",
+              file=sys.stderr)
+        raise SystemExit(2)
+    if any(not 18 <= o <= 23 for o in args.opset):
+        print(f"bench_onnx: --opset {args.opset}: choose opsets 18 to 23", file=sys.stderr)
+        raise SystemExit(2)
     torch.set_num_threads(args.threads)
     env = environment(args.threads)
     print(json.dumps(env), flush=True)
-    attn = bench_attention(args.lengths, args)
-    models = [] if args.no_models else bench_models(args.lengths, args)
+    attn = bench_attention(args.lengths, args) if "attention" in parts else []
+    models = ([] if args.no_models or "models" not in parts
+              else bench_models(args.lengths, args))
+    layers = bench_layers(args.lengths, args) if "layers" in parts else []
     env["load_average_after"] = os.getloadavg()
-    result = {"environment": env, "attention": attn, "models": models,
+    result = {"environment": env, "attention": attn, "models": models, "layers": layers,
               "config": {"heads": HEADS, "head_dim": HEAD_DIM, "block": BLOCK, "batch": 1,
                          "causal": True, "runs": args.runs, "warmup": args.warmup}}
     print()
-    print(table(attn, models))
+    if attn or models:
+        print(table(attn, models))
+    if layers:
+        print("\n" + layer_table(layers))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nwrote {args.json}")

@@ -11,10 +11,19 @@ two exact ways:
   output from its input and 1/rms); `"matmul"` also recomputes matrix products (the MLP's gate and
   up projections from the normed input: fewer bytes saved for more FLOPs, reported). Largest
   values go first; a value some recomputation reads stays saved.
+
+Which values to recompute is chosen one of two ways (`strategy`): `"op-classes"` walks the saved
+values largest first and recomputes each one whose chain (of the allowed op classes, at most
+`max_chain` nodes) reads only values that stay saved; `"min-cut"` takes the minimum cut of the
+forward graph between what is resident and what the backward reads (saved bytes plus a price on
+recomputed FLOPs, passes/min_cut.py), which also finds a smaller set of values to save from which
+several saved values can be rebuilt at once. With a budget, the min-cut prices matrix products by
+bisection: the highest price (fewest recomputed FLOPs) whose predicted peak is under the budget.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +33,7 @@ from .. import ops as _ops  # noqa: F401  (registers torch.ops.sparsec.*)
 from ..memory import predict_peak, saved_activations, tensor_bytes
 from ..program import Program, Prop
 from .base import Pass, PassResult, option, register
+from .min_cut import min_cut_saved, recompute_in_backward
 from .prune_backward import matmul_flops, mutates, readers, role
 
 __all__ = ["ReduceSaved"]
@@ -60,13 +70,32 @@ class ReduceSaved(Pass):
                                "(most bytes saved per FLOP first) only until the predicted peak "
                                "is under this many GiB; 0: every one that qualifies",
                                min=0.0)
-    max_chain: int = option(12, "most nodes one recomputation may repeat", min=1, max=64)
+    max_chain: int = option(12, "with strategy = \"op-classes\": most nodes one recomputation "
+                            "may repeat", min=1, max=64)
+    strategy: str = option("op-classes", "how to choose what to recompute: largest values "
+                           "first by op class, or a minimum cut of saved bytes plus recompute "
+                           "cost", choices=("op-classes", "min-cut"))
 
     def run(self, program: Program) -> PassResult:
         gm = program.gm
         before = sum(saved_activations(gm).values())
         peak_before = predict_peak(gm).peak_bytes
         moved = _hoist_selections(gm.graph)
+        extra: dict = {}
+        if self.strategy == "min-cut":
+            recomputed, flops, extra = _min_cut(gm, self.recompute, self.budget_gib)
+        else:
+            recomputed, flops = self._op_classes(gm)
+        gm.recompile()
+        after = sum(saved_activations(gm).values())
+        stats = {"strategy": self.strategy, "selections_moved": moved, "recomputed": recomputed,
+                 "recompute_matmul_flops": flops,
+                 "saved_bytes": f"{before} -> {after}", "saved_bytes_removed": before - after,
+                 "predicted_peak_bytes": f"{peak_before} -> {predict_peak(gm).peak_bytes}",
+                 **extra}
+        return PassResult(modified=moved + recomputed > 0, stats=stats)
+
+    def _op_classes(self, gm: fx.GraphModule) -> tuple[int, int]:
         recomputed = flops = 0
         rounds = [] if self.recompute == "none" else [False]
         if self.recompute == "matmul":
@@ -79,13 +108,7 @@ class ReduceSaved(Pass):
                 recomputed, flops = recomputed + count, flops + cost
                 if not count:
                     break
-        gm.recompile()
-        after = sum(saved_activations(gm).values())
-        stats = {"selections_moved": moved, "recomputed": recomputed,
-                 "recompute_matmul_flops": flops,
-                 "saved_bytes": f"{before} -> {after}", "saved_bytes_removed": before - after,
-                 "predicted_peak_bytes": f"{peak_before} -> {predict_peak(gm).peak_bytes}"}
-        return PassResult(modified=moved + recomputed > 0, stats=stats)
+        return recomputed, flops
 
 
 # selections -----------------------------------------------------------------------------------
@@ -149,6 +172,61 @@ def _recompute(gm: fx.GraphModule, matmul: bool, max_chain: int,
         if budget is not None and predict_peak(gm).peak_bytes <= budget:
             break
     return count, flops
+
+
+# min-cut --------------------------------------------------------------------------------------
+_TIE = 1e-3  # recomputing a pointwise value or a view: a tie-break, per byte it would save
+_CHEAPEST, _DEAREST = 1e-6, 1.0  # price range of a product's FLOP, in bytes (saved per FLOP)
+
+
+def _min_cut(gm: fx.GraphModule, recompute: str, budget_gib: float) -> tuple[int, int, dict]:
+    if recompute == "none":
+        return 0, 0, {}
+    matmul = recompute == "matmul"
+    price = _CHEAPEST
+    if matmul and budget_gib:
+        price = _price_for_budget(gm, int(budget_gib * 2**30))
+    count, clones = _cut_and_recompute(gm.graph, matmul, price)
+    extra = {"recomputed_nodes": len(clones)}
+    if matmul:
+        extra["flop_price_bytes"] = price
+    return count, _flops(clones), extra
+
+
+def _cut_and_recompute(graph: fx.Graph, matmul: bool, price: float):
+    def cost(node: fx.Node) -> float:
+        if node.target in _MATMULS or node.target in _LINEARS:
+            return price * _flops([node])
+        return _TIE * _bytes(node)
+
+    saved = min_cut_saved(graph, lambda n: _allowed(n, matmul), cost)
+    return recompute_in_backward(graph, saved)
+
+
+def _price_for_budget(gm: fx.GraphModule, budget: int) -> float:
+    """The highest FLOP price whose cut keeps the predicted peak under `budget` (bisection in
+    log space); the cheapest price if none does."""
+    def fits(log_price: float) -> bool:
+        trial = _copy(gm)
+        _cut_and_recompute(trial.graph, True, 10**log_price)
+        return predict_peak(trial).peak_bytes <= budget
+
+    lo, hi = math.log10(_CHEAPEST), math.log10(_DEAREST)
+    if fits(hi):
+        return _DEAREST
+    if not fits(lo):
+        return _CHEAPEST
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return 10**lo
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A graph copy sharing `gm`'s tensors, for trying a cut."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return fx.GraphModule(gm, graph)
 
 
 def _flops(chain: list[fx.Node]) -> int:
