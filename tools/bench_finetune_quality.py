@@ -64,7 +64,7 @@ class Setup:
     def __init__(self, task: str, *, seq: int = 32, batch: int = 8, rank: int = 2,
                  head_lr: float = 0.0, checkpoints: tuple[int, ...] = (16, 32, 64),
                  n_train: int = 4096, n_val: int = 192, n_test: int = 384,
-                 rt_csv: Path | None = None, max_blocks: int = 0):
+                 rt_csv: Path | None = None, max_blocks: int = 0, budget_share: float = 0.0):
         self.task, self.batch, self.rank = task, batch, rank
         # the head's rate, the same for every method: 1e-2 was the linear probe's best rate in
         # tools/bench_quality.py; the MLM head (new transform + 30k-entry bias) takes 2e-3
@@ -73,6 +73,9 @@ class Setup:
         self.checkpoints = tuple(sorted(checkpoints))
         self.n_train, self.n_val, self.n_test = n_train, n_val, n_test
         self.rt_csv, self.max_blocks = rt_csv, max_blocks
+        self.budget_share = budget_share
+        if budget_share:
+            self.rank = 0  # the record's rank 0 marks a share-defined budget
 
     def describe(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self).items()}
@@ -199,6 +202,13 @@ def evaluate(setup: Setup, fn, split: tuple) -> float:
 
 
 # methods ---------------------------------------------------------------------------------------
+def setup_budget(setup: "Setup") -> tuple[int, int]:
+    """(budget, targeted): LoRA's count at the setup's rank, or its share of the block weights
+    (rank 0: no LoRA/SHiRA peer exists at that share, e.g. 0.1%)."""
+    budget, targeted = lora_budget(max(setup.rank, 1))
+    return (budget if setup.rank else round(setup.budget_share * targeted)), targeted
+
+
 def lora_budget(rank: int) -> tuple[int, int]:
     """(rank·(m+n) summed over the block linears, their weight count): LoRA's = SHiRA's count."""
     from transformers import AutoConfig
@@ -301,7 +311,9 @@ def build_program(setup: Setup, method: str, data: dict):
 
     torch.manual_seed(0)
     model = new_model(setup)
-    budget, _ = lora_budget(setup.rank)
+    budget, _ = setup_budget(setup)
+    if method in ("lora", "shira") and not setup.rank:
+        raise ValueError(f"{method} needs a rank (--rank), not --budget-share")
     passes: list = []
     if method == "head":
         passes = [sparsec.get_pass("freeze")(trainable=("head.*",))]
@@ -348,7 +360,7 @@ def run_one(setup: Setup, built: Built, lr: float, seed: int) -> dict:
         if ck == setup.checkpoints[-1]:  # the learning rate is picked on the last step only
             point["val"] = evaluate(setup, fn, data["val"])
         curve.append(point)
-    budget, targeted = lora_budget(setup.rank)
+    budget, targeted = setup_budget(setup)
     out = {"task": setup.task, "method": built.method, "lr": lr, "seed": seed,
            "rank": setup.rank,
            "budget": budget if built.method not in ("head", "full", "nm-2:4") else None,
@@ -465,6 +477,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             curve.append({"step": point["step"], "mean": mean(vals), "std": std(vals),
                           "val": mean(vals_v) if vals_v else None})
         out.append({"task": task, "method": method, "rank": rank, "lr": lr,
+                    "budget_kind": "none" if method in ("head", "full", "nm-2:4") else "rank",
                     "seeds": sorted(r["seed"] for r in runs), "trainable": runs[0]["trainable"],
                     "fraction": runs[0]["fraction"], "curve": curve,
                     "grid": sorted({r["lr"] for r in rows if (r["task"], r["method"], r["rank"])
@@ -490,15 +503,48 @@ def markdown(summary: list[dict]) -> str:
         steps = [p["step"] for p in rows[0]["curve"]]
         unit = "perplexity (lower is better)" if task == "mlm" else "accuracy % (higher is better)"
         lines += [f"**{task}**: test {unit}, mean ± std over seeds, at each step", "",
-                  "| method | r | trainable (encoder) | lr | seeds | "
+                  "| method | trainable in the encoder (share of block weights) | lr | seeds | "
                   + " | ".join(f"step {s}" for s in steps) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(steps)]
+                  "|---|---|---|---|" + "---|" * len(steps)]
         for s in rows:
             cells = " | ".join(f"{p['mean']:.2f} ± {p['std']:.2f}" for p in s["curve"])
-            lines.append(f"| {s['method']} | {s['rank']} | {s['trainable']:,} "
-                         f"({s['fraction']:.2%}) | {s['lr']:g} | {len(s['seeds'])} | {cells} |")
+            name = s["method"] if s["method"] in ("head", "full", "nm-2:4") else \
+                f"{s['method']} (r={s['rank']})" if s["rank"] else f"{s['method']} (share)"
+            share = "all" if s["method"] == "full" else f"{s['fraction']:.2%}"
+            lr = "—" if s["method"] == "head" else f"{s['lr']:g}"
+            lines.append(f"| {name} | {s['trainable']:,} ({share}) | {lr} | "
+                         f"{len(s['seeds'])} | {cells} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + goal_lines(summary))
+
+
+def goal_lines(summary: list[dict]) -> list[str]:
+    """The issue's goal at the last step: each delta vs full FT and vs LoRA at the same rank.
+
+    gap: how much worse than full FT (points, or % of full FT's perplexity; positive = worse);
+    vs LoRA: positive = better than LoRA; ± is the sum of the two seeds' standard deviations,
+    so |difference| > ± is "outside the error bars"."""
+    out = ["| task | delta method (r) | gap to full FT | within tolerance | vs LoRA (+ = better) "
+           "| outside error bars |", "|---|---|---|---|---|---|"]
+    for task in sorted({s["task"] for s in summary}):
+        by = {(s["method"], s["rank"]): s["curve"][-1] for s in summary if s["task"] == task}
+        full = next((v for (m, _), v in by.items() if m == "full"), None)
+        for (m, r), d in sorted(by.items()):
+            if not m.startswith("delta") or full is None or ("lora", r) not in by:
+                continue
+            lora = by[("lora", r)]
+            if task == "mlm":
+                gap = 100 * (d["mean"] - full["mean"]) / full["mean"]
+                gap_s, tol = f"{gap:+.1f}% ± {100 * (d['std'] + full['std']) / full['mean']:.1f}", 2.0
+                vs = lora["mean"] - d["mean"]
+            else:
+                gap = full["mean"] - d["mean"]
+                gap_s, tol = f"{gap:+.2f} ± {d['std'] + full['std']:.2f} points", 1.0
+                vs = d["mean"] - lora["mean"]
+            err = d["std"] + lora["std"]
+            out.append(f"| {task} | {m} ({r}) | {gap_s} | {'yes' if gap <= tol else 'no'} | "
+                       f"{vs:+.2f} ± {err:.2f} | {'yes' if abs(vs) > err else 'no'} |")
+    return out if len(out) > 2 else []
 
 
 def write_csv(summary: list[dict], path: Path) -> None:
@@ -551,6 +597,37 @@ def plot(summary: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def plot_curves(summary: list[dict], path: Path, rank: int = 2) -> None:
+    """Test metric vs step at rank `rank` (and full FT, head, nm), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task_names = sorted({s["task"] for s in summary})
+    fig, axes = plt.subplots(1, len(task_names), figsize=(6.5 * len(task_names), 4.6),
+                             squeeze=False)
+    for ax, task in zip(axes[0], task_names):
+        for s in summary:
+            if s["task"] != task or (s["budget_kind"] == "rank" and s["rank"] != rank):
+                continue
+            steps = [p["step"] for p in s["curve"]]
+            ax.errorbar(steps, [p["mean"] for p in s["curve"]],
+                        yerr=[p["std"] for p in s["curve"]], marker="o", ms=3, capsize=2,
+                        label=s["method"], ls="--" if s["method"] in ("full", "head") else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training steps")
+        ax.set_ylabel("test perplexity" if task == "mlm" else "test accuracy (%)")
+        ax.set_title(f"all-MiniLM-L6-v2, {task}, budget of LoRA r={rank}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
 def attention_chart(paths: list[Path], path: Path) -> None:
     """Relative output error vs density, one line per layout family (bench_attention_accuracy)."""
     import matplotlib
@@ -586,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--task", choices=("mlm", "sentiment"), required=True)
     r.add_argument("--methods", default=",".join(METHODS))
     r.add_argument("--rank", type=int, default=2, help="LoRA/SHiRA rank: sets the budget")
+    r.add_argument("--budget-share", type=float, default=0.0, help="delta/structured only: "
+                   "budget as a share of the block weights instead of LoRA's at --rank")
     r.add_argument("--seeds", type=int, default=3)
     r.add_argument("--checkpoints", default="16,32,64")
     r.add_argument("--batch", type=int, default=8)
@@ -606,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--markdown", action="store_true")
     s.add_argument("--csv", type=Path)
     s.add_argument("--plot", type=Path)
+    s.add_argument("--curves", type=Path, help="test metric vs step (rank 2)")
     s.add_argument("--json", type=Path)
     a = sub.add_parser("attention-chart", help="error vs density from bench_attention_accuracy")
     a.add_argument("files", nargs="+", type=Path)
@@ -624,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
             write_csv(summary, args.csv)
         if args.plot:
             plot(summary, args.plot)
+        if args.curves:
+            plot_curves(summary, args.curves)
         if args.json:
             args.json.write_text(json.dumps(summary, indent=1) + "\n")
         return 0
@@ -639,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
     setup = Setup(args.task, seq=args.seq, batch=args.batch, rank=args.rank,
                   checkpoints=tuple(int(c) for c in args.checkpoints.split(",")),
                   n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
-                  rt_csv=args.rt_csv, max_blocks=args.max_blocks)
+                  rt_csv=args.rt_csv, max_blocks=args.max_blocks,
+                  budget_share=args.budget_share)
     study(setup, methods, args.seeds, args.out, args.lr_from, grids,
           not args.own_regrow_grid)
     return 0
