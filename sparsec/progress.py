@@ -25,9 +25,7 @@ class TrainProgress:
             self.console = console
             self.status = console.status(f"{self.status_text} …")
             self.status.__enter__()
-        else:
-            click.echo(f"{self.status_text} …", err=True)
-        return self
+        return self  # not a terminal: no "compiling" line, so an error stays the only line
 
     def _start_bar(self) -> None:
         from rich.progress import (

@@ -107,6 +107,8 @@ def render_summary(report: dict[str, Any], console: Any = None) -> None:
                       "targets)")
     for note in report.get("notes", []):
         console.print(f"note: {note}")
+    if (report.get("attention") or {}).get("warning"):
+        console.print(f"warning: block-sparse-attention: {report['attention']['warning']}")
     if report.get("artifacts"):
         console.print("wrote: " + ", ".join(report["artifacts"]))
 

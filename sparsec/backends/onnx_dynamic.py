@@ -163,20 +163,30 @@ def _named_dims(ep, inputs: tuple, dims: dict[int, str]):
     for dim, name in dims.items():
         syms = [users[i].meta["val"].shape[dim] for i, t in enumerate(leaves)
                 if t.dim() > dim and i < len(users)]
-        if not syms or not all(isinstance(getattr(getattr(x, "node", None), "expr", None),
-                                          sympy.Symbol) for x in syms) or \
-                len({str(x.node.expr) for x in syms}) != 1:
-            continue  # fixed by torch.export, or not one shared size
-        vr = ep.range_constraints.get(syms[0].node.expr)
-        lo = int(vr.lower) if vr is not None else 2
-        hi = None if vr is None or vr.upper == int_oo else int(vr.upper)
+        exprs = [getattr(getattr(x, "node", None), "expr", None) for x in syms]
+        if not exprs or not all(isinstance(e, sympy.Symbol) for e in exprs):
+            continue  # fixed by torch.export
+        # inputs that share the axis (input_ids, attention_mask) may each get their own
+        # symbol; the deployed model takes one size for all of them: the ranges' intersection
+        ranges = [ep.range_constraints.get(e) for e in exprs]
+        lo = max([int(vr.lower) for vr in ranges if vr is not None] or [2])
+        his = [int(vr.upper) for vr in ranges if vr is not None and vr.upper != int_oo]
+        hi = min(his) if his else None
         example = int(next(t.shape[dim] for t in leaves if t.dim() > dim))
-        other = example + 1 if hi is None or example + 1 <= hi else example - 1
-        if other < max(lo, 2):
+        other = _second_size(example, lo, hi, shorter=dim > 0)
+        if other is None:
             continue
         named[dim] = Dim(name, min=lo, max=hi) if hi is not None else Dim(name, min=lo)
         sizes[name] = (example, other)
     return named, sizes
+
+
+def _second_size(example: int, lo: int, hi: int | None, shorter: bool) -> int | None:
+    """A second size in [max(lo, 2), hi] for the parity check. Sequences check a shorter
+    length first: a position table sized for the traced length holds every shorter one."""
+    lo = max(lo, 2)
+    tries = (example - 1, example + 1) if shorter else (example + 1, example - 1)
+    return next((n for n in tries if n >= lo and (hi is None or n <= hi)), None)
 
 
 def _rerun_passes(twin: Program, original: Program) -> None:

@@ -9,6 +9,7 @@ on the program. The report gets an `attention` section.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,6 +26,8 @@ from ..program import Program, Prop, node_info
 from .attention_match import Site, Skip, find_sites
 from .attention_reference_graph import reference_replacement
 from .base import Pass, PassResult, option, register
+
+DEFAULT_BLOCK = 64  # block = 0 picks this where every site is this long
 from .rewrite import add_constant, erase_unused, insert_traced
 
 __all__ = ["BlockSparseAttention"]
@@ -54,7 +57,9 @@ class BlockSparseAttention(Pass):
     exportable = True  # every layout: sparsec.ops.onnx_attention / onnx_select (docs/onnx.md)
 
     layout: str = option("sliding-window", "which layout", choices=LAYOUTS)
-    block: int = option(64, "block size in tokens (queries and keys)", choices=BLOCK_SIZES)
+    block: int = option(0, "block size in tokens (queries and keys); 0: automatic, 64 where "
+                           "every site is that long, else the largest that fits the shortest",
+                        choices=(0, *BLOCK_SIZES))
     window: int = option(256, "local window in tokens (also the local part of dynamic "
                               "layouts)", min=0)
     sink: int = option(64, "first tokens every query sees (attention sinks)", min=0)
@@ -113,6 +118,8 @@ class BlockSparseAttention(Pass):
     def run(self, program: Program) -> PassResult:
         found = find_sites(program.gm)
         sites, skipped = self._select(found)
+        if self.block == 0:
+            return self._with_block(sites).run(program)
         rewritten: list[dict[str, Any]] = []
         gm = program.gm
         for index, site in enumerate(sites):
@@ -128,6 +135,10 @@ class BlockSparseAttention(Pass):
                    "skipped": [{"node": s.node.name, "module": s.name, "reason": s.reason}
                                for s in skipped],
                    "density": density, "sites": rewritten}
+        if density["value"] == 1.0 and self.layout != "dense":
+            section["warning"] = (f"the {self.layout} layout keeps 100% of the block grid at "
+                                  f"block {self.block}, so attention stays dense; use a smaller "
+                                  "window or block, or leave the pass out")
         report = program.state.setdefault("report", {})
         if sites or "attention" not in report:
             report["attention"] = section
@@ -142,6 +153,8 @@ class BlockSparseAttention(Pass):
             return None  # keep-all must reproduce the model itself
         ref = program.copy()
         sites, _ = self._select(find_sites(ref.gm))
+        if self.block == 0:
+            return self._with_block(sites).reference(program)
         for index, site in enumerate(sites):
             self._check_lengths(site)
             self._rewrite(ref.gm, site, index, reference=True)
@@ -150,6 +163,13 @@ class BlockSparseAttention(Pass):
         fn = ref.gm
         fn.reference_name = "dense attention under each layout's element mask"
         return fn
+
+    def _with_block(self, sites: list[Site]) -> BlockSparseAttention:
+        """This pass with `block = 0` resolved: 64 where every site is at least that long,
+        else the largest supported block that fits the shortest site (16 at least)."""
+        shortest = min((min(s.q_len, s.kv_len) for s in sites), default=DEFAULT_BLOCK)
+        fits = [b for b in BLOCK_SIZES if b <= min(shortest, DEFAULT_BLOCK)]
+        return dataclasses.replace(self, block=fits[-1] if fits else BLOCK_SIZES[0])
 
     # matching ------------------------------------------------------------------------------
     def _select(self, found: list[Site | Skip]) -> tuple[list[Site], list[Skip]]:

@@ -17,13 +17,7 @@ from sparsec.testing import zoo
 
 # (model, feature) → "<failure class>: <one line>"
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("gemma2", "attention"): "class 6: tanh soft-capping between QKᵀ and softmax: sites skipped",
-    ("t5-encoder", "attention"): "class 6: relative position bias from a parameter: sites skipped",
-    **{(m, "onnx"): "class 7a: two inputs get two batch symbols; onnxruntime refuses batch 3"
-       for m in ("bert", "distilbert", "t5-encoder", "modernbert", "minilm")},
-    **{("roberta", f): "new: the onnx backend's second-shape parity grows the sequence past "
-                       "RoBERTa's position table (index 34 out of bounds for size 34)"
-       for f in ("onnx", "deploy")},
+    ("t5-encoder", "onnx"): "onnxruntime refuses batch 3 of the exported T5 encoder",
 }
 
 # Every cell runs in `make test` (measured: 4 min with -n 2 on the idle 2-core machine, the
