@@ -29,7 +29,7 @@ test: $(STAMP)
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-nightly: $(STAMP)
-	HYPOTHESIS_PROFILE=nightly $(PY) -m pytest -q $(PYTEST_ARGS) -m "not gpu"
+	SPARSEC_ZOO=full HYPOTHESIS_PROFILE=nightly $(PY) -m pytest -q $(PYTEST_ARGS) -m "not gpu"
 
 # GPU benchmarks: run on a CUDA machine (see docs/benchmarks.md).
 bench:

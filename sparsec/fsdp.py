@@ -222,7 +222,7 @@ def shard_program(program: Program, device: torch.device, world_size: int
     staged, units = stage_by_blocks(gm)
     trainable = {p for p in staged.parameters() if p.requires_grad}
     _move_(list(trainable) + list(staged.buffers()), device)
-    from .distributed import move_constants
+    from .devices import move_constants
 
     move_constants(staged, device)
     frozen = {n: p for n, p in gm.named_parameters() if not p.requires_grad}

@@ -75,17 +75,18 @@ def lower(program: Program, options: LowerOptions | None = None) -> Compiled:
     options = options or LowerOptions()
     opts = OnnxOptions.from_extra(options.extra)
     program = program.forward_program()  # a training step deploys its forward graph
+    source, notes = _on_cpu(program)
     tmp = None if options.out_dir else tempfile.TemporaryDirectory(prefix="sparsec-onnx-")
     out_dir = Path(options.out_dir or tmp.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "model.onnx"
     nm = nm_weights(program)
     # Sparse fine-tuning ops deploy merged into dense weights: the base architecture, no extras.
-    deployed, merged = merged_for_export(program)
-    plan = plan_dynamic(deployed, program, opts.dynamic)
+    deployed, merged = merged_for_export(source)
+    plan = plan_dynamic(deployed, source, opts.dynamic)
     onx, sites = _export(plan, opts)
     section: dict[str, Any] = {"file": path.name}
-    notes = list(plan.notes)
+    notes += plan.notes
     section.update(_describe(onx, plan, deployed, sites, nm, opts, notes))
     if merged:
         section["merged_sparse_ops"] = merged
@@ -95,13 +96,32 @@ def lower(program: Program, options: LowerOptions | None = None) -> Compiled:
     runner, where = _runner(path, opts, contrib, options.verify, notes)
     section["parity_on"] = where if options.verify else "none (--no-verify)"
     if options.verify:
-        section.update(_parity(program, runner))
+        section.update(_parity(source, runner))
         if plan.dynamic:
             section["second_shape"] = _second_parity(plan, runner, section["rtol"])
     compiled = Compiled(program=program, backend="onnx", fn=runner, report={"onnx": section},
                         artifacts=_artifacts(path), notes=_dedupe(notes))
     compiled.keepalive = tmp  # the temporary directory lives as long as the Compiled
     return compiled
+
+
+def _on_cpu(program: Program) -> tuple[Program, list[str]]:
+    """The program to export from: itself on the CPU, else a CPU copy (an ONNX file names no
+    device, and torch.onnx and onnxruntime's CPU build both want CPU tensors)."""
+    tensors = list(program.gm.parameters()) + list(program.gm.buffers()) + [
+        t for t in pytree.tree_leaves(program.example_inputs) if isinstance(t, torch.Tensor)]
+    devices = {t.device for t in tensors if t.device.type != "cpu"}
+    if not devices:
+        return program, []
+    from ..devices import retarget_device
+
+    cpu = torch.device("cpu")
+    copy = program.copy()
+    retarget_device(copy, cpu)
+    copy.example_inputs = pytree.tree_map(
+        lambda t: t.to(cpu) if isinstance(t, torch.Tensor) else t, copy.example_inputs)
+    where = ", ".join(sorted(str(d) for d in devices))
+    return copy, [f"exported from a CPU copy of the program on {where}"]
 
 
 def _export(plan: DynamicPlan, opts: OnnxOptions):
@@ -269,7 +289,8 @@ class OnnxRunner:
             raise SparsecError(f"the ONNX model takes {len(self.input_names)} tensors, "
                                f"got {len(leaves)}")
         feed = {n: _to_numpy(t) for n, t in zip(self.input_names, leaves)}
-        return [torch.from_numpy(np.asarray(o)) for o in self.session.run(None, feed)]
+        device = leaves[0].device if leaves else torch.device("cpu")  # outputs where inputs are
+        return [torch.from_numpy(np.asarray(o)).to(device) for o in self.session.run(None, feed)]
 
 
 class _Unrunnable:

@@ -39,8 +39,9 @@ def _walk(spec: Any, prefix: str, names: list[str], top: bool = False) -> None:
         names.append(prefix)
         return
     keys = spec.context if isinstance(spec.context, (list, tuple)) else None
-    for i, child in enumerate(spec.children_specs):
-        if keys is not None and len(keys) == len(spec.children_specs) and isinstance(keys[i], str):
+    children = list(spec.children())
+    for i, child in enumerate(children):
+        if keys is not None and len(keys) == len(children) and isinstance(keys[i], str):
             name = keys[i] if top else f"{prefix}.{keys[i]}"
         else:
             name = f"{prefix}_{i}"

@@ -11,7 +11,7 @@ from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
 
 __all__ = ["empty", "kernel_supports", "layout_args", "mask_args", "transposed_layout",
            "head_block", "load_rows", "mma", "query_tile", "key_subtile", "tanh", "capped_scores",
-           "score_args", "LOG2E", "LN2",
+           "score_args", "LOG2E", "LN2", "bias_base2",
            "PlanCache", "plan_key", "direct_enabled", "launch_device"]
 
 LOG2E = 1.4426950408889634
@@ -217,6 +217,15 @@ def tanh(x):
     e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # 2·log2(e)
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def bias_base2(mv):
+    """A float mask entry in base-2 units, clamped at -2**126 where finite: HF's
+    finfo(bfloat16).min times log2(e) would overflow float32 to -inf, and a row masked
+    everywhere must attend uniformly (finite logits), as in the reference."""
+    b = mv.to(tl.float32)
+    return tl.where(b == float("-inf"), b, tl.maximum(b * 1.4426950408889634, -8.507059e37))
 
 
 @triton.jit

@@ -25,6 +25,7 @@ from ..ops.attention_reference import (
 from . import _attention_common as _ac
 from ._attention_common import (
     LN2,
+    bias_base2,
     capped_scores,
     head_block,
     kernel_supports,
@@ -78,7 +79,7 @@ def _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_listed, idx_ptr, id
                 if MASK_KIND == 1:
                     allowed = mv != 0
                 else:
-                    s = s + mv.to(tl.float32) * 1.4426950408889634
+                    s = s + bias_base2(mv)
                     allowed = in_range
                 if PARTIAL:
                     ok = ok & allowed

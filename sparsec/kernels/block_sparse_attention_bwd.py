@@ -25,6 +25,7 @@ from ..ops.attention_reference import block_sparse_attention_backward_ref
 from . import _attention_common as _ac
 from . import _triton
 from ._attention_common import (
+    bias_base2,
     capped_scores,
     head_block,
     kernel_supports,
@@ -119,7 +120,7 @@ def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, dqa
             if MASK_KIND == 2:
                 mv = tl.load(mask_base + offs_m[None, :].to(tl.int64) * smm + offs_n[:, None] * smn,
                              mask=(offs_m[None, :] < L) & (offs_n[:, None] < S), other=0)
-                st = st + mv.to(tl.float32) * 1.4426950408889634
+                st = st + bias_base2(mv)
             pt = tl.math.exp2(st - lse2[None, :])
             if PARTIAL:
                 ok = offs_n[:, None] < S
@@ -224,7 +225,7 @@ def _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, db_base, n_liste
             if MASK_KIND == 2:
                 mv = tl.load(mask_base + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn,
                              mask=(offs_m[:, None] < L) & (offs_n[None, :] < S), other=0)
-                s = s + mv.to(tl.float32) * 1.4426950408889634
+                s = s + bias_base2(mv)
             p = tl.math.exp2(s - lse2[:, None])
             if PARTIAL:
                 ok = offs_n[None, :] < S

@@ -152,7 +152,10 @@ def _get_attr(gm: fx.GraphModule, target: str) -> Any:
 
 
 # normalizing -------------------------------------------------------------------------------
-def mask_from_tensor(mask: fx.Node, facts: GraphFacts) -> MaskParts | str:
+def mask_from_tensor(mask: fx.Node, facts: GraphFacts, normalize: Any = None
+                     ) -> MaskParts | str:
+    """SDPA's attn_mask as `MaskParts` (bool: a keep; float: a bias), normalized by
+    `normalize` (default `normalize_mask`)."""
     val = _val(mask)
     if val is None:
         return "attn_mask has no traced shape"
@@ -161,7 +164,7 @@ def mask_from_tensor(mask: fx.Node, facts: GraphFacts) -> MaskParts | str:
         parts.keeps.append(mask)
     else:
         parts.biases.append((mask, 1.0))
-    return normalize_mask(parts, facts)
+    return (normalize or normalize_mask)(parts, facts)
 
 
 def normalize_mask(parts: MaskParts, facts: GraphFacts) -> MaskParts | str:

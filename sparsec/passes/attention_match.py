@@ -31,6 +31,7 @@ from .attention_masks import (
     GraphFacts,
     MaskParts,
     fold_constant_masks,
+    mask_from_tensor,
     normalize_mask,
 )
 
@@ -155,7 +156,7 @@ def _match_sdpa(node: fx.Node, facts: GraphFacts) -> Site | Skip:
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     mask = MaskParts()
     if attn_mask is not None:
-        mask = _mask_from_tensor(attn_mask, facts)
+        mask = _mask_from_sdpa(attn_mask, facts)
         if isinstance(mask, str):
             return Skip(node, mask)
     site = Site(node, "sdpa", q, k, v, scale, is_causal, mask, b, h, _val(k).shape[1], L, S,
@@ -324,19 +325,6 @@ def _walk_scores(softmax: fx.Node, facts: GraphFacts):
     return x, scale, mask, chain, abs(cap) if capped else 0.0
 
 
-def _mask_from_tensor(mask: fx.Node, facts: GraphFacts) -> MaskParts | str:
-    """SDPA's attn_mask as `MaskParts` (bool: a keep; float: a bias), normalized."""
-    val = _val(mask)
-    if val is None:
-        return "attn_mask has no traced shape"
-    parts = MaskParts()
-    if val.dtype == torch.bool:
-        parts.keeps.append(mask)
-    else:
-        parts.biases.append((mask, 1.0))
-    return _normalize(parts, facts)
-
-
 def _normalize(parts: MaskParts, facts: GraphFacts) -> MaskParts | str:
     """`normalize_mask`, except that float biases computed from a parameter (T5's relative
     positions) are kept whole as additive masks: the op takes them as an input and returns
@@ -472,3 +460,6 @@ def _finish(site: Site, facts: GraphFacts) -> Site | Skip:
 def _divisors_desc(n: int) -> list[int]:
     return [g for g in range(n, 1, -1) if n % g == 0]
 
+
+def _mask_from_sdpa(mask: fx.Node, facts: GraphFacts) -> MaskParts | str:
+    return mask_from_tensor(mask, facts, _normalize)

@@ -161,7 +161,7 @@ def test_dense_model_has_dynamic_batch_and_sequence(nm_export):
     compiled, model = nm_export
     o = compiled.report["onnx"]
     assert o["dynamic_axes"] == {"tokens": {"0": "batch", "1": "seq"}}
-    assert o["second_shape"]["input_shapes"] == [[3, 33]]
+    assert o["second_shape"]["input_shapes"] == [[3, 31]]  # batch + 1, sequence - 1
     assert o["second_shape"]["max_rel_err"] <= 1e-4
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in dims] == ["batch", "seq"]
@@ -298,3 +298,23 @@ def test_contrib_form_runs_on_onnxruntime_cuda(tmp_path):
     o = c.report["onnx"]
     assert [s["form"] for s in o["attention"]["sites"]] == ["contrib"]
     assert o["parity_on"] == "cuda" and o["max_rel_err"] <= 2e-2
+
+
+@pytest.mark.gpu
+def test_program_on_cuda_exports_from_a_cpu_copy(tiny_llama_path, tmp_path):
+    """A model traced on CUDA, with a sparse fine-tuning pass: exported from a CPU copy,
+    parity checked in onnxruntime, the program left on CUDA and outputs returned there."""
+    tl = sparsec.load_model_file(tiny_llama_path).module
+    cuda = torch.device("cuda")
+    inputs = tuple(t.to(cuda) for t in tl.example_inputs())
+    c = sparsec.compile(tl.model().to(cuda), inputs, backend="onnx", out_dir=tmp_path / "o",
+                        passes=["sparse-finetune:method=delta,density=0.05"])
+    o = c.report["onnx"]
+    assert o["max_rel_err"] <= 1e-4 and o["dynamic_axes"]
+    assert any("CPU copy" in n and "cuda" in n for n in c.notes), c.notes
+    assert all(p.device.type == "cuda" for p in c.program.gm.parameters())
+    out = c(*inputs)
+    want = c.program.gm(*inputs)
+    got, ref = (torch.utils._pytree.tree_leaves(x)[0] for x in (out, want))
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4)

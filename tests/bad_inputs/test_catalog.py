@@ -169,7 +169,7 @@ def test_good_deltas_file_deploys(deltas_file, tmp_path):
 # attention options -----------------------------------------------------------------------------
 @pytest.mark.parametrize("arg, words", [
     ("block-sparse-attention:block=64", "has length 32; choose block"),
-    ("block-sparse-attention:block=48", "choose one of 16, 32, 64, 128"),
+    ("block-sparse-attention:block=48", "choose one of 0, 16, 32, 64, 128"),
 ])
 def test_bad_attention_options(arg, words, tmp_path):
     r = CliRunner().invoke(cli, ["compile", str(TINY), "--pass", arg, "-o", str(tmp_path / "o")])

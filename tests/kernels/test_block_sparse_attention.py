@@ -51,6 +51,11 @@ def make(B, H, Hkv, L, S, D, DV, bq, bk, causal, dtype, mask, lay_dims, density,
                                                        float("-inf"))
         m[: L // 5] = float("-inf")
         m = m.to(device, dtype)
+    elif mask == "min":  # HF's additive mask: finfo.min (finite), some rows all masked
+        m = torch.zeros(B, 1, L, S)
+        m[..., S - S // 3:] = torch.finfo(dtype).min
+        m[:, :, : L // 4] = torch.finfo(dtype).min
+        m = m.to(device, dtype)
     return q, k, v, lay, m
 
 
@@ -68,8 +73,9 @@ def check(q, k, v, lay, m, causal, scale, fwd_cfg=None, bwd_cfgs=None,
     lse64 = lse.double()
     assert torch.equal(torch.isinf(lse64), torch.isinf(ref_lse))  # empty rows: -inf, out 0
     live = torch.isfinite(ref_lse)
-    assert (lse64[live] - ref_lse[live]).abs().max().item() < 10 * tol
     assert (out[~live] == 0).all()
+    live &= ref_lse > -1e30  # rows masked everywhere by finfo.min: lse ~ the mask's clamp
+    assert (lse64[live] - ref_lse[live]).abs().max().item() < 10 * tol
     go = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(q.device,
                                                                                 q.dtype)
     refs = block_sparse_attention_backward_ref(go.double(), *d, ref_out, ref_lse, *args)
@@ -96,6 +102,9 @@ CPU_CASES = {
                               (2, 1), 0.7, None),
     "mqa-padding-empty-blocks": (2, 3, 1, 48, 48, 16, 32, 16, 16, False, torch.float32, "pad",
                                  (2, 3), 0.3, None),
+    # finfo(bf16).min · log2(e) overflows float32: rows all at min must stay finite (uniform)
+    "bf16-min-mask-rows-all-min": (2, 2, 2, 40, 40, 16, 16, 16, 16, False, torch.bfloat16,
+                                   "min", (1, 2), 0.8, None),
 }
 
 

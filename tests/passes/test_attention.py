@@ -285,7 +285,7 @@ def test_recipe_from_the_issue_parses():
 
 
 @pytest.mark.parametrize("options,match", [
-    (dict(block=48), "choose one of 16, 32, 64, 128"),
+    (dict(block=48), "choose one of 0, 16, 32, 64, 128"),
     (dict(layout="sparse"), "choose one of 'dense'"),
     (dict(layout="mixture"), "must list static layouts"),
     (dict(layout="threshold", threshold=0.0), "must be > 0"),
