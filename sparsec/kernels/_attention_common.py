@@ -225,7 +225,7 @@ def bias_base2(mv):
     finfo(bfloat16).min times log2(e) would overflow float32 to -inf, and a row masked
     everywhere must attend uniformly (finite logits), as in the reference."""
     b = mv.to(tl.float32)
-    return tl.where(b == float("-inf"), b, tl.maximum(b * 1.4426950408889634, -8.507059e37))
+    return tl.where(b == float("-inf"), b, tl.maximum(b, -5.8965e37) * 1.4426950408889634)
 
 
 @triton.jit
