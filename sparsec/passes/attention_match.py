@@ -156,7 +156,7 @@ def _match_sdpa(node: fx.Node, facts: GraphFacts) -> Site | Skip:
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     mask = MaskParts()
     if attn_mask is not None:
-        mask = _mask_from_sdpa(attn_mask, facts)
+        mask = mask_from_tensor(attn_mask, facts, _normalize)
         if isinstance(mask, str):
             return Skip(node, mask)
     site = Site(node, "sdpa", q, k, v, scale, is_causal, mask, b, h, _val(k).shape[1], L, S,
@@ -459,7 +459,3 @@ def _finish(site: Site, facts: GraphFacts) -> Site | Skip:
 
 def _divisors_desc(n: int) -> list[int]:
     return [g for g in range(n, 1, -1) if n % g == 0]
-
-
-def _mask_from_sdpa(mask: fx.Node, facts: GraphFacts) -> MaskParts | str:
-    return mask_from_tensor(mask, facts, _normalize)

@@ -25,6 +25,8 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 # and deploy (train, then export) is shown on one model of each family. "quick": those three
 # features only on the models that carry their failure classes (under 1 min).
 MODE = os.environ.get("SPARSEC_ZOO", "ci")
+if MODE not in ("quick", "ci", "full"):
+    raise pytest.UsageError(f"SPARSEC_ZOO={MODE!r}; choose quick, ci or full")
 _SAME_GRAPH = {"mistral", "qwen2", "qwen3", "phi3", "gemma", "minilm"}
 SKIPPED = {
     "quick": {"onnx": set(zoo.names()) - {"bert", "llama", "gpt2"},
