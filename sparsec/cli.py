@@ -203,7 +203,7 @@ def train_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...],
     Under torchrun (`torchrun --nproc-per-node N -m sparsec train ...`), with --resume or with
     --fsdp it trains data-parallel on torch.distributed (docs/distributed.md).
     """
-    from .distributed import launched_by_torchrun
+    from .distributed import end_worker, launched_by_torchrun
 
     if launched_by_torchrun() or resume is not None or fsdp or dist_backend is not None:
         from .distributed import train_distributed as train
@@ -223,28 +223,33 @@ def train_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...],
         run = train(model_file, steps=steps, recipe=recipe, passes=pass_args, out_dir=out_dir,
                     lr=lr, save_every=save_every, force=force, verify=verify,
                     on_step=progress.update, **extra)
-    if not run.report:  # a distributed run's other ranks: rank 0 reports
-        return
-    t = run.report["train"]
+    if run.report:  # empty on a distributed run's other ranks: rank 0 reports
+        _echo_train_report(run.report, out_dir)
+    if launched_by_torchrun():
+        end_worker()  # exit 0 now: see end_worker
+
+
+def _echo_train_report(report: dict, out_dir: Path | None) -> None:
+    t = report["train"]
     click.echo(f"trained {t['steps']} steps: loss {t['loss_first']:.4f} -> {t['loss_last']:.4f}, "
                f"{t['tokens_per_s']:,.0f} tokens/s, peak memory "
                f"{t['peak_memory_bytes'] / 2**20:,.0f} MiB")
-    sf = run.report.get("sparse_finetune", {})
+    sf = report.get("sparse_finetune", {})
     if sf:
         click.echo(f"trainable: {sf['trainable_in_targets']:,} of {sf['targeted_weights']:,} "
                    f"targeted weights ({sf['density']:.2%})")
-    d = run.report.get("distributed")
+    d = report.get("distributed")
     if d:
         click.echo(f"distributed: {d['world_size']} ranks ({d['backend']}, {d['mode']}), "
                    f"{d['bytes_per_step']:,} bytes all-reduced per step "
                    f"(full fine-tuning: {d['full_ft_bytes_per_step']:,}), "
                    f"global step {d['global_step']}")
-    ev = run.report.get("eval")
+    ev = report.get("eval")
     if ev:
         click.echo(f"eval loss {ev['loss_first']:.4f} -> {ev['loss_last']:.4f} "
                    f"({len(ev['losses'])} evaluations of {ev['batches']} batches)")
     if out_dir is not None:
-        saved = next((a for a in run.report.get("artifacts", [])
+        saved = next((a for a in report.get("artifacts", [])
                       if a in ("deltas.safetensors", "trainable.safetensors")), "deltas.safetensors")
         click.echo(f"output: {out_dir}/ ({saved}, report.json)")
 

@@ -19,13 +19,15 @@ processes.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -96,8 +98,8 @@ def setup(backend: str | None = None) -> DistEnv:
 def leave_together(env: DistEnv) -> None:
     """A barrier after a successful run: rank 0 writes the outputs while the others would
     already tear the group down, and a gloo peer that leaves early can abort the process
-    ("terminate called without an active exception", seen once in 2-rank CPU runs). Not
-    after a failure, where the other ranks may never arrive (torchrun stops them)."""
+    (end_worker covers the abort that remained). Not after a failure, where the other ranks
+    may never arrive (torchrun stops them)."""
     if env.world_size > 1 and dist.is_initialized():
         dist.barrier()
 
@@ -105,6 +107,17 @@ def leave_together(env: DistEnv) -> None:
 def teardown(env: DistEnv) -> None:
     if env.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()  # free the group's C++ side now, not during interpreter shutdown
+
+
+def end_worker() -> NoReturn:
+    """End a torchrun worker whose run finished (outputs in place, group destroyed) without
+    the interpreter's shutdown: a 2-rank gloo job on a loaded CPU machine aborted there now
+    and then ("terminate called without an active exception", exit -6, after every output was
+    written), which made torchrun report the whole run as failed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # data ---------------------------------------------------------------------------------------------
