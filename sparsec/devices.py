@@ -3,12 +3,50 @@ attributes, and the devices the graph names (tracing records the device it ran o
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
+from ._util import deepcopy
 from .program import Program
+
+
+def copy_to(program: Program, device: torch.device) -> Program:
+    """A copy of `program` on `device`, with its model source's eager module (the onnx backend
+    re-traces that one). Each tensor is copied straight to `device`, so the program's own
+    device never holds a second set; tensors the graph and the module share stay shared."""
+    memo = _tensors_to(device, program.gm, program.source.module)
+    source = program.source
+    if source.module is not None:
+        module = deepcopy(source.module, memo)
+        move_constants(module, device)
+        source = dataclasses.replace(source, module=module)
+    memo[id(program.source)] = source
+    for t in pytree.tree_leaves((program.example_inputs, program.state)):
+        if isinstance(t, torch.Tensor) and id(t) not in memo:
+            memo[id(t)] = t.detach().to(device, copy=True)
+    copy = deepcopy(program, memo)
+    move_constants(copy.gm, device)
+    retarget_graph(copy.gm, device)
+    return copy
+
+
+def _tensors_to(device: torch.device, *modules: torch.nn.Module | None) -> dict[int, Any]:
+    """A deepcopy memo sending each parameter and buffer of `modules` to its copy on
+    `device`."""
+    memo: dict[int, Any] = {}
+    for mod in (m for root in modules if root is not None for m in root.modules()):
+        for p in mod._parameters.values():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = torch.nn.Parameter(p.detach().to(device, copy=True),
+                                                 requires_grad=p.requires_grad)
+        for b in mod._buffers.values():
+            if b is not None and id(b) not in memo:
+                memo[id(b)] = b.detach().to(device, copy=True)
+    return memo
 
 
 def retarget_device(program: Program, device: torch.device) -> None:

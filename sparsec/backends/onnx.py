@@ -113,15 +113,11 @@ def _on_cpu(program: Program) -> tuple[Program, list[str]]:
     devices = {t.device for t in tensors if t.device.type != "cpu"}
     if not devices:
         return program, []
-    from ..devices import retarget_device
+    from ..devices import copy_to
 
-    cpu = torch.device("cpu")
-    copy = program.copy()
-    retarget_device(copy, cpu)
-    copy.example_inputs = pytree.tree_map(
-        lambda t: t.to(cpu) if isinstance(t, torch.Tensor) else t, copy.example_inputs)
     where = ", ".join(sorted(str(d) for d in devices))
-    return copy, [f"exported from a CPU copy of the program on {where}"]
+    return copy_to(program, torch.device("cpu")), [
+        f"exported from a CPU copy of the program on {where}"]
 
 
 def _export(plan: DynamicPlan, opts: OnnxOptions):

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 import sparsec
 from sparsec.errors import BadInputError
@@ -318,3 +319,22 @@ def test_program_on_cuda_exports_from_a_cpu_copy(tiny_llama_path, tmp_path):
     got, ref = (torch.utils._pytree.tree_leaves(x)[0] for x in (out, want))
     assert got.device.type == "cuda"
     torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_hf_model_on_cuda_exports_with_a_dynamic_batch(name, tmp_path):
+    """An HF model traced on CUDA re-traces its eager module with dynamic axes from the CPU
+    copy too (the module came along), so onnxruntime takes another batch size."""
+    from sparsec.testing import zoo
+
+    zm = zoo.get(name).build("cuda", seq=64)
+    c = sparsec.compile(zm.model, zm.example_inputs, backend="onnx", out_dir=tmp_path / "o")
+    assert c.report["onnx"]["dynamic_axes"], c.notes
+    assert not any(n.startswith("static shapes") for n in c.notes), c.notes
+    other = zm.inputs(batch=zm.batch + 1, seed=7)
+    got = tree_leaves(c(*other))[0]
+    with torch.no_grad():
+        want = tree_leaves(zm.model(*other))[0]
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
