@@ -70,17 +70,21 @@ def move_constants(module: torch.nn.Module, device: torch.device) -> None:
 def retarget_graph(gm: torch.fx.GraphModule, device: torch.device) -> None:
     """Point the device constants that tracing recorded in the graph (the checks of
     `_assert_tensor_metadata`, factory ops' `device=`) at `device`: they name the device the
-    model was traced on, and a graph traced on the CPU would refuse CUDA tensors."""
+    model was traced on, and a graph traced on the CPU would refuse CUDA tensors. Nested
+    graphs (the bodies of higher-order ops such as an autocast-disabled block) too."""
     def fix(a: Any) -> Any:
         return device if isinstance(a, torch.device) and a != device else a
 
-    changed = False
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
+    for mod in gm.modules():
+        if not isinstance(mod, torch.fx.GraphModule):
             continue
-        args = torch.fx.node.map_aggregate(node.args, fix)
-        kwargs = torch.fx.node.map_aggregate(node.kwargs, fix)
-        if args != node.args or kwargs != node.kwargs:
-            node.args, node.kwargs, changed = args, kwargs, True
-    if changed:
-        gm.recompile()
+        changed = False
+        for node in mod.graph.nodes:
+            if node.op != "call_function":
+                continue
+            args = torch.fx.node.map_aggregate(node.args, fix)
+            kwargs = torch.fx.node.map_aggregate(node.kwargs, fix)
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs, changed = args, kwargs, True
+        if changed:
+            mod.recompile()

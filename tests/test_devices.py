@@ -48,3 +48,23 @@ def test_cuda_program_copied_to_the_cpu(tiny_llama_path):
     assert all(p.device.type == "cuda" for p in program.gm.parameters())
     torch.testing.assert_close(_first(copy.gm(*copy.example_inputs)),
                                _first(program.gm(*inputs)).cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_retarget_graph_reaches_nested_graphs():
+    """On CUDA, HF rotary embeddings trace to an autocast-disabled higher-order op whose body
+    is a graph of its own; the device checks there must move too (a CPU copy of a Llama
+    traced on the GPU failed on them)."""
+    from sparsec.devices import retarget_graph
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    r = g.call_function(torch.ops.aten.arange.default, (4,), {"device": torch.device("cpu")})
+    g.output(g.call_function(torch.ops.aten.add.Tensor, (x, r)))
+    inner = torch.fx.GraphModule(torch.nn.Module(), g)
+    outer = torch.fx.symbolic_trace(lambda x: x * 2)
+    outer.add_submodule("body", inner)
+    retarget_graph(outer, torch.device("cuda"))
+    named = [a for n in inner.graph.nodes for a in n.kwargs.values()
+             if isinstance(a, torch.device)]
+    assert named == [torch.device("cuda")]
+    assert "cuda" in inner.code

@@ -39,8 +39,9 @@ def joint(name: str, cfg: zoo.MatrixConfig) -> None:
 
     m = zoo.MatrixModel(zoo.get(name), cfg)
     c = sparsec.compile(m.program(), passes=["joint-graph:lr=0.001", "prune-backward"],
-                        backend="eager")
-    print(f"== joint {name}: report rel_l2_err {c.report['grad_check']['rel_l2_err']:.3g}")
+                        backend="eager", verify=False)
+    check = c.report.get("grad_check", {})
+    print(f"== joint {name}: report rel_l2_err {check.get('rel_l2_err', 'n/a')}")
     p, info = c.program, c.program.state["joint"]
     _, eager = eager_step(info.forward, p.source.loss, info.n_model_inputs, p.example_inputs,
                           info.optimizer, info.trainable)
