@@ -155,3 +155,18 @@ def test_dead_code_removes_unused_nodes_and_params():
     out = run_passes(p, [DeadCode()])
     assert out.history[0].modified
     assert out.param_counts()["total"] == before - 20
+
+
+def test_normwise_error_of_a_negligible_tensor_is_taken_against_the_floor():
+    """A gradient that is rounding noise (an attention key bias's, exactly zero in exact
+    arithmetic) beside real ones: its own relative error is 100 %, the floored one small; a
+    tensor that is small but real keeps its own relative error."""
+    from sparsec.pipeline import compare_outputs
+
+    big = torch.linspace(-1, 1, 4096, dtype=torch.float64)
+    noise = torch.full((64,), 1e-7, dtype=torch.float64)
+    assert compare_outputs((big, noise), (big, -noise))["rel_l2_err"] < 1e-3
+    assert compare_outputs((big, noise), (big, torch.zeros(64)))["rel_l2_err"] < 1e-3
+    small = torch.full((64,), 0.05, dtype=torch.float64)  # 1/12 of big's RMS: not noise
+    assert compare_outputs((big, 1.1 * small), (big, small))["rel_l2_err"] > 0.09
+    assert compare_outputs((big, noise), (big, noise * 2))["max_rel_err"] > 0.4

@@ -22,7 +22,8 @@ from .attention_match import Site
 if TYPE_CHECKING:
     from .attention import BlockSparseAttention
 
-__all__ = ["reference_replacement", "blocks_to_elements", "dense_masked_attention"]
+__all__ = ["reference_replacement", "blocks_to_elements", "dense_masked_attention",
+           "MASKED_FLOOR"]
 
 
 def blocks_to_elements(keep: torch.Tensor, q_len: int, kv_len: int, block_q: int,
@@ -34,6 +35,14 @@ def blocks_to_elements(keep: torch.Tensor, q_len: int, kv_len: int, block_q: int
     if causal:
         mask = mask & torch.ones(q_len, kv_len, dtype=torch.bool, device=keep.device).tril()
     return mask
+
+
+MASKED_FLOOR = -1e30
+"""A float mask's most negative value as the reference passes it to SDPA. Models mask with
+`finfo(dtype).min`, a finite number: a row whose visible keys all carry it averages them
+evenly (in eager attention, the op and the float64 oracle alike), but CUDA's fused SDPA kernels
+overflow it to -inf when they scale scores to base 2 and return 0 for that row. -1e30 is still
+below every real score by far, so no other row changes."""
 
 
 def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -48,8 +57,8 @@ def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if mask is not None:
         if mask.dtype == torch.bool:
             allowed = allowed & mask
-        else:
-            bias = mask
+        else:  # a finite "masked" value stays finite (see MASKED_FLOOR)
+            bias = mask.clamp_min(MASKED_FLOOR)
     row_any = allowed.any(-1, keepdim=True)
     safe = allowed | ~row_any  # SDPA would return NaN for a row with no key
     attn = safe if bias is None else bias.masked_fill(~safe, float("-inf"))
