@@ -178,9 +178,9 @@ def compare_outputs(got: Any, expected: Any) -> dict[str, float]:
 
     The normwise error of a tensor far smaller than the rest is taken against a floor instead
     of its own norm: `L2_FLOOR` times the root mean square of all reference values, per entry.
-    Such a tensor is rounding noise of cancelled terms (the gradient of an attention key's bias
-    is exactly zero, since softmax ignores a shift shared by a row), and its relative error
-    would say nothing.
+    Such a tensor can be pure rounding noise of cancelled terms (the gradient of an attention
+    key's bias is exactly zero, since softmax ignores a shift shared by a row; in bfloat16 it
+    comes out at about 0.1 % of a step's RMS), and its own relative error would say nothing.
 
     Non-finite values: a position where both sides hold the same non-finite value (both NaN,
     or an infinity of the same sign) counts as equal; any other position where either side is
@@ -208,7 +208,7 @@ def compare_outputs(got: Any, expected: Any) -> dict[str, float]:
     return {"max_abs_err": abs_err, "max_rel_err": rel_err, "rel_l2_err": _worst_l2(norms)}
 
 
-L2_FLOOR = 1e-2
+L2_FLOOR = 0.1
 
 
 def _worst_l2(norms: list[tuple[float, float, int]]) -> float:

