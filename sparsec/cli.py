@@ -370,7 +370,7 @@ class _status:
 @handle_errors
 def layout_cmd(model_file: Path | None, out: Path, verbose: bool, **kw: Any) -> None:
     """Draw a block layout as a heatmap PNG (static, or as chosen on MODEL.py's inputs)."""
-    from .layouts.cli import draw_layout
+    from .cli_layout import draw_layout
 
     click.echo(draw_layout(model_file, out, **kw))
 
@@ -391,7 +391,7 @@ def layout_cmd(model_file: Path | None, out: Path, verbose: bool, **kw: Any) -> 
 def train_gates_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...],
                     steps: int, lr: float, out: Path, verbose: bool) -> None:
     """Train learned attention gates by distillation (base weights frozen)."""
-    from .layouts.cli import train_gates_file
+    from .cli_layout import train_gates_file
 
     def log(step: int, loss: float) -> None:
         if verbose or step % 10 == 0:

@@ -456,6 +456,6 @@ def _union(weight: str, ta: TargetDelta, tb: TargetDelta, overlap: str) -> Targe
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__

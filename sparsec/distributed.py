@@ -380,7 +380,7 @@ class _Saver:
     def __init__(self, env: DistEnv, trainer: DistributedTrainer, lr: float,
                  before: Any = None):
         self.env, self.trainer, self.lr, self.before = env, trainer, lr, before
-        self.run: Any = None  # rank 0's sparsec.api.RunDirectory, when it writes
+        self.run: Any = None  # rank 0's sparsec.outputs.RunDirectory, when it writes
         self.write_report: Callable[[Path], dict[str, Any]] | None = None
         self.report: dict[str, Any] = {}
         self.completed = False
@@ -434,7 +434,8 @@ class _Saver:
 def _run(env: DistEnv, model: Any, *, steps: int, recipe: Any, passes: tuple, out_dir: Any,
          lr: float | None, save_every: int, force: bool, verify: bool, resume: Any, fsdp: bool,
          on_step: Any) -> TrainRun:
-    from .api import RunDirectory, check_output_dir, resolve_passes
+    from .outputs import RunDirectory, check_output_dir
+    from .recipe import resolve_passes
     from .backends import lower
     from .checkpoint import load_checkpoint, restore_optimizer
 
@@ -530,7 +531,7 @@ def _report(compiled: Any, trainer: DistributedTrainer, saver: _Saver, env: Dist
     """report.json on rank 0 (written into `staging` when there is one); {} elsewhere."""
     if not env.is_main:
         return {}
-    from .api import write_outputs
+    from .outputs import write_outputs
     from .report import build_report
 
     program = trainer.program

@@ -37,7 +37,7 @@ def export_model(model: str | Path, deltas: str | Path, out_dir: str | Path, *,
     """Export `model` (an HF checkpoint directory or a model.py whose model() holds a
     transformers model) with the trained `deltas` (or trainable.safetensors); returns the
     export record also written as `export.json`."""
-    from .api import staged_output
+    from .outputs import staged_output
     from .sources import open_model
 
     if fmt not in FORMATS:

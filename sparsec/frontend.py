@@ -301,7 +301,7 @@ def _drop_guards(gm: torch.fx.GraphModule) -> None:
 
 
 def _check_trace(model: torch.nn.Module, program: Program) -> None:
-    from .pipeline import compare_outputs, tolerance
+    from .compare import compare_outputs, tolerance
 
     with torch.no_grad():
         expected = model(*program.example_inputs)

@@ -328,7 +328,7 @@ def step_report(program: Program) -> dict[str, Any]:
     """Predicted vs measured peak memory of one step, the eager full fine-tuning peak on the
     same model and batch, and the updates checked against one eager sparse step."""
     from .memory import measure_peak, predict_peak
-    from .pipeline import compare_outputs
+    from .compare import compare_outputs
 
     info: JointInfo = program.state["joint"]
     batch = program.example_inputs

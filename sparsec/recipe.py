@@ -24,7 +24,7 @@ from ._util import read_regular_file
 from .errors import BadInputError, OptionError, RecipeError
 from .passes.base import Pass, get_pass
 
-__all__ = ["RECIPE_VERSION", "load_recipe", "parse_recipe", "parse_pass_arg", "dump_recipe",
+__all__ = ["RECIPE_VERSION", "resolve_passes", "load_recipe", "parse_recipe", "parse_pass_arg", "dump_recipe",
            "make_pass"]
 
 RECIPE_VERSION = 1
@@ -208,3 +208,16 @@ def dump_recipe(passes: Sequence[Pass]) -> str:
     import tomli_w  # only writing needs it
 
     return tomli_w.dumps({"version": RECIPE_VERSION, "pass": entries})
+
+
+def resolve_passes(recipe: str | Path | None, passes: Sequence[Pass | str]) -> list[Pass]:
+    """The recipe's passes followed by `passes` (Pass objects or `NAME[:k=v,...]` strings)."""
+    out = load_recipe(recipe) if recipe is not None else []
+    for p in passes:
+        if isinstance(p, Pass):
+            out.append(p)
+        elif isinstance(p, str):
+            out.append(parse_pass_arg(p))
+        else:
+            raise RecipeError(f"passes must be Pass objects or 'name:k=v' strings, got {p!r}")
+    return out

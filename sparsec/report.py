@@ -22,7 +22,7 @@ def build_report(compiled: Compiled, artifacts: Iterable[str] = ()) -> dict[str,
     `attention`), backends through `compiled.report` (for example `onnx`).
     """
     program = compiled.program
-    from . import __version__
+    from ._version import __version__
 
     report: dict[str, Any] = {
         "sparsec": __version__,

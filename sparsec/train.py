@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from ._util import first_line, user_frame
+from .backends.base import set_trainer_factory
 from .errors import BadInputError, SparsecError
 from .program import Program, Prop
 
@@ -399,7 +400,8 @@ def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (
     (even after kill -9). If training fails after a checkpoint, its report says
     `train.completed = false` with the error, and the error is raised.
     """
-    from .api import RunDirectory, check_output_dir, resolve_passes
+    from .outputs import RunDirectory, check_output_dir
+    from .recipe import resolve_passes
     from .backends import lower
     from .evaluate import Evaluator
     from .passes.sparse_finetune import finetune_nodes
@@ -500,7 +502,7 @@ class _Saver:
         return report
 
     def _write(self, staging: Path, completed: bool) -> dict[str, Any]:
-        from .api import write_outputs
+        from .outputs import write_outputs
         from .checkpoint import OPTIMIZER_FILE, save_optimizer_state
         from .deltas import extract_deltas, save_deltas
         from .trainable import DELTAS_FILE, TRAINABLE_FILE, save_trainable
@@ -570,3 +572,6 @@ def _train_section(trainer: Trainer, completed: bool) -> dict[str, Any]:
     if trainer.joint is not None:
         section["step"] = f"traced (joint-graph, {trainer.joint.optimizer.name})"
     return section
+
+
+set_trainer_factory(Trainer.for_compiled)

@@ -47,7 +47,7 @@ def test_summary_mentions_deltas_and_memory_in_gib(tiny_llama_program):
 
 
 def test_layout_jpg_is_a_jpeg_and_unknown_suffix_refused(tmp_path):
-    from sparsec.layouts.cli import draw_layout
+    from sparsec.cli_layout import draw_layout
 
     kw = dict(layout="sliding-window", seq_len=256, block=64, window=64, sink=0)
     line = draw_layout(None, tmp_path / "x.jpg", **kw)
@@ -58,7 +58,7 @@ def test_layout_jpg_is_a_jpeg_and_unknown_suffix_refused(tmp_path):
 
 
 def test_layout_keeping_everything_warns(tmp_path):
-    from sparsec.layouts.cli import draw_layout
+    from sparsec.cli_layout import draw_layout
 
     line = draw_layout(None, tmp_path / "x.png", layout="sliding-window", seq_len=128,
                        block=64, window=256, sink=64)

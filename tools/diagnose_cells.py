@@ -35,7 +35,7 @@ def _config(device: str, seq: int, workdir: str) -> zoo.MatrixConfig:
 
 def joint(name: str, cfg: zoo.MatrixConfig) -> None:
     from sparsec.joint import eager_step
-    from sparsec.pipeline import _tensor_errors
+    from sparsec.compare import _tensor_errors
 
     m = zoo.MatrixModel(zoo.get(name), cfg)
     c = sparsec.compile(m.program(), passes=["joint-graph:lr=0.001", "prune-backward"],

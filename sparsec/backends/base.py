@@ -8,7 +8,17 @@ from typing import Any, Callable
 
 from ..program import Program
 
-__all__ = ["LowerOptions", "Compiled"]
+__all__ = ["LowerOptions", "Compiled", "set_trainer_factory"]
+
+# How `Compiled.train_step` makes its default trainer. Training sits above the backends, so it
+# installs the factory when it is imported (sparsec.train, which `import sparsec` loads).
+_trainer_factory: Callable[["Compiled"], Any] | None = None
+
+
+def set_trainer_factory(factory: Callable[["Compiled"], Any]) -> None:
+    """Install what `Compiled.train_step` calls to create the trainer of a forward program."""
+    global _trainer_factory
+    _trainer_factory = factory
 
 
 @dataclass
@@ -53,7 +63,7 @@ class Compiled:
             out = self.fn(*batch)
             return float(out[0] if isinstance(out, (tuple, list)) else out)
         if self.trainer is None:
-            from ..train import Trainer
-
-            self.trainer = Trainer.for_compiled(self)
+            if _trainer_factory is None:
+                raise RuntimeError("Compiled.train_step needs sparsec.train; import sparsec")
+            self.trainer = _trainer_factory(self)
         return self.trainer.step(batch)

@@ -192,7 +192,7 @@ def _opset(onx) -> int:
 def _describe(onx, plan: DynamicPlan, deployed: Program, sites: list[dict[str, Any]],
               nm: list[dict[str, Any]], opts: OnnxOptions, notes: list[str]) -> dict[str, Any]:
     """The report section's facts, also written into the model's metadata_props."""
-    from .. import __version__
+    from .._version import __version__
 
     attention = _name_sites(plan.program, sites)
     for s in attention:

@@ -269,8 +269,8 @@ class BlockSparseAttention(Pass):
 
         def fn(q, k, v, *rest):
             lay, rest = list(rest[:n_layout]), rest[n_layout:]
-            q, k, v = _shape_inputs(site, q, k, v)
-            mask = _build_mask(site, rest[:nk], rest[nk:nk + nf], rest[nk + nf:], factors)
+            q, k, v = site.shape_inputs(q, k, v)
+            mask = site.build_mask(rest[:nk], rest[nk:nk + nf], rest[nk + nf:], factors)
             if o.layout in ("topk", "threshold"):
                 probs = torch.ops.sparsec.block_scores(q, k, site.scale, site.causal, o.block,
                                                        o.block)
@@ -285,7 +285,7 @@ class BlockSparseAttention(Pass):
                 lay = _select(o, torch.softmax(logits, dim=-1), site)
             out = bsa(q, k, v, *lay, mask, site.scale, site.causal, o.block, o.block,
                       site.softcap)[0]
-            return _shape_output(site, out, dtype)
+            return site.shape_output(out, dtype)
         return fn
 
     def _annotate(self, gm: fx.GraphModule, out: fx.Node, site: Site,
@@ -326,42 +326,6 @@ def _select(o: BlockSparseAttention, probs: torch.Tensor, site: Site):
     threshold = o.threshold if o.layout == "threshold" else 0.0
     return torch.ops.sparsec.select_blocks(probs, site.q_len, site.kv_len, site.causal, o.block,
                                            o.block, o.topk, threshold, o.sink, o.window)
-
-
-def _shape_inputs(site: Site, q, k, v):
-    if site.k_transposed:
-        k = k.transpose(-1, -2)
-    if site.three_d:
-        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
-    return q, k, v
-
-
-def _shape_output(site: Site, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if site.three_d:
-        out = out.squeeze(1)
-    return out if out.dtype == dtype else out.to(dtype)
-
-
-def _build_mask(site: Site, keeps, fills, biases, factors) -> torch.Tensor | None:
-    """The element mask in SDPA form (bool keep, float bias, or a float with −inf)."""
-    keep = None
-    for m in keeps:
-        keep = m if keep is None else keep & m
-    for m in fills:
-        keep = ~m if keep is None else keep & ~m
-    bias = None
-    for m, f in zip(biases, factors):
-        term = m if f == 1.0 else m * f
-        bias = term if bias is None else bias + term
-    if keep is not None and site.three_d and keep.dim() == 3:
-        keep = keep.unsqueeze(1)
-    if bias is not None and site.three_d and bias.dim() == 3:
-        bias = bias.unsqueeze(1)
-    if bias is None:
-        return keep
-    if keep is None:
-        return bias
-    return bias.masked_fill(~keep, float("-inf"))
 
 
 def _producer(node: Any, target: Any, depth: int = 8, follow_all: bool = False) -> fx.Node | None:

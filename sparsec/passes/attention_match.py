@@ -87,6 +87,41 @@ class Site:
     def name(self) -> str:
         return module_path(self.node) or self.node.name
 
+    def shape_inputs(self, q, k, v):
+        """q, k, v as the op takes them: k untransposed, heads as their own dimension."""
+        if self.k_transposed:
+            k = k.transpose(-1, -2)
+        if self.three_d:
+            q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+        return q, k, v
+
+    def shape_output(self, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The op's output in the replaced node's shape and dtype."""
+        if self.three_d:
+            out = out.squeeze(1)
+        return out if out.dtype == dtype else out.to(dtype)
+
+    def build_mask(self, keeps, fills, biases, factors) -> torch.Tensor | None:
+        """The element mask in SDPA form (bool keep, float bias, or a float with −inf)."""
+        keep = None
+        for m in keeps:
+            keep = m if keep is None else keep & m
+        for m in fills:
+            keep = ~m if keep is None else keep & ~m
+        bias = None
+        for m, f in zip(biases, factors):
+            term = m if f == 1.0 else m * f
+            bias = term if bias is None else bias + term
+        if keep is not None and self.three_d and keep.dim() == 3:
+            keep = keep.unsqueeze(1)
+        if bias is not None and self.three_d and bias.dim() == 3:
+            bias = bias.unsqueeze(1)
+        if bias is None:
+            return keep
+        if keep is None:
+            return bias
+        return bias.masked_fill(~keep, float("-inf"))
+
 
 @dataclass
 class Skip:

@@ -76,8 +76,6 @@ def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def reference_replacement(o: "BlockSparseAttention", site: Site) -> Callable[..., torch.Tensor]:
     """A torch function of the same inputs as the pass's replacement, computing the
     reference (static layouts arrive as one dense element-mask input)."""
-    from .attention import _build_mask, _shape_inputs, _shape_output
-
     nk, nf = len(site.mask.keeps), len(site.mask.fills)
     factors = [f for _, f in site.mask.biases]
     dtype = site.node.meta["val"].dtype
@@ -86,15 +84,15 @@ def reference_replacement(o: "BlockSparseAttention", site: Site) -> Callable[...
 
     def fn(q, k, v, *rest):
         lay, rest = rest[:n_layout], rest[n_layout:]
-        q, k, v = _shape_inputs(site, q, k, v)
-        mask = _build_mask(site, rest[:nk], rest[nk:nk + nf], rest[nk + nf:], factors)
+        q, k, v = site.shape_inputs(q, k, v)
+        mask = site.build_mask(rest[:nk], rest[nk:nk + nf], rest[nk + nf:], factors)
         if is_static(o.layout):
             allowed = lay[0]
         else:
             keep = _dynamic_keep(o, site, q, k, lay)
             allowed = blocks_to_elements(keep, L, S, block, block, site.causal)
         out = dense_masked_attention(q, k, v, allowed, mask, site.scale, site.softcap)
-        return _shape_output(site, out, dtype)
+        return site.shape_output(out, dtype)
     return fn
 
 

@@ -217,8 +217,6 @@ def _load_entry_points() -> None:
 
 def registered_passes() -> dict[str, type[Pass]]:
     """Every registered pass, built-in and from plugins, by name."""
-    from . import _builtin  # noqa: F401  (registers the built-in passes)
-
     _load_entry_points()
     from .plugins import load_env_plugins
 

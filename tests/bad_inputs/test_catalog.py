@@ -77,13 +77,13 @@ def test_existing_output_is_refused_then_replaced_with_force(tmp_path):
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
                                    PermissionError(13, "Permission denied")])
 def test_write_failures_leave_nothing_behind(monkeypatch, tmp_path, error):
-    import sparsec.api
+    import sparsec.outputs
 
     def fail(path, text):
         Path(path).write_text(text[: len(text) // 2])  # half a file, then the failure
         raise error
 
-    monkeypatch.setattr(sparsec.api, "atomic_write_text", fail)
+    monkeypatch.setattr(sparsec.outputs, "atomic_write_text", fail)
     r = CliRunner().invoke(cli, ["compile", str(TINY), "-o", str(tmp_path / "out")])
     assert r.exit_code == 2 and error.strerror in r.stderr, r.output
     assert list(tmp_path.iterdir()) == []

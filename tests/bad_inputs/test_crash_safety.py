@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from sparsec.api import MARKER
+from sparsec.outputs import MARKER
 from sparsec.cli import cli
 from sparsec.train import train_model
 

@@ -175,7 +175,7 @@ def test_functional_linear_on_a_root_parameter(method):
 
 def test_joint_graph_and_prune_backward_see_the_sparse_ops(tiny_llama_program):
     """Stage 2 traces the sparse ops' own backward ops, and the pipeline verifies the step."""
-    from sparsec.api import resolve_passes
+    from sparsec.recipe import resolve_passes
 
     p = run_passes(tiny_llama_program,
                    resolve_passes(None, ["sparse-finetune", "joint-graph", "prune-backward"]))

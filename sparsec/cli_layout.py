@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from ..errors import BadInputError
-from .block_layout import BlockLayout
-from .plot import plot_layout
-from .spec import build_static, is_static
+from .errors import BadInputError
+from .layouts.block_layout import BlockLayout
+from .layouts.plot import plot_layout
+from .layouts.spec import build_static, is_static
 
 __all__ = ["draw_layout", "site_layouts", "train_gates_file"]
 
@@ -19,8 +19,8 @@ _PASS_OPTIONS = ("layout", "block", "window", "sink", "stride", "dilation", "glo
 
 
 def _make_pass(kw: dict[str, Any]):
-    from ..passes.attention import BlockSparseAttention
-    from ..recipe import make_pass
+    from .passes.attention import BlockSparseAttention
+    from .recipe import make_pass
 
     opts = {k: kw[k] for k in _PASS_OPTIONS if k in kw}
     mixture = tuple(m.strip() for m in (kw.get("mixture") or "").split(",") if m.strip())
@@ -40,7 +40,7 @@ def _heads(text: str) -> tuple[int, ...]:
 def draw_layout(model_file: Path | None, out: Path, **kw: Any) -> str:
     """Build the layout (static from lengths, or as the pass chooses it on MODEL.py) and
     plot it. Returns the line to print."""
-    from .plot import image_format
+    from .layouts.plot import image_format
 
     image_format(out)  # refuse an unknown image suffix before any work
     p = _make_pass(kw)
@@ -81,9 +81,9 @@ def site_layouts(model_file: Path, pass_) -> list[tuple[str, BlockLayout]]:
     from torch import fx
     from torch.utils import _pytree as pytree
 
-    from ..frontend import trace_file
-    from ..pipeline import run_passes
-    from ..program import node_info
+    from .frontend import trace_file
+    from .pipeline import run_passes
+    from .program import node_info
 
     program = run_passes(trace_file(model_file), [pass_], verify=False)
     target = torch.ops.sparsec.block_sparse_attention.default
@@ -110,10 +110,10 @@ def train_gates_file(model_file: Path, recipe: Path | None, pass_args: tuple[str
                      steps: int, lr: float, out: Path, log) -> str:
     """Trace MODEL.py, run the recipe (which must use layout = "learned"), train the gates
     on the model file's batches() and write them to `out` (safetensors)."""
-    from ..api import resolve_passes
-    from ..frontend import trace_file
-    from ..pipeline import run_passes
-    from .learned import gate_parameters, save_gates, train_gates
+    from .recipe import resolve_passes
+    from .frontend import trace_file
+    from .pipeline import run_passes
+    from .layouts.learned import gate_parameters, save_gates, train_gates
 
     program = run_passes(trace_file(model_file), resolve_passes(recipe, pass_args),
                          verify=False)
