@@ -30,7 +30,7 @@ class Evaluator:
     @torch.no_grad()
     def __call__(self, trainer: Any, step: int) -> float:
         program = trainer.program
-        joint = program.state.get("joint")
+        joint = program.joint
         module = joint.forward if joint is not None else trainer.module
         n = joint.n_model_inputs if joint is not None else trainer.n_inputs
         loss_fn = program.source.loss

@@ -35,7 +35,7 @@ __all__ = ["JointInfo", "TrainStep", "build_joint_step", "eager_step", "example_
 
 @dataclass
 class JointInfo:
-    """What `program.state["joint"]` holds for a joint program."""
+    """What `program.joint` holds for a training-step program."""
 
     forward: fx.GraphModule  # the forward graph, sharing parameters with the step
     trainable: list[str]  # parameter names the step updates
@@ -330,7 +330,7 @@ def step_report(program: Program) -> dict[str, Any]:
     from .memory import measure_peak, predict_peak
     from .compare import compare_outputs
 
-    info: JointInfo = program.state["joint"]
+    info: JointInfo = program.joint
     batch = program.example_inputs
     plan = predict_peak(program.gm)
     device = next((t.device for t in program.gm.parameters()), torch.device("cpu"))

@@ -53,7 +53,7 @@ def plot_memory_timeline(program: Any, path: Path) -> str:
     resident = resident_bytes(gm)
     gib = [(resident + live) / 2**30 for _, live in timeline]
     peak_at = max(range(len(gib)), key=gib.__getitem__)
-    step = "training step" if program.state.get("joint") is not None else "forward"
+    step = "training step" if program.is_training_step else "forward"
     fig, ax = plt.subplots(figsize=(10, 4))
     ax.plot(range(len(gib)), gib, lw=1)
     ax.axhline(resident / 2**30, color="gray", ls="--", lw=0.8, label="resident")

@@ -11,9 +11,9 @@ from torch.utils import _pytree as pytree
 
 from ._util import first_line, user_frame
 from .errors import BadInputError, PassError, PreconditionError, SparsecError, VerificationError
-from .passes.base import Pass, providers_of
 from .compare import compare_outputs, tolerance
-from .program import PassRecord, Program
+from .passes.base import Pass, providers_of
+from .program import PassRecord, Program, Prop
 
 __all__ = ["run_passes", "compare_outputs", "check_finite", "check_metric", "tolerance",
            "dump_graph"]
@@ -41,15 +41,21 @@ def run_passes(program: Program, passes: Sequence[Pass], *, verify: bool = True,
     for i, p in enumerate(passes, start=1):
         _check_requires(p, program)
         ref = _reference(p, program) if verify else None
+        code_before = program.gm.code if verify else None
         start = time.perf_counter()
         result = _run_pass(p, program, done)
         ms = (time.perf_counter() - start) * 1e3
         _lint(p, program, done)
+        if verify and not result.modified and program.gm.code != code_before:
+            raise PassError(p.name, done, RuntimeError(
+                "returned modified=False but changed the graph; return modified=True"))
         record = PassRecord(p.name, _jsonable(p.options()), bool(result.modified),
                             dict(result.stats), ms)
         if verify:
             record.verify = _verify(p, program, ref)
         program.props = (program.props - set(p.invalidates)) | set(p.establishes)
+        if verify:
+            _check_props(p, program, done)
         program.history.append(record)
         done.append(p.name)
         if dump_dir is not None:
@@ -59,6 +65,27 @@ def run_passes(program: Program, passes: Sequence[Pass], *, verify: bool = True,
     if verify:
         program.state["verify"] = _summary(program, entry_out)
     return program
+
+
+# What each core prop says about the program, checked after every pass under verify: a pass
+# that establishes a prop must make it true, and one that leaves it must keep it true.
+PROP_CHECKS: dict[str, tuple[Callable[[Program], bool], str]] = {
+    Prop.FORWARD_GRAPH: (lambda p: not p.is_training_step, "the program is a training step"),
+    Prop.JOINT_GRAPH: (lambda p: p.is_training_step, "the program is not a training step "
+                       "(program.joint is None)"),
+    Prop.BACKWARD_PRUNED: (lambda p: p.is_training_step, "the program has no backward graph"),
+}
+
+
+def _check_props(p: Pass, program: Program, done: list[str]) -> None:
+    for prop in sorted(program.props):
+        check = PROP_CHECKS.get(prop)
+        if check is not None and not check[0](program):
+            raise PassError(p.name, done, RuntimeError(f"the program holds prop '{prop}' but "
+                                                       f"{check[1]}"))
+    if program.is_training_step and Prop.JOINT_GRAPH not in program.props:
+        raise PassError(p.name, done, RuntimeError(
+            f"the program is a training step but lacks prop '{Prop.JOINT_GRAPH}'"))
 
 
 def _check_requires(p: Pass, program: Program) -> None:
@@ -144,7 +171,7 @@ def check_metric(program: Program) -> str:
     program; for a training step (loss and gradients) the normwise relative error, since a
     gradient's near-cancelled entries carry rounding noise far above their own size (the max
     relative error is still reported)."""
-    return "rel_l2_err" if "joint" in program.state else "max_rel_err"
+    return "rel_l2_err" if program.is_training_step else "max_rel_err"
 
 
 def _summary(program: Program, entry_out: Any) -> dict[str, Any]:

@@ -6,10 +6,13 @@ import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import fx
+
+if TYPE_CHECKING:
+    from .joint import JointInfo
 
 __all__ = ["Prop", "PassRecord", "ModelSource", "Program", "module_path", "node_info"]
 
@@ -61,8 +64,9 @@ class Program:
 
     `gm` is an ATen-level GraphModule; its parameters and buffers (the sparse state that passes
     add included) are registered on it and reached by `get_attr`, so they serialize, become ONNX
-    initializers and reach kernels as arguments. `state` holds per-pass-family data keyed by the
-    family's name (for example the targets a sparse fine-tuning pass chose).
+    initializers and reach kernels as arguments. `joint` describes a training-step program (its
+    forward graph, trainable tensors, optimizer); `state` holds the rest of the per-pass-family
+    data keyed by the family's name (for example the targets a sparse fine-tuning pass chose).
     """
 
     gm: fx.GraphModule
@@ -72,6 +76,12 @@ class Program:
     source: ModelSource = field(default_factory=lambda: ModelSource(name="model"))
     state: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
+    joint: JointInfo | None = None  # set by joint-graph: this program is a training step
+
+    @property
+    def is_training_step(self) -> bool:
+        """Whether `gm` is a training step (forward, backward, optimizer) rather than a model."""
+        return self.joint is not None
 
     def __post_init__(self) -> None:
         if not self.fingerprint:
@@ -86,7 +96,7 @@ class Program:
         the gradient of every trainable parameter (recovered from the optimizer's update, see
         `sparsec.optim.implied_gradient`). State the step writes is restored afterwards, so
         checking never trains the model."""
-        joint = self.state.get("joint")
+        joint = self.joint
         if joint is None:
             with torch.no_grad():
                 return _detached(self.gm(*inputs))
@@ -99,7 +109,7 @@ class Program:
         the gradient (plain SGD) "gradients" holds the parameter after the step instead."""
         from .optim import implied_gradient
 
-        joint = self.state["joint"]
+        joint = self.joint
         names = joint.mutable()
         before = {n: self.get_tensor(n).detach().clone() for n in names}
         with self.preserving_state():
@@ -118,7 +128,7 @@ class Program:
     @contextlib.contextmanager
     def preserving_state(self) -> Iterator[None]:
         """Restore every tensor a training step writes (parameters, optimizer state) on exit."""
-        joint = self.state.get("joint")
+        joint = self.joint
         names = joint.mutable() if joint is not None else []
         saved = {n: self.get_tensor(n).detach().clone() for n in names}
         try:
@@ -130,17 +140,17 @@ class Program:
 
     def forward_module(self) -> fx.GraphModule:
         """The inference graph: `gm` for a forward program, the forward graph of a step."""
-        joint = self.state.get("joint")
+        joint = self.joint
         return joint.forward if joint is not None else self.gm
 
     def forward_program(self) -> "Program":
         """This program for inference: itself, or for a training-step program the forward
         graph it keeps (sharing parameters, so it sees every step taken) as a forward program
         with the same history, source and pass state."""
-        joint = self.state.get("joint")
+        joint = self.joint
         if joint is None:
             return self
-        state = {k: v for k, v in self.state.items() if k != "joint"}
+        state = dict(self.state)
         props = (self.props - {Prop.JOINT_GRAPH, Prop.BACKWARD_PRUNED}) | {Prop.FORWARD_GRAPH}
         return Program(gm=joint.forward, example_inputs=self.example_inputs[:joint.n_model_inputs],
                        props=props, history=list(self.history), source=self.source, state=state)

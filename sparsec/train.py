@@ -102,7 +102,7 @@ class Trainer:
         if not named:
             raise BadInputError("nothing to train: every parameter is frozen; add a "
                                 "sparse-finetune pass to the recipe")
-        self.joint = program.state.get("joint")
+        self.joint = program.joint
         self.regrow_window = max(1, regrow_window)
         self.regrow_targets = _regrow_targets(program)
         if self.joint is not None:

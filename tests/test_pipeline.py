@@ -172,3 +172,34 @@ def test_normwise_error_of_a_negligible_tensor_is_taken_against_the_floor():
     tiny = torch.full((64,), 0.02, dtype=torch.float64)  # 1/29: below, judged on the floor
     assert 0.01 < compare_outputs((big, 2 * tiny), (big, tiny))["rel_l2_err"] < 0.5
     assert compare_outputs((big, noise), (big, noise * 2))["max_rel_err"] > 0.4
+
+
+def test_a_pass_that_says_unmodified_must_not_change_the_graph(program):
+    @dataclass(frozen=True)
+    class Liar(Pass):
+        name = "test-liar"
+
+        def run(self, program):
+            node = next(n for n in program.gm.graph.nodes if n.op == "output")
+            with program.gm.graph.inserting_before(node):
+                program.gm.graph.call_function(torch.ops.aten.relu.default, (node.args[0][0],))
+            return PassResult(modified=False)
+
+    with pytest.raises(PassError, match="modified=False but changed the graph"):
+        run_passes(program, [Liar()])
+    run_passes(program, [Liar()], verify=False)  # unchecked without verify
+
+
+def test_an_established_prop_is_checked(program):
+    @dataclass(frozen=True)
+    class FakeJoint(Pass):
+        name = "test-fake-joint"
+        establishes = frozenset({Prop.JOINT_GRAPH})
+        invalidates = frozenset({Prop.FORWARD_GRAPH})
+
+        def run(self, program):
+            return PassResult(modified=False)
+
+    with pytest.raises(PassError, match="holds prop 'joint_graph' but the program is not a "
+                                        "training step"):
+        run_passes(program, [FakeJoint()])

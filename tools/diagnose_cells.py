@@ -42,7 +42,7 @@ def joint(name: str, cfg: zoo.MatrixConfig) -> None:
                         backend="eager", verify=False)
     check = c.report.get("grad_check", {})
     print(f"== joint {name}: report rel_l2_err {check.get('rel_l2_err', 'n/a')}")
-    p, info = c.program, c.program.state["joint"]
+    p, info = c.program, c.program.joint
     _, eager = eager_step(info.forward, p.source.loss, info.n_model_inputs, p.example_inputs,
                           info.optimizer, info.trainable)
     _, effects = p.step_effects(*p.example_inputs)

@@ -59,7 +59,7 @@ class Compiled:
         chosen in the recipe. Otherwise the first call creates a default
         `sparsec.train.Trainer` (AdamW); set `trainer` to choose the learning rate and the rest.
         """
-        if "joint" in self.program.state:
+        if self.program.is_training_step:
             out = self.fn(*batch)
             return float(out[0] if isinstance(out, (tuple, list)) else out)
         if self.trainer is None:

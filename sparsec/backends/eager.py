@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..program import Program, Prop
+from ..program import Program
 from .base import Compiled, LowerOptions
 
 __all__ = ["lower"]
@@ -11,7 +11,7 @@ __all__ = ["lower"]
 def lower(program: Program, options: LowerOptions | None = None) -> Compiled:
     options = options or LowerOptions()
     compiled = Compiled(program=program, backend="eager", fn=program.gm)
-    if Prop.JOINT_GRAPH in program.props and options.verify:
+    if program.is_training_step and options.verify:
         from ..joint import step_report
 
         compiled.report.update(step_report(program))

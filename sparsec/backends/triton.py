@@ -20,7 +20,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from ..errors import ParityError
-from ..program import Program, Prop
+from ..program import Program
 from .base import Compiled, LowerOptions
 
 __all__ = ["lower", "sparsec_ops", "program_device"]
@@ -86,7 +86,7 @@ def lower(program: Program, options: LowerOptions | None = None) -> Compiled:
             section["dense"] = "torch.compile"
         if options.verify and ops:
             section["parity"] = _parity(program, compiled)
-    if Prop.JOINT_GRAPH in program.props and options.verify:
+    if program.is_training_step and options.verify:
         from ..joint import step_report
 
         compiled.report.update(step_report(program))

@@ -50,7 +50,7 @@ class JointGraph(Pass):
     def run(self, program: Program) -> PassResult:
         step, info, batch = build_joint_step(program, self.config())
         program.gm, program.example_inputs = step, batch
-        program.state["joint"] = info
+        program.joint = info
         roles = [n.meta.get("sparsec", {}).get("role") for n in step.graph.nodes]
         stats = {r: roles.count(r) for r in ("forward", "backward", "optimizer")}
         stats["trainable_tensors"] = len(info.trainable)

@@ -133,7 +133,7 @@ def test_t5_joint_graph_trains_the_bias():
               parse_pass_arg("joint-graph:lr=0.001")]
     out = run_passes(prog, passes, verify=True)
     assert "model.block.0.layer.0.SelfAttention.relative_attention_bias.weight" in \
-        out.state["joint"].trainable
+        out.joint.trainable
     targets = [n.target for n in out.gm.graph.nodes]
     assert targets.count(torch.ops.sparsec.block_sparse_attention_bias_backward.default) == \
         LAYERS

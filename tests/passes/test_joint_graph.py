@@ -40,7 +40,7 @@ def _eager_updates(forward, trainable, batch, n_inputs, loss, steps, config):
 
 def _compiled_updates(program, steps):
     losses = [float(program.gm(*program.example_inputs)[0]) for _ in range(steps)]
-    info = program.state["joint"]
+    info = program.joint
     return losses, {n: program.get_tensor(n).detach() for n in info.trainable}
 
 
