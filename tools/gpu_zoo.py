@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
@@ -50,11 +51,15 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def run_matrix(args: argparse.Namespace, out: Path) -> list[dict]:
+def run_matrix(args: argparse.Namespace) -> list[dict]:
     names = args.models.split(",") if args.models else zoo.names()
     features = args.features.split(",") if args.features else list(zoo.FEATURES)
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="sparsec_zoo_") as work:
+        return _run_models(args, names, features, work)
+
+
+def _run_models(args: argparse.Namespace, names: list[str], features: list[str],
+                work: str) -> list[dict]:
     cells, start = [], time.time()
     for name in names:
         entry = zoo.get(name)
@@ -62,7 +67,7 @@ def run_matrix(args: argparse.Namespace, out: Path) -> list[dict]:
             seq_cap = 512  # its position table holds 512
         else:
             seq_cap = None
-        config = _config(args, str(work))
+        config = _config(args, work)
         if seq_cap:
             config.seq = min(config.seq, seq_cap)
         m = zoo.MatrixModel(entry, config)
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or os.environ.get("OUT") or "gpu_zoo_out")
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    cells = run_matrix(args, out)
+    cells = run_matrix(args)
     text = table(cells, args, time.time() - start)
     tmp = out / "zoo_table.md.tmp"
     tmp.write_text(text)
