@@ -18,9 +18,10 @@ float `attn_mask` (an additive bias, e.g. T5's relative positions) requires grad
 `sparsec::block_sparse_attention_bias_backward` runs instead and also returns its gradient
 (dS summed over the mask's broadcast dims; a bool mask never gets one).
 
-Dispatch: on CUDA with a Triton kernel module `sparsec.kernels.block_sparse_attention`
-present, its `block_sparse_attention` / `block_sparse_attention_backward` launchers (same
-arguments as the ops) run; otherwise the forward runs the gathered-block path (only kept blocks
+Dispatch (`select_impl`): on CUDA with a Triton kernel module
+`sparsec.kernels.block_sparse_attention` that takes the inputs (dtype, blocks, head dim), its
+`block_sparse_attention` / `block_sparse_attention_backward` launchers (same arguments as the
+ops) run; otherwise the forward runs the gathered-block path (only kept blocks
 are computed) and the backward the reference formulas. Eager calls of
 `block_sparse_attention()` on plain CUDA tensors (no tracing, compiling, functorch transform or
 dispatch mode) run the same launchers under a plain autograd.Function, skipping the custom
@@ -45,7 +46,7 @@ from .attention_reference import (
 )
 
 __all__ = ["block_sparse_attention", "attention_op", "attention_backward_op",
-           "attention_bias_backward_op", "kernel_module"]
+           "attention_bias_backward_op", "kernel_module", "select_impl"]
 
 _KERNEL_MODULE = "sparsec.kernels.block_sparse_attention"
 
@@ -59,11 +60,30 @@ def kernel_module():
     return mod if getattr(mod, "HAS_TRITON", False) else None
 
 
-def _kernel(q: Tensor, name: str):
+def select_impl(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_kv: int
+                ) -> tuple[str, str]:
+    """("kernel", "") where the Triton launchers run these inputs, else ("reference", why).
+
+    The one place that decides: the three ops and the eager autograd.Function ask here. The
+    launchers keep the same test (`kernel_supports`, which also honours
+    `sparsec.kernels.references_only()`) for callers that launch them directly."""
     if not q.is_cuda:
-        return None
+        return "reference", "tensors are not on a CUDA device"
     mod = kernel_module()
-    return getattr(mod, name, None) if mod is not None else None
+    if mod is None:
+        return "reference", "triton is not installed"
+    why = mod.kernel_supports(q, k, v, block_q, block_kv)
+    return ("reference", why) if why else ("kernel", "")
+
+
+def _on_kernel(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_kv: int) -> bool:
+    return select_impl(q, k, v, block_q, block_kv)[0] == "kernel"
+
+
+def _kernel_bias_backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d attn_mask) from the backward launcher (args as the bias-backward op's)."""
+    *grads, ds = kernel_module().block_sparse_attention_backward(*args, bias_grad=True)
+    return (*grads, fold_bias_grad(ds, args[10]))
 
 
 @torch.library.custom_op("sparsec::block_sparse_attention", mutates_args=())
@@ -73,9 +93,8 @@ def attention_op(q: Tensor, k: Tensor, v: Tensor, kv_num_blocks: Tensor, kv_indi
                  block_kv: int, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     args = (q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
             attn_mask, scale, causal, block_q, block_kv, softcap)
-    kernel = _kernel(q, "block_sparse_attention")
-    if kernel is not None:
-        return kernel(*args)
+    if _on_kernel(q, k, v, block_q, block_kv):
+        return kernel_module().block_sparse_attention(*args)
     return block_sparse_attention_gathered(*args)
 
 
@@ -97,9 +116,8 @@ def attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out
                           ) -> tuple[Tensor, Tensor, Tensor]:
     args = (grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
             full_kv_indices, attn_mask, scale, causal, block_q, block_kv, softcap)
-    kernel = _kernel(q, "block_sparse_attention_backward")
-    if kernel is not None:
-        return kernel(*args)
+    if _on_kernel(q, k, v, block_q, block_kv):
+        return kernel_module().block_sparse_attention_backward(*args)
     return block_sparse_attention_backward_ref(*args)
 
 
@@ -120,10 +138,8 @@ def attention_bias_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
     """(dq, dk, dv, d attn_mask): the backward when the float mask (a bias) needs a gradient."""
     args = (grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices, full_kv_num_blocks,
             full_kv_indices, attn_mask, scale, causal, block_q, block_kv, softcap)
-    kernel = _kernel(q, "block_sparse_attention_backward")
-    if kernel is not None:
-        *grads, ds = kernel(*args, bias_grad=True)
-        return (*grads, fold_bias_grad(ds, attn_mask))
+    if _on_kernel(q, k, v, block_q, block_kv):
+        return _kernel_bias_backward(*args)
     return block_sparse_attention_bias_backward_ref(*args)
 
 
@@ -139,25 +155,35 @@ def _wants_bias_grad(ctx, mask: Tensor | None) -> bool:
     return mask is not None and mask.is_floating_point() and ctx.needs_input_grad[7]
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    (q, k, v, num, idx, fnum, fidx, mask, scale, causal, block_q, block_kv, softcap) = inputs
-    out, lse = output
+def _save(ctx, inputs, out: Tensor, lse: Tensor) -> None:
+    """What both autograd wrappers (the op's and `_EagerAttention`) keep for the backward."""
+    q, k, v, num, idx, fnum, fidx, mask, *options = inputs
     ctx.save_for_backward(q, k, v, out, lse, num, idx, fnum, fidx, mask)
-    ctx.options = (scale, causal, block_q, block_kv, softcap)
+    ctx.options = tuple(options)  # scale, causal, block_q, block_kv, softcap
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_out, _grad_lse):
+def _grads(ctx, grad_out: Tensor | None, backward, bias_backward) -> tuple:
+    """The gradients of the 13 forward inputs: `backward` gives (dq, dk, dv), `bias_backward`
+    also d attn_mask (run when a float mask needs a gradient)."""
     q, k, v, out, lse, num, idx, fnum, fidx, mask = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     args = (grad_out.contiguous(), q, k, v, out, lse, num, idx, fnum, fidx, mask, *ctx.options)
     dmask = None
     if _wants_bias_grad(ctx, mask):
-        dq, dk, dv, dmask = attention_bias_backward_op(*args)
+        dq, dk, dv, dmask = bias_backward(*args)
     else:
-        dq, dk, dv = attention_backward_op(*args)
+        dq, dk, dv = backward(*args)
     return dq, dk, dv, None, None, None, None, dmask, None, None, None, None, None
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _save(ctx, inputs, *output)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    return _grads(ctx, grad_out, attention_backward_op, attention_bias_backward_op)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -183,45 +209,31 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, num, idx, fnum, fidx, mask, scale, causal, block_q, block_kv,
                 softcap):
-        mod = kernel_module()
-        out, lse = mod.block_sparse_attention(q, k, v, num, idx, fnum, fidx, mask, scale,
-                                              causal, block_q, block_kv, softcap)
-        ctx.save_for_backward(q, k, v, out, lse, num, idx, fnum, fidx, mask)
-        ctx.options = (scale, causal, block_q, block_kv, softcap)
-        ctx.mark_non_differentiable(lse)
+        inputs = (q, k, v, num, idx, fnum, fidx, mask, scale, causal, block_q, block_kv, softcap)
+        out, lse = kernel_module().block_sparse_attention(*inputs)
+        _save(ctx, inputs, out, lse)
         ctx.set_materialize_grads(False)  # lse has no gradient: no zero tensor for it
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, num, idx, fnum, fidx, mask = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        args = (grad_out.contiguous(), q, k, v, out, lse, num, idx, fnum, fidx, mask,
-                *ctx.options)
-        dmask = None
-        if _wants_bias_grad(ctx, mask):
-            dq, dk, dv, ds = kernel_module().block_sparse_attention_backward(*args,
-                                                                            bias_grad=True)
-            dmask = fold_bias_grad(ds, mask)
-        else:
-            dq, dk, dv = kernel_module().block_sparse_attention_backward(*args)
-        return dq, dk, dv, None, None, None, None, dmask, None, None, None, None, None
+        return _grads(ctx, grad_out, kernel_module().block_sparse_attention_backward,
+                      _kernel_bias_backward)
 
 
-def _eager_kernels(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+def _eager_kernels(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, block_q: int,
+                   block_kv: int) -> bool:
     """True where `_EagerAttention` may stand in for the op: plain CUDA tensors, no tracing,
-    compiling, functorch transform or dispatch mode (those must see the op), the kernels
-    present and SETTINGS.eager == "function"."""
-    if not q.is_cuda or type(q) is not Tensor or type(k) is not Tensor or \
+    compiling, functorch transform or dispatch mode (those must see the op), `select_impl`
+    choosing the kernels and SETTINGS.eager == "function"."""
+    if type(q) is not Tensor or type(k) is not Tensor or \
             type(v) is not Tensor or (mask is not None and type(mask) is not Tensor):
         return False
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or \
             torch._C._len_torch_dispatch_stack() > 0:
         return False
-    mod = kernel_module()
-    if mod is None:
+    if not _on_kernel(q, k, v, block_q, block_kv):
         return False
     from ..kernels import _triton
 
@@ -242,7 +254,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout, *,
         raise ValueError(f"layout is for lengths ({layout.q_len}, {layout.kv_len}); q and k "
                          f"have ({q.shape[-2]}, {k.shape[-2]})")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    op = _EagerAttention.apply if _eager_kernels(q, k, v, attn_mask) else attention_op
+    eager = _eager_kernels(q, k, v, attn_mask, layout.block_q, layout.block_kv)
+    op = _EagerAttention.apply if eager else attention_op
     out, lse = op(q, k, v, *layout.tensors(), attn_mask, scale, layout.causal, layout.block_q,
                   layout.block_kv, float(softcap))
     return (out, lse) if return_lse else out

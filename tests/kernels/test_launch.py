@@ -67,10 +67,9 @@ def test_eager_function_matches_the_op(monkeypatch):
     outputs and gradients."""
     import sparsec
     import sparsec.ops.block_sparse_attention as ops
-    from sparsec.kernels import block_sparse_attention as K
     from sparsec.layouts import sliding_window
 
-    monkeypatch.setattr(ops, "_kernel", lambda q, name: getattr(K, name))  # op: the kernels too
+    monkeypatch.setattr(ops, "_on_kernel", lambda *a: True)  # the op: the kernels too
     lay = sliding_window(48, window=16, sink=16, block=16)
     g = torch.Generator().manual_seed(4)
     q, k, v, do = (torch.randn(1, 2, 48, 16, generator=g) for _ in range(4))

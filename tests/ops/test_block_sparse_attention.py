@@ -249,3 +249,37 @@ def test_cuda_matches_cpu_and_never_syncs():
         attention_op(qc, kc, vc, *lay, None, 0.3, True, 16, 16)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def _qkv(device, dtype, d=16):
+    return [torch.randn(1, 2, 32, d, device=device, dtype=dtype) for _ in range(3)]
+
+
+def test_select_impl_names_why_the_reference_runs_on_the_cpu():
+    from sparsec.ops.block_sparse_attention import select_impl
+
+    impl, why = select_impl(*_qkv("cpu", torch.float32), 16, 16)
+    assert impl == "reference" and "CUDA" in why
+
+
+@pytest.mark.gpu
+def test_select_impl_on_cuda_picks_the_kernel_unless_it_cannot():
+    """One decision for the op and the eager path: float64, odd blocks and references_only()
+    go to the reference, with the reason; the eager call then runs the op, not the kernels'
+    autograd.Function."""
+    from sparsec.kernels import references_only
+    from sparsec.ops.block_sparse_attention import select_impl
+
+    dev = torch.device("cuda")
+    assert select_impl(*_qkv(dev, torch.bfloat16), 16, 16) == ("kernel", "")
+    assert "dtype" in select_impl(*_qkv(dev, f64), 16, 16)[1]
+    assert "blocks" in select_impl(*_qkv(dev, torch.bfloat16), 8, 16)[1]
+    with references_only():
+        assert "references_only" in select_impl(*_qkv(dev, torch.bfloat16), 16, 16)[1]
+    lay = sliding_window(32, window=16, sink=0, block=16).to(dev)
+    for dtype, eager in ((torch.bfloat16, True), (f64, False)):
+        x = [t.requires_grad_() for t in _qkv(dev, dtype)]
+        out = block_sparse_attention(*x, lay)
+        assert (type(out.grad_fn).__name__ == "_EagerAttentionBackward") == eager
+        out.sum().backward()
+        assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in x)
