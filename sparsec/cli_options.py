@@ -33,7 +33,7 @@ plugin_option = click.option(
 
 
 def source_options(*, data: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """--task/--seq-len/--batch-size (and with `data` --data/--eval-data/--eval-every/--seed),
+    """--task/--seq-len/--batch-size/--device (and with `data` --data/--eval-data/--eval-every/--seed),
     passed to the command as one `source` (a SourceOptions) and, for data, `eval_every`."""
     opts = [
         click.option("--task", type=click.Choice(["causal-lm", "masked-lm",
@@ -44,6 +44,9 @@ def source_options(*, data: bool) -> Callable[[Callable[..., Any]], Callable[...
                      help="Tokens per sequence (HF directory inputs, --data packing)."),
         click.option("--batch-size", type=click.IntRange(min=1),
                      help="Sequences per batch (HF directory inputs, --data batches)."),
+        click.option("--device", metavar="DEVICE",
+                     help="Put the model, its inputs and batches here (cpu, cuda, cuda:1); "
+                          "default: where model() leaves it (an HF directory: cpu)."),
     ]
     if data:
         opts += [
@@ -64,7 +67,7 @@ def source_options(*, data: bool) -> Callable[[Callable[..., Any]], Callable[...
         def wrapper(*args: Any, **kw: Any) -> Any:
             from .sources import SourceOptions
 
-            names = ("task", "seq_len", "batch_size", "data", "eval_data", "seed")
+            names = ("task", "seq_len", "batch_size", "device", "data", "eval_data", "seed")
             kw["source"] = SourceOptions(**{n: kw.pop(n) for n in names if n in kw})
             return fn(*args, **kw)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 
 from .errors import BadInputError
 from .program import ModelSource, Program
@@ -22,11 +23,13 @@ __all__ = ["SourceOptions", "Opened", "open_model", "model_label"]
 
 @dataclass(frozen=True)
 class SourceOptions:
-    """What the CLI's --task, --seq-len, --batch-size, --data, --eval-data and --seed say."""
+    """What the CLI's --task, --seq-len, --batch-size, --device, --data, --eval-data and --seed
+    say."""
 
     task: str | None = None
     seq_len: int | None = None
     batch_size: int | None = None
+    device: str | None = None
     data: Path | None = None
     eval_data: Path | None = None
     seed: int = 0
@@ -63,6 +66,46 @@ def open_model(model: str | Path, opts: SourceOptions | None = None) -> Opened:
     return _open_file(Path(model), opts)
 
 
+def parse_device(name: str | None) -> torch.device | None:
+    """--device as a torch.device (None: not given); a device this machine lacks is refused."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise BadInputError(f"--device {name}: not a device name; use cpu, cuda or cuda:N") \
+            from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise BadInputError(f"--device {name}: this machine has {count} CUDA device(s); "
+                                "drop --device or name one it has")
+    elif device.type != "cpu":
+        raise BadInputError(f"--device {name}: sparsec runs on cpu or cuda; use one of them")
+    return device
+
+
+def to_device(tree: Any, device: torch.device) -> Any:
+    """`tree` (a batch: tensors in tuples, lists, dicts) with every tensor moved to `device`."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), tree)
+
+
+def on_device(batches: Callable[[], Any] | None, device: torch.device | None
+              ) -> Callable[[], Any] | None:
+    """`batches` (a callable giving an iterable of batches) yielding them on `device`."""
+    if batches is None or device is None:
+        return batches
+
+    def moved():
+        return (to_device(b, device) for b in batches())
+    return moved
+
+
+def _inputs_device(inputs: Any) -> torch.device | None:
+    leaves = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+    return leaves[0].device if leaves else None
+
+
 def _data(opts: SourceOptions, task: str, tokenizer: Any, seq_len: int, batch: int):
     from .data import DataOptions, make_batches
 
@@ -78,14 +121,17 @@ def _open_hf(path: Path, opts: SourceOptions) -> Opened:
     from .frontend import trace
     from .hf_source import example_inputs_for, load_hf_dir, task_loss
 
+    device = parse_device(opts.device) or torch.device("cpu")
     model, tokenizer, task = load_hf_dir(path, opts.task)
+    model.to(device)
     seq_len, batch = opts.seq_len or 32, opts.batch_size or 2
-    train, evals = _data(opts, task, tokenizer, seq_len, batch)
+    train, evals = (on_device(b, device) for b in _data(opts, task, tokenizer, seq_len, batch))
     if train is not None:
         first = next(iter(train()))
         inputs = first[:1] if task in ("causal-lm", "masked-lm") else first[:2]
     else:
-        inputs = example_inputs_for(model, tokenizer, task, opts.seq_len, opts.batch_size)
+        inputs = to_device(example_inputs_for(model, tokenizer, task, opts.seq_len,
+                                              opts.batch_size), device)
     source = ModelSource(name=path.name, path=str(path), loss=task_loss(task), batches=train)
     program = trace(model, inputs, source=source)
     program.state.setdefault("report", {})["source"] = {"kind": "hf-directory", "task": task,
@@ -96,9 +142,15 @@ def _open_hf(path: Path, opts: SourceOptions) -> Opened:
 def _open_file(path: Path, opts: SourceOptions) -> Opened:
     from .frontend import load_model_file, trace
 
+    device = parse_device(opts.device)
     mf = load_model_file(path)
     model, inputs = mf.build()
-    source = ModelSource(name=mf.path.stem, path=str(mf.path), loss=mf.loss, batches=mf.batches)
+    if device is not None:
+        model.to(device)
+        inputs = to_device(inputs, device)
+    device = device or _inputs_device(inputs)
+    source = ModelSource(name=mf.path.stem, path=str(mf.path), loss=mf.loss,
+                         batches=on_device(mf.batches, device))
     if opts.data is None and opts.eval_data is None:
         if opts.seq_len or opts.batch_size:
             raise BadInputError("--seq-len and --batch-size shape the --data batches (or an HF "
@@ -111,7 +163,8 @@ def _open_file(path: Path, opts: SourceOptions) -> Opened:
         raise BadInputError(f"{path.name}: example_inputs() is {shape[0]} x {shape[1]} tokens "
                             f"but --batch-size/--seq-len ask for {batch} x {seq_len}; the graph "
                             "is traced at one shape, so make them equal")
-    train, evals = _data(opts, "causal-lm", tokenizer, seq_len, batch)
+    train, evals = (on_device(b, device)
+                    for b in _data(opts, "causal-lm", tokenizer, seq_len, batch))
     if train is not None:
         source.batches = train
     program = trace(model, inputs, source=source)
