@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 
 from ._util import first_line, quiet
 from .errors import BadInputError, TraceError
-from .passes.canonicalize import matmuls_to_linear
+from .passes.canonicalize import causal_attention, matmuls_to_linear
 from .program import ModelSource, Program
 
 __all__ = ["ModelFile", "load_model_file", "trace", "trace_file", "tracing_model",
@@ -140,6 +140,7 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, source: ModelSource | 
         _drop_guards(gm)
         tied = tie_aliases(gm)
         transposed = matmuls_to_linear(gm)
+        causal = causal_attention(gm)
         source = source or ModelSource(name=type(model).__name__)
         source.module = model
         program = Program(gm=gm, example_inputs=inputs, source=source)
@@ -152,9 +153,12 @@ def trace(model: torch.nn.Module, example_inputs: Any, *, source: ModelSource | 
         notes.append(f"{len(transposed)} weights stored [in, out] (as GPT-2's Conv1D) are "
                      "held transposed, as linear layers")
         program.state["transposed_weights"] = transposed
+    if causal:
+        notes.append(f"{len(causal)} attention sites with a constant causal mask run as "
+                     "causal attention (is_causal=True, mask dropped)")
     if notes:
         program.state.setdefault("report", {})["trace"] = {
-            "notes": notes, "tied": tied, "transposed": transposed}
+            "notes": notes, "tied": tied, "transposed": transposed, "causal": causal}
     return program
 
 

@@ -115,7 +115,7 @@ def _retrace(module, deployed: Program, original: Program, dims: dict[int, str])
     from torch.export import Dim
 
     from ..frontend import _drop_guards, tie_aliases, tracing_model
-    from ..passes.canonicalize import matmuls_to_linear
+    from ..passes.canonicalize import causal_attention, matmuls_to_linear
 
     inputs = deployed.example_inputs
     auto = _spec(inputs, {d: Dim.AUTO for d in dims})
@@ -132,6 +132,7 @@ def _retrace(module, deployed: Program, original: Program, dims: dict[int, str])
     _drop_guards(gm)
     tie_aliases(gm)
     matmuls_to_linear(gm)
+    causal_attention(gm)
     twin = Program(gm=gm, example_inputs=inputs, source=original.source)
     _rerun_passes(twin, original)
     _transplant(twin, deployed)

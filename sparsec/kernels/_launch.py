@@ -76,7 +76,8 @@ def first_launch(kernel, grid, args: tuple, kwargs: dict, slots: tuple[int, ...]
     repeating it (None where a direct launch is not possible). `kernel` is a JITFunction or
     an Autotuner over one; `grid` a tuple or a function of the launch's meta-parameters;
     `slots` the positions of `args` that change from call to call (tensors); the other
-    tensor arguments are stored as device addresses and kept alive by the launch."""
+    tensor arguments are stored as device addresses and kept alive by the launch; the slots'
+    tensors of this first call are not kept."""
     compiled = kernel[grid](*args, **kwargs)
     if not HAS_TRITON or interpreting() or device_index is None or _hooks_set():
         return None
@@ -105,7 +106,12 @@ def _direct(kernel, grid, args, kwargs, slots, device_index, compiled):
     grid = tuple(grid) + (1,) * (3 - len(grid))
     keep, stored = [], []
     for i, a in enumerate(full):
-        if isinstance(a, torch.Tensor) and i not in slots:
+        if i in slots:
+            # every call passes its own tensors here: store no reference to this first call's
+            # (a plan lives as long as its layout tensors; a stored q would pin it, its
+            # autograd graph and, for a plan made while tracing, a whole real forward)
+            stored.append(None)
+        elif isinstance(a, torch.Tensor):
             keep.append(a)
             stored.append(a.data_ptr())
         else:

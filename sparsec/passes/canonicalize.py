@@ -5,6 +5,14 @@ way the model wrote it — `addmm(b, x, W)` / `mm(x, W)` as GPT-2's `Conv1D` doe
 [in, out]: the parameter is stored transposed from then on, under the same name), or
 `addmm(b, x, t(W))` / `mm(x, t(W))` (weight stored [out, in] as nn.Linear's). Sparse
 fine-tuning, deltas and export then treat all of them as linear layers.
+
+`causal_attention`: an attention (SDPA or written out as softmax(q·kᵀ)·v) whose mask is a
+constant causal triangle — in any form `attention_masks` proves causal: HF's bool or
+`finfo.min` masks (also built from a symbolic batch), nanoGPT's `tril == 0` fill, additive
+`-inf` — becomes `scaled_dot_product_attention(q, k, v, is_causal=True)` with the mask gone.
+On a GPU that picks the causal flash kernels instead of a masked kernel over the whole square;
+the block-sparse pass sees the same site with `causal=True`. Attention with any other mask
+part (padding, a bias, soft-capping) is left as it is.
 """
 
 from __future__ import annotations
@@ -12,7 +20,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-__all__ = ["matmuls_to_linear"]
+from .attention_match import Site, find_sites
+from .rewrite import erase_unused, insert_traced
+
+__all__ = ["matmuls_to_linear", "causal_attention"]
 
 aten = torch.ops.aten
 _PRODUCTS = {aten.addmm.default, aten.mm.default}
@@ -99,3 +110,52 @@ def _store_transposed(gm: fx.GraphModule, name: str) -> None:
     old = owner.get_parameter(leaf)
     new = torch.nn.Parameter(old.detach().t().contiguous(), requires_grad=old.requires_grad)
     owner.register_parameter(leaf, new)
+
+
+def causal_attention(gm: fx.GraphModule) -> list[str]:
+    """Rewrite attention under a constant causal mask into causal SDPA; returns the sites'
+    names (module paths)."""
+    sites = [s for s in find_sites(gm) if _needs_causal_sdpa(s)]
+    for site in sites:
+        out = insert_traced(gm, _causal_sdpa(site), [site.q, site.k, site.v],
+                            before=site.node, meta_from=site.node)
+        site.node.replace_all_uses_with(out)
+        erase_unused(gm.graph, site.dead or [site.node])
+    if sites:
+        gm.recompile()
+    return [s.name for s in sites]
+
+
+def _needs_causal_sdpa(site) -> bool:
+    if not isinstance(site, Site) or not site.causal or not site.mask.empty() or site.softcap:
+        return False
+    if site.kind == "sdpa":  # already canonical when it had no mask to fold
+        return site.node.kwargs.get("attn_mask", site.node.args[3]
+                                    if len(site.node.args) > 3 else None) is not None
+    return True
+
+
+def _causal_sdpa(site: Site):
+    """fn(q, k, v) → causal SDPA in the replaced node's shape; k/v repeated to the query heads
+    as the model had them (`expand` or `repeat_interleave`), or by `enable_gqa` when the model
+    used it."""
+    groups = site.heads // max(site.kv_heads, 1)
+    dtype = site.node.meta["val"].dtype
+    native_gqa = site.gqa == "enable_gqa"
+
+    def fn(q, k, v):
+        q, k, v = site.shape_inputs(q, k, v)
+        if groups > 1 and not native_gqa:
+            k, v = _repeat_heads(k, groups, site.gqa), _repeat_heads(v, groups, site.gqa)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=site.scale, enable_gqa=native_gqa)
+        return site.shape_output(out, dtype)
+    return fn
+
+
+def _repeat_heads(x: torch.Tensor, groups: int, form: str | None) -> torch.Tensor:
+    """x's heads repeated `groups` times each, written the way the model wrote it."""
+    if form == "repeat_interleave":
+        return x.repeat_interleave(groups, dim=1)
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
