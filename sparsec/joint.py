@@ -24,7 +24,7 @@ import torch.fx.traceback as fx_traceback
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ._util import quiet
+from ._util import first_line, quiet
 from .errors import BadInputError
 from .optim import OptimizerConfig, init_state, torch_optimizer, update_
 from .program import Program, _set_attr, node_info
@@ -43,6 +43,7 @@ class JointInfo:
     state_names: dict[str, dict[str, str]] = field(default_factory=dict)  # param → key → attr
     n_model_inputs: int = 1
     untrained: list[str] = field(default_factory=list)  # trainable, but the loss never reaches
+    traced_on: str = "fake tensors"  # or "real tensors (why)": a real trace runs the step once
 
     def mutable(self) -> list[str]:
         """Every tensor one step writes: trainable parameters, their state, the step count."""
@@ -95,9 +96,10 @@ def build_joint_step(program: Program, config: OptimizerConfig) -> tuple[fx.Grap
         raise BadInputError(f"the loss reaches none of the trainable parameters "
                             f"({_names(untrained)}); make loss(output, batch) depend on them "
                             "or train other parameters")
-    joint, sig = _export_joint(forward, program.source.loss, n_inputs, batch, reached)
+    joint, sig, traced_on = _export_joint(forward, program.source.loss, n_inputs, batch,
+                                          reached)
     info = JointInfo(forward=forward, trainable=trainable, optimizer=config,
-                     n_model_inputs=n_inputs, untrained=untrained)
+                     n_model_inputs=n_inputs, untrained=untrained, traced_on=traced_on)
     step_gm = _with_optimizer(forward, joint, sig, info, batch)
     _tag_roles(step_gm)
     return step_gm, info, batch
@@ -162,9 +164,14 @@ def _export_joint(forward: fx.GraphModule, loss: Callable, n_inputs: int, batch:
     try:
         for n, p in params.items():  # the full step: every parameter the loss reaches
             p.requires_grad_(n in reached)
+        module = _LossModule(forward, loss, n_inputs)
         with quiet():
-            return aot_export_module(_LossModule(forward, loss, n_inputs), batch,
-                                     trace_joint=True, output_loss_index=0)
+            try:
+                return (*_export_on_fakes(module, batch), "fake tensors")
+            except Exception as e:  # a loss or op fake tensors cannot trace: trace for real
+                why = f"{type(e).__name__}: {first_line(e)[:120]}"
+                return (*aot_export_module(module, batch, trace_joint=True,
+                                           output_loss_index=0), f"real tensors ({why})")
     except BadInputError:
         raise
     except Exception as e:
@@ -173,6 +180,28 @@ def _export_joint(forward: fx.GraphModule, loss: Callable, n_inputs: int, batch:
     finally:
         for n, p in params.items():
             p.requires_grad_(flags[n])
+
+
+def _export_on_fakes(module: torch.nn.Module, batch: tuple):
+    """aot_export_module over fake parameters, buffers and batch. Given real tensors it runs
+    the step while tracing it — a whole full-fine-tuning step, with its time and its memory
+    (every weight's gradient, every activation) — which a sparse step may not fit in."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch._functorch.aot_autograd import aot_export_module
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    state = {n: mode.from_tensor(t) for n, t in [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False)]}
+    fakes = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in batch)
+    with _reparametrize_module(module, state):
+        joint, sig = aot_export_module(module, fakes, trace_joint=True, output_loss_index=0)
+    held = [n.target for n in joint.graph.nodes if n.op == "get_attr"
+            and isinstance(getattr(joint, n.target, None), FakeTensor)]
+    if held:  # a constant made while tracing has no values: trace for real instead
+        raise RuntimeError(f"fake constants {held}")
+    return joint, sig
 
 
 def _with_optimizer(forward: fx.GraphModule, joint: fx.GraphModule, sig, info: JointInfo,

@@ -50,3 +50,15 @@ def test_bad_rows_exit_2(bench, capsys):
         bench.main(["--quick", "--rows", "nonsense"])
     assert e.value.code == 2
     assert "unknown nonsense" in capsys.readouterr().err
+
+
+def test_profile_names_each_rows_attention_kernels(bench, tmp_path):
+    out = tmp_path / "p.json"
+    rc = bench.main(["--quick", "--layers", "1", "--steps", "1", "--warmup", "0", "--profile",
+                     "--rows", "sparsec-opbyop,sparsec-bsa-opbyop", "--json", str(out)])
+    got = json.loads(out.read_text())["lengths"]["128"]
+    assert rc == 0, {n: r.get("error") for n, r in got.items()}
+    dense = " ".join(k[0] for k in got["sparsec-opbyop"]["kernels"]["attention"])
+    sparse = " ".join(k[0] for k in got["sparsec-bsa-opbyop"]["kernels"]["attention"])
+    assert "scaled_dot_product" in dense and "block_sparse_attention" in sparse
+    assert all(ms > 0 for _, ms, _ in got["sparsec-opbyop"]["kernels"]["top"])

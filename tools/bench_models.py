@@ -251,30 +251,34 @@ def timed_row(s: Setup, step: Callable, batch, prefill: bool) -> dict:
     r = measure(call, batch, s.args.warmup, s.args.steps, s.device)
     r["first_call_s"] = first
     if s.args.profile:
-        r["attention_kernels"] = attention_kernels(call, batch, s.device)
+        r["kernels"] = profile_kernels(call, batch, s.device)
     if prefill:
         r["logits"] = logits
     return r
 
 
-ATTENTION_WORDS = ("attn", "attention", "flash", "fmha", "sdpa", "softmax", "_bsa")
+ATTENTION_WORDS = ("attn", "attention", "flash", "fmha", "sdpa", "softmax", "_bsa", "_bwd_",
+                   "_dq_")
 
 
-def attention_kernels(call: Callable, batch, device) -> list[list]:
-    """One more call under torch.profiler: the device kernels whose names say attention (or
-    softmax), as [name, ms, calls], most time first — which SDPA kernels a step really runs."""
+def profile_kernels(call: Callable, batch, device) -> dict[str, list[list]]:
+    """One more call under torch.profiler: {"attention": the kernels whose names say attention
+    (or softmax), "top": the 8 costliest kernels of any kind}, each as [name, ms, calls], most
+    time first — which kernels a step really runs and where its time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     with profile(activities=acts) as prof:
         call(batch)
         sync(device)
-    out = []
+    rows = []
     for e in prof.key_averages():
         us = e.device_time_total if device.type == "cuda" else e.cpu_time_total
-        if us > 0 and any(w in e.key.lower() for w in ATTENTION_WORDS):
-            out.append([e.key[:90], us / 1e3, e.count])
-    return sorted(out, key=lambda x: -x[1])[:6]
+        if us > 0:
+            rows.append([e.key[:90], us / 1e3, e.count])
+    rows.sort(key=lambda x: -x[1])
+    attention = [r for r in rows if any(w in r[0].lower() for w in ATTENTION_WORDS)]
+    return {"attention": attention[:8], "top": rows[:8]}
 
 
 def output_error(got: torch.Tensor, want: torch.Tensor, device) -> dict:
@@ -421,8 +425,9 @@ def print_row(name: str, L: int, r: dict, full: dict | None) -> None:
     pred = r.get("predicted_peak_bytes")
     if pred and peak:
         tail += f"  predicted {pred / GiB:.2f} GiB ({peak / pred:.2f}x)"
-    for name_, ms, calls in r.get("attention_kernels", []):
-        tail += f"\n    {ms:9.2f} ms {calls:4d}x  {name_}"
+    for part, kernels in r.get("kernels", {}).items():
+        for name_, ms, calls in kernels:
+            tail += f"\n    {part:9s} {ms:9.2f} ms {calls:4d}x  {name_}"
     print(f"{name:28s} L={L:<6d} {r['tokens_per_s']:>10.0f} tok/s  "
           f"{r['step_s'] * 1e3:8.2f} ms  peak {(peak or 0) / GiB:6.2f} GiB  "
           f"setup {r['setup_s']:6.1f}s{ratio}{tail}", flush=True)
@@ -502,7 +507,7 @@ def parse_args(argv):
     ap.add_argument("--verify", action="store_true",
                     help="verify every sparsec pass (slow at long lengths)")
     ap.add_argument("--profile", action="store_true", help="one more call per row under "
-                    "torch.profiler: its attention kernels and their time")
+                    "torch.profiler: its attention kernels and its costliest kernels")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, on the CPU, seconds")
     ap.add_argument("--json", type=Path, help="write the results here as JSON")
     ap.add_argument("-v", "--verbose", action="store_true", help="tracebacks of failed rows")

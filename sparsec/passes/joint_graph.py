@@ -54,6 +54,7 @@ class JointGraph(Pass):
         roles = [n.meta.get("sparsec", {}).get("role") for n in step.graph.nodes]
         stats = {r: roles.count(r) for r in ("forward", "backward", "optimizer")}
         stats["trainable_tensors"] = len(info.trainable)
+        stats["traced_on"] = info.traced_on
         if info.untrained:  # the loss never reads them (a pooler, say): frozen, and said so
             for n in info.untrained:
                 info.forward.get_parameter(n).requires_grad_(False)
