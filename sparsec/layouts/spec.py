@@ -3,37 +3,71 @@ the static ones."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..errors import OptionError
 from . import static
 from .block_layout import BlockLayout, stack_heads
 
-__all__ = ["STATIC_LAYOUTS", "DYNAMIC_LAYOUTS", "LAYOUTS", "LAYOUT_OPTIONS", "build_static",
-           "is_static"]
+__all__ = ["LayoutKind", "KINDS", "kind_of", "STATIC_LAYOUTS", "DYNAMIC_LAYOUTS", "LAYOUTS",
+           "LAYOUT_OPTIONS", "build_static", "is_static"]
 
-STATIC_LAYOUTS = ("dense", "sliding-window", "strided", "dilated", "bigbird", "mixture")
-DYNAMIC_LAYOUTS = ("topk", "threshold", "vertical-slash", "learned")
+
+@dataclass(frozen=True)
+class LayoutKind:
+    """What the attention pass needs to know about a layout, in one place.
+
+    `selection` says how a dynamic layout picks its blocks: "scores" (pooled block scores,
+    top-k or threshold), "vertical-slash" (MInference-style lines) or "gate" (learned gates).
+    """
+
+    name: str
+    options: tuple[str, ...]  # the options it reads besides block; the report lists only these
+    static: bool = True
+    per_head: bool = False  # a static layout that differs per head (random blocks, mixtures)
+    selection: str | None = None
+
+    @property
+    def op_inputs(self) -> int:
+        """Graph tensors the rewritten site passes the op besides q, k, v and the mask: a
+        static layout's four block tensors, a learned layout's two gate weights."""
+        return 4 if self.static else (2 if self.selection == "gate" else 0)
+
+    @property
+    def reference_inputs(self) -> int:
+        """The same for the stated reference: a static layout as one dense element mask."""
+        return 1 if self.static else (2 if self.selection == "gate" else 0)
+
+
+KINDS: dict[str, LayoutKind] = {k.name: k for k in (
+    LayoutKind("dense", ()),
+    LayoutKind("sliding-window", ("window", "sink")),
+    LayoutKind("strided", ("stride", "window", "sink")),
+    LayoutKind("dilated", ("window", "dilation", "sink")),
+    LayoutKind("bigbird", ("window", "global_tokens", "random_blocks", "seed"), per_head=True),
+    LayoutKind("mixture", ("mixture", "window", "sink", "stride", "dilation", "global_tokens",
+                           "random_blocks", "seed"), per_head=True),
+    LayoutKind("topk", ("topk", "window", "sink"), static=False, selection="scores"),
+    LayoutKind("threshold", ("threshold", "topk", "window", "sink"), static=False,
+               selection="scores"),
+    LayoutKind("vertical-slash", ("vertical", "slash", "window", "sink"), static=False,
+               selection="vertical-slash"),
+    LayoutKind("learned", ("topk", "threshold", "window", "sink", "gate_dim", "gates"),
+               static=False, selection="gate"),
+)}
+STATIC_LAYOUTS = tuple(n for n, k in KINDS.items() if k.static)
+DYNAMIC_LAYOUTS = tuple(n for n, k in KINDS.items() if not k.static)
 LAYOUTS = STATIC_LAYOUTS + DYNAMIC_LAYOUTS
+LAYOUT_OPTIONS: dict[str, tuple[str, ...]] = {n: k.options for n, k in KINDS.items()}
 
-# The options each layout reads (besides block); the report lists only these.
-LAYOUT_OPTIONS: dict[str, tuple[str, ...]] = {
-    "dense": (),
-    "sliding-window": ("window", "sink"),
-    "strided": ("stride", "window", "sink"),
-    "dilated": ("window", "dilation", "sink"),
-    "bigbird": ("window", "global_tokens", "random_blocks", "seed"),
-    "mixture": ("mixture", "window", "sink", "stride", "dilation", "global_tokens",
-                "random_blocks", "seed"),
-    "topk": ("topk", "window", "sink"),
-    "threshold": ("threshold", "topk", "window", "sink"),
-    "vertical-slash": ("vertical", "slash", "window", "sink"),
-    "learned": ("topk", "threshold", "window", "sink", "gate_dim", "gates"),
-}
+
+def kind_of(name: str) -> LayoutKind:
+    return KINDS[name]
 
 
 def is_static(name: str) -> bool:
-    return name in STATIC_LAYOUTS
+    return KINDS[name].static if name in KINDS else False
 
 
 def build_static(name: str, opts: Mapping[str, Any], q_len: int, kv_len: int, heads: int,

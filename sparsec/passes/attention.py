@@ -20,7 +20,7 @@ from torch import fx
 from ..errors import OptionError
 from ..layouts import learned as learned_gates
 from ..layouts.block_layout import BLOCK_SIZES, BlockLayout
-from ..layouts.spec import LAYOUT_OPTIONS, LAYOUTS, STATIC_LAYOUTS, build_static, is_static
+from ..layouts.spec import LAYOUT_OPTIONS, LAYOUTS, STATIC_LAYOUTS, build_static, is_static, kind_of
 from ..ops import block_select, block_sparse_attention  # noqa: F401  (register the ops)
 from ..program import Program, Prop, node_info
 from .attention_match import Site, Skip, find_sites
@@ -209,7 +209,7 @@ class BlockSparseAttention(Pass):
                      [add_constant(gm, f"{_PREFIX}.reference_mask_{index}",
                                    layout.to_element_mask(), site.node)])
             info["density"] = layout.density()
-        elif self.layout == "learned":
+        elif kind_of(self.layout).selection == "gate":
             extra = self._gate_nodes(gm, site, index)
             info["gate_params"] = [n.target for n in extra]
         inputs = [site.q, site.k, site.v, *extra, *site.mask.keeps, *site.mask.fills,
@@ -231,7 +231,7 @@ class BlockSparseAttention(Pass):
                                               "global_tokens", "random_blocks", "seed",
                                               "mixture")}
         return build_static(self.layout, opts, site.q_len, site.kv_len,
-                            heads if self.layout in ("bigbird", "mixture") else 1, site.causal)
+                            heads if kind_of(self.layout).per_head else 1, site.causal)
 
     def _layout_nodes(self, gm: fx.GraphModule, layout: BlockLayout, site: Site
                       ) -> list[fx.Node]:
@@ -265,21 +265,22 @@ class BlockSparseAttention(Pass):
         nk, nf = len(site.mask.keeps), len(site.mask.fills)
         factors = [f for _, f in site.mask.biases]
         bsa, dtype = torch.ops.sparsec.block_sparse_attention, site.node.meta["val"].dtype
-        n_layout = {"learned": 2}.get(o.layout, 4 if is_static(o.layout) else 0)
+        kind = kind_of(o.layout)
+        n_layout = kind.op_inputs
 
         def fn(q, k, v, *rest):
             lay, rest = list(rest[:n_layout]), rest[n_layout:]
             q, k, v = site.shape_inputs(q, k, v)
             mask = site.build_mask(rest[:nk], rest[nk:nk + nf], rest[nk + nf:], factors)
-            if o.layout in ("topk", "threshold"):
+            if kind.selection == "scores":
                 probs = torch.ops.sparsec.block_scores(q, k, site.scale, site.causal, o.block,
                                                        o.block)
                 lay = _select(o, probs, site)
-            elif o.layout == "vertical-slash":
+            elif kind.selection == "vertical-slash":
                 lay = torch.ops.sparsec.select_blocks_vertical_slash(
                     q, k, site.scale, site.causal, o.block, o.vertical, o.slash, o.sink,
                     o.window)
-            elif o.layout == "learned":
+            elif kind.selection == "gate":
                 logits = learned_gates.gate_logits(q, k, lay[0], lay[1], site.scale,
                                                    site.causal, o.block, o.block)
                 lay = _select(o, torch.softmax(logits, dim=-1), site)
@@ -295,7 +296,7 @@ class BlockSparseAttention(Pass):
         if op is None:
             return
         meta = {"layout": self.layout, "site": site.name, "block": self.block}
-        if self.layout == "learned":
+        if kind_of(self.layout).selection == "gate":
             meta["gate_params"] = info["gate_params"]
             logits = _producer(op.args[3], torch.ops.aten.masked_fill.Scalar, depth=40,
                                follow_all=True)

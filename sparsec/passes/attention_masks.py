@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["MaskParts", "GraphFacts", "mask_from_tensor", "normalize_mask",
+__all__ = ["MaskParts", "GraphFacts", "NoMatch", "mask_from_tensor", "normalize_mask",
            "fold_constant_masks", "MASK_FILL_MAX"]
 
 aten = torch.ops.aten
@@ -30,6 +30,16 @@ _BOOL_PASS = {aten.expand.default, aten.to.dtype, aten.to.dtype_layout, aten._to
 
 def _val(node: Any) -> torch.Tensor | None:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+class NoMatch(Exception):
+    """A matcher's refusal: `reason` says why the candidate is not rewritten (the report's
+    skip reason), `node` where, when it is not the candidate itself. Raised anywhere in the
+    matching, caught once by `find_sites`."""
+
+    def __init__(self, reason: str, node: fx.Node | None = None):
+        super().__init__(reason)
+        self.reason, self.node = reason, node
 
 
 @dataclass
@@ -152,13 +162,12 @@ def _get_attr(gm: fx.GraphModule, target: str) -> Any:
 
 
 # normalizing -------------------------------------------------------------------------------
-def mask_from_tensor(mask: fx.Node, facts: GraphFacts, normalize: Any = None
-                     ) -> MaskParts | str:
+def mask_from_tensor(mask: fx.Node, facts: GraphFacts, normalize: Any = None) -> MaskParts:
     """SDPA's attn_mask as `MaskParts` (bool: a keep; float: a bias), normalized by
     `normalize` (default `normalize_mask`)."""
     val = _val(mask)
     if val is None:
-        return "attn_mask has no traced shape"
+        raise NoMatch("attn_mask has no traced shape")
     parts = MaskParts()
     if val.dtype == torch.bool:
         parts.keeps.append(mask)
@@ -167,7 +176,7 @@ def mask_from_tensor(mask: fx.Node, facts: GraphFacts, normalize: Any = None
     return (normalize or normalize_mask)(parts, facts)
 
 
-def normalize_mask(parts: MaskParts, facts: GraphFacts) -> MaskParts | str:
+def normalize_mask(parts: MaskParts, facts: GraphFacts) -> MaskParts:
     """Normalize: float masks of the form where(keep, 0, −big) become keeps, NOTs flip fills
     into keeps, ANDs split into conjuncts; learned biases are refused."""
     out = MaskParts()
@@ -180,9 +189,9 @@ def normalize_mask(parts: MaskParts, facts: GraphFacts) -> MaskParts | str:
             out.const_floats.append((node, factor))
             continue
         if node in facts.on_param:
-            return (f"the attention bias {node.name} depends on parameter "
-                    f"'{facts.on_param[node]}' (a learned bias); the block-sparse op treats "
-                    "masks as constants")
+            raise NoMatch(f"the attention bias {node.name} depends on parameter "
+                          f"'{facts.on_param[node]}' (a learned bias); the block-sparse op "
+                          "treats masks as constants")
         out.biases.append((node, factor))
     for node in parts.keeps:
         out.keeps.extend(_conjuncts(node))

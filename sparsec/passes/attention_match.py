@@ -30,12 +30,13 @@ from .attention_masks import (
     MASK_FILL_MAX,
     GraphFacts,
     MaskParts,
+    NoMatch,
     fold_constant_masks,
     mask_from_tensor,
     normalize_mask,
 )
 
-__all__ = ["Site", "Skip", "find_sites", "unrepeat_kv"]
+__all__ = ["Site", "Skip", "NoMatch", "find_sites", "unrepeat_kv"]
 
 aten = torch.ops.aten
 
@@ -152,9 +153,15 @@ def find_sites(gm: fx.GraphModule) -> list[Site | Skip]:
         if node.op != "call_function" or node.meta.get("sparsec", {}).get("inserted_by"):
             continue  # (a learned gate's softmax is not an attention to rewrite)
         if node.target is aten.scaled_dot_product_attention.default:
-            out.append(_match_sdpa(node, facts))
+            match = _match_sdpa
         elif node.target in _SOFTMAX and _looks_like_attention(node):
-            out.append(_match_manual(node, facts))
+            match = _match_manual
+        else:
+            continue
+        try:
+            out.append(match(node, facts))
+        except NoMatch as e:
+            out.append(Skip(node, e.reason))
     return out
 
 
@@ -174,7 +181,7 @@ def _looks_like_attention(softmax: fx.Node) -> bool:
 
 
 # scaled_dot_product_attention ---------------------------------------------------------------
-def _match_sdpa(node: fx.Node, facts: GraphFacts) -> Site | Skip:
+def _match_sdpa(node: fx.Node, facts: GraphFacts) -> Site:
     q, k, v = node.args[:3]
     attn_mask = _arg(node, 3, "attn_mask")
     dropout_p = _arg(node, 4, "dropout_p", 0.0)
@@ -182,67 +189,54 @@ def _match_sdpa(node: fx.Node, facts: GraphFacts) -> Site | Skip:
     scale = node.kwargs.get("scale", _arg(node, 6, "scale"))
     enable_gqa = bool(node.kwargs.get("enable_gqa", False))
     if dropout_p:
-        return Skip(node, f"dropout_p={dropout_p} (training-mode dropout): the block-sparse op "
-                          "has no dropout; trace the model in eval mode")
-    shapes = _shapes(node, q, k, v)
-    if isinstance(shapes, str):
-        return Skip(node, shapes)
-    b, h, L, d, S = shapes
+        raise NoMatch(f"dropout_p={dropout_p} (training-mode dropout): the block-sparse op "
+                      "has no dropout; trace the model in eval mode")
+    b, h, L, d, S = _shapes(node, q, k, v)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     mask = MaskParts()
     if attn_mask is not None:
         mask = mask_from_tensor(attn_mask, facts, _normalize)
-        if isinstance(mask, str):
-            return Skip(node, mask)
     site = Site(node, "sdpa", q, k, v, scale, is_causal, mask, b, h, _val(k).shape[1], L, S,
                 d, gqa="enable_gqa" if enable_gqa and _val(k).shape[1] != h else None)
     return _finish(site, facts)
 
 
-def _shapes(node: fx.Node, q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int] | str:
+def _shapes(node: fx.Node, q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int]:
     vals = [_val(x) for x in (q, k, v)]
     if any(not isinstance(t, torch.Tensor) for t in vals):
-        return "q, k or v has no traced shape (node.meta['val'])"
+        raise NoMatch("q, k or v has no traced shape (node.meta['val'])")
     qv, kv, vv = vals
     if qv.dim() != 4 or kv.dim() != 4 or vv.dim() != 4:
-        return f"q/k/v are {qv.dim()}-D; attention with [batch, heads, length, dim] is matched"
+        raise NoMatch(f"q/k/v are {qv.dim()}-D; attention with [batch, heads, length, dim] "
+                      "is matched")
     if not (qv.shape[0] == kv.shape[0] == vv.shape[0]):
-        return "q, k and v have different batch sizes (broadcast batch is not supported)"
+        raise NoMatch("q, k and v have different batch sizes (broadcast batch is not "
+                      "supported)")
     if kv.shape[1] != vv.shape[1] or qv.shape[1] % kv.shape[1]:
-        return f"{qv.shape[1]} query heads do not group onto {kv.shape[1]} key/value heads"
+        raise NoMatch(f"{qv.shape[1]} query heads do not group onto {kv.shape[1]} key/value "
+                      "heads")
     if not qv.is_floating_point():
-        return f"q is {qv.dtype}"
+        raise NoMatch(f"q is {qv.dtype}")
     return qv.shape[0], qv.shape[1], qv.shape[2], qv.shape[3], kv.shape[2]
 
 
 # hand-written attention -------------------------------------------------------------------
-def _match_manual(softmax: fx.Node, facts: GraphFacts) -> Site | Skip:
+def _match_manual(softmax: fx.Node, facts: GraphFacts) -> Site:
     dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")
     scores_val = _val(softmax)
     if scores_val is None:
-        return Skip(softmax, "softmax has no traced shape")
+        raise NoMatch("softmax has no traced shape")
     if dim not in (-1, scores_val.dim() - 1):
-        return Skip(softmax, f"softmax over dim {dim}, not the key dim (last)")
-    after = _walk_probabilities(softmax)
-    if isinstance(after, str):
-        return Skip(softmax, after)
-    out_mm, v, tail = after
-    before = _walk_scores(softmax, facts)
-    if isinstance(before, str):
-        return Skip(softmax, before)
-    mm, scale, mask, chain, softcap = before
-    qk = _split_qk(mm, facts)
-    if isinstance(qk, str):
-        return Skip(softmax, qk)
-    q, k_node, k_transposed, q_scale, peeled = qk
+        raise NoMatch(f"softmax over dim {dim}, not the key dim (last)")
+    out_mm, v, tail = _walk_probabilities(softmax)
+    mm, scale, mask, chain, softcap = _walk_scores(softmax, facts)
+    q, k_node, k_transposed, q_scale, peeled = _split_qk(mm, facts)
     scale *= q_scale
     three_d = _val(q).dim() == 3
     mask = _normalize(mask, facts)
-    if isinstance(mask, str):
-        return Skip(softmax, mask)
     qv, kv, vv = _val(q), _val(k_node), _val(v)
     if qv.dim() not in (3, 4) or vv.dim() != qv.dim():
-        return Skip(softmax, f"q is {qv.dim()}-D; 3-D (bmm) and 4-D attention are matched")
+        raise NoMatch(f"q is {qv.dim()}-D; 3-D (bmm) and 4-D attention are matched")
     L, d = qv.shape[-2], qv.shape[-1]
     S = kv.shape[-1] if k_transposed else kv.shape[-2]
     if three_d:
@@ -250,7 +244,7 @@ def _match_manual(softmax: fx.Node, facts: GraphFacts) -> Site | Skip:
     else:
         b, h, hkv = qv.shape[0], qv.shape[1], kv.shape[1]
     if tuple(_val(mm).shape[-2:]) != (L, S) or vv.shape[-2] != S:
-        return Skip(softmax, "scores are not [.., q_len, kv_len] of q and k")
+        raise NoMatch("scores are not [.., q_len, kv_len] of q and k")
     dead = [out_mm, *reversed(tail), softmax, *chain, mm, *peeled]
     dead = [c for n in dead for c in (*_checks(n), n)]  # assertions go before their subject
     site = Site(out_mm, "manual", q, k_node, v, scale, False, mask, b, h, hkv, L, S, d,
@@ -258,70 +252,71 @@ def _match_manual(softmax: fx.Node, facts: GraphFacts) -> Site | Skip:
     return _finish(site, facts)
 
 
-def _walk_probabilities(softmax: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | str:
+def _walk_probabilities(softmax: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
     """From the softmax forward to matmul(p, v): (matmul, v, the nodes between)."""
     x, tail = softmax, []
     while True:
         users = _users(x)
         if len(users) != 1:
             who = ", ".join(u.name for u in users) or "nothing"
-            return (f"the attention probabilities ({x.name}) are used by {who}, not only by "
-                    "the value product (e.g. output_attentions=True)")
+            raise NoMatch(f"the attention probabilities ({x.name}) are used by {who}, not "
+                          "only by the value product (e.g. output_attentions=True)")
         u = users[0]
         if u.target in _MATMUL:
             if u.args[0] is not x:
-                return "the probabilities are the right operand of the value product"
+                raise NoMatch("the probabilities are the right operand of the value product")
             return u, u.args[1], tail
         if u.target is aten.dropout.default:
             p, train = _arg(u, 1, "p", 0.0), _arg(u, 2, "train", False)
             if train and p:
-                return f"dropout p={p} in training mode on the attention probabilities"
+                raise NoMatch(f"dropout p={p} in training mode on the attention probabilities")
         elif u.target not in _CASTS:
-            return f"{_op_name(u)} between softmax and the value product is not supported"
+            raise NoMatch(f"{_op_name(u)} between softmax and the value product is not "
+                          "supported")
         tail.append(u)
         x = u
 
 
 def _walk_scores(softmax: fx.Node, facts: GraphFacts):
-    """From the softmax back to matmul(q, kᵀ): (matmul, scale, mask ops, chain, softcap) or a
-    reason."""
+    """From the softmax back to matmul(q, kᵀ): (matmul, scale, mask ops, chain, softcap)."""
     x, chain = softmax.args[0], []
     scale, ops = 1.0, []
     while True:
         if not isinstance(x, fx.Node):
-            return "softmax input is not a tensor computed in the graph"
+            raise NoMatch("softmax input is not a tensor computed in the graph")
         if x.target in _MATMUL:
             break
         if len(_users(x)) != 1:
-            return f"the attention scores ({x.name}) are also used by another node"
+            raise NoMatch(f"the attention scores ({x.name}) are also used by another node")
         chain.append(x)
         t = x.target
         if t in _MUL or t in _DIV:
             inner, c = _split_const(x, facts, allow_right_only=t in _DIV)
             if inner is None:
-                return f"scores are {'multiplied' if t in _MUL else 'divided'} by a " \
-                       "non-constant tensor"
+                raise NoMatch(f"scores are {'multiplied' if t in _MUL else 'divided'} by a "
+                              "non-constant tensor")
             ops.append(("scale", c if t in _MUL else 1.0 / c))
             x = inner
         elif t in _ADD:
             if len(x.args) > 2 and x.args[2] != 1 or x.kwargs.get("alpha", 1) != 1:
-                return "add with alpha ≠ 1 on the scores"
+                raise NoMatch("add with alpha ≠ 1 on the scores")
             inner, other = _pick_chain(x)
             if inner is None:
-                return f"cannot tell the scores from the mask in {x.name}"
+                raise NoMatch(f"cannot tell the scores from the mask in {x.name}")
             ops.append(("bias", other))
             x = inner
         elif t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
             value = facts.scalar(x.args[2])
             if value is None or not value <= MASK_FILL_MAX:
-                return f"masked_fill with {x.args[2]!r}, which does not remove keys " \
-                       f"(needs −inf or ≤ {MASK_FILL_MAX:g})"
+                raise NoMatch(f"masked_fill with {x.args[2]!r}, which does not remove keys "
+                              f"(needs −inf or ≤ {MASK_FILL_MAX:g})")
             ops.append(("fill", x.args[1]))
             x = x.args[0]
         elif t in (aten.where.self, aten.where.ScalarOther):
             value = facts.scalar(x.args[2])
             if value is None or not value <= MASK_FILL_MAX:
-                return "where() on the scores with a fill value that does not remove keys"
+                raise NoMatch("where() on the scores with a fill value that does not remove "
+                              "keys")
             ops.append(("keep", x.args[0]))
             x = x.args[1]
         elif t in _CASTS:
@@ -330,8 +325,8 @@ def _walk_scores(softmax: fx.Node, facts: GraphFacts):
             ops.append(("tanh", None))
             x = x.args[0]
         else:
-            return f"{_op_name(x)} between QKᵀ and softmax (a score modification the " \
-                   "block-sparse op cannot express)"
+            raise NoMatch(f"{_op_name(x)} between QKᵀ and softmax (a score modification the "
+                          "block-sparse op cannot express)")
     # apply the ops in forward order: later scales also scale earlier biases; a tanh makes the
     # scores a · tanh(b · qk) (+ biases): softcap |a|, scale a · b (tanh is odd)
     mask, biases = MaskParts(), []
@@ -343,10 +338,10 @@ def _walk_scores(softmax: fx.Node, facts: GraphFacts):
             biases = [(n, f * arg) for n, f in biases]
         elif kind == "tanh":
             if capped:
-                return "two tanh between QKᵀ and softmax (one soft-cap is supported)"
+                raise NoMatch("two tanh between QKᵀ and softmax (one soft-cap is supported)")
             if biases or mask.fills or mask.keeps:
-                return "a mask or bias before the tanh soft-cap (the op caps the scaled " \
-                       "scores, then adds the mask)"
+                raise NoMatch("a mask or bias before the tanh soft-cap (the op caps the "
+                              "scaled scores, then adds the mask)")
             capped, cap = True, 1.0
         elif kind == "bias":
             biases.append((arg, 1.0))
@@ -356,19 +351,18 @@ def _walk_scores(softmax: fx.Node, facts: GraphFacts):
             mask.keeps.append(arg)
     mask.biases = biases
     if capped and not cap:
-        return "the soft-capped scores are multiplied by 0"
+        raise NoMatch("the soft-capped scores are multiplied by 0")
     return x, scale, mask, chain, abs(cap) if capped else 0.0
 
 
-def _normalize(parts: MaskParts, facts: GraphFacts) -> MaskParts | str:
+def _normalize(parts: MaskParts, facts: GraphFacts) -> MaskParts:
     """`normalize_mask`, except that float biases computed from a parameter (T5's relative
     positions) are kept whole as additive masks: the op takes them as an input and returns
     their gradient, so they train."""
     learned = [(n, f) for n, f in parts.biases if n in facts.on_param]
     parts.biases = [(n, f) for n, f in parts.biases if n not in facts.on_param]
     out = normalize_mask(parts, facts)
-    if not isinstance(out, str):
-        out.biases += learned
+    out.biases += learned
     return out
 
 
@@ -404,9 +398,9 @@ def _reaches_matmul(x: fx.Node, depth: int = 12) -> bool:
 
 
 def _split_qk(mm: fx.Node, facts: GraphFacts):
-    """(q, k or kᵀ, whether it is kᵀ, scale folded from q/k, nodes peeled) or a reason."""
+    """(q, k or kᵀ, whether it is kᵀ, scale folded from q/k, nodes peeled)."""
     if len(_users(mm)) != 1:
-        return "the raw scores are used elsewhere"
+        raise NoMatch("the raw scores are used elsewhere")
     a, bt = mm.args[0], mm.args[1]
     scale, peeled = 1.0, []
     a, s, p = _peel_scale(a, facts)
@@ -424,7 +418,7 @@ def _split_qk(mm: fx.Node, facts: GraphFacts):
     k, s, p = _peel_scale(k, facts)
     scale, peeled = scale * s, peeled + p
     if not isinstance(a, fx.Node) or _val(a) is None or _val(k) is None:
-        return "q or k has no traced shape"
+        raise NoMatch("q or k has no traced shape")
     return a, k, transposed, scale, peeled
 
 

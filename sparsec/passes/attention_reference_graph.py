@@ -16,7 +16,7 @@ import torch
 
 from ..layouts import learned as learned_gates
 from ..layouts.dynamic import pooled_block_scores, select_keep, vertical_slash_keep
-from ..layouts.spec import is_static
+from ..layouts.spec import is_static, kind_of
 from .attention_match import Site
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def reference_replacement(o: "BlockSparseAttention", site: Site) -> Callable[...
     nk, nf = len(site.mask.keeps), len(site.mask.fills)
     factors = [f for _, f in site.mask.biases]
     dtype = site.node.meta["val"].dtype
-    n_layout = 1 if is_static(o.layout) else (2 if o.layout == "learned" else 0)
+    n_layout = kind_of(o.layout).reference_inputs
     L, S, block = site.q_len, site.kv_len, o.block
 
     def fn(q, k, v, *rest):
@@ -98,10 +98,11 @@ def reference_replacement(o: "BlockSparseAttention", site: Site) -> Callable[...
 
 def _dynamic_keep(o: "BlockSparseAttention", site: Site, q, k, lay) -> torch.Tensor:
     L, S, block = site.q_len, site.kv_len, o.block
-    if o.layout == "vertical-slash":
+    selection = kind_of(o.layout).selection
+    if selection == "vertical-slash":
         return vertical_slash_keep(q, k, site.scale, site.causal, block, o.vertical, o.slash,
                                    o.sink, o.window)
-    if o.layout == "learned":
+    if selection == "gate":
         logits = learned_gates.gate_logits(q, k, lay[0], lay[1], site.scale, site.causal,
                                            block, block)
         probs = torch.softmax(logits, dim=-1)
