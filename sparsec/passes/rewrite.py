@@ -19,6 +19,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 __all__ = ["insert_traced", "erase_unused", "add_constant", "fake_mode_of"]
 
+_CHECK = torch.ops.aten._assert_tensor_metadata.default
 _META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack", "torch_fn")
 _counter = itertools.count()
 
@@ -128,7 +129,9 @@ def _fake(node: fx.Node, mode) -> Any:
 
 def erase_unused(graph: fx.Graph, nodes: Sequence[fx.Node]) -> int:
     """Erase `nodes` that have no users (the caller vouches they are safe to drop, e.g. an
-    SDPA that fx deems impure for its dropout), then the pure nodes that leaves unused."""
+    SDPA that fx deems impure for its dropout), then the pure nodes that leaves unused — also
+    those whose only users are `_assert_tensor_metadata` checks, which go with them (else a
+    dead [L, L] mask stays computed for its check)."""
     removed = 0
     todo = list(nodes)
     chosen = set(nodes)
@@ -136,6 +139,9 @@ def erase_unused(graph: fx.Graph, nodes: Sequence[fx.Node]) -> int:
     while todo:
         n = todo.pop(0)
         gone = n in seen or getattr(n, "_erased", False) or n.graph is not graph
+        if not gone and n.users and all(u.target is _CHECK for u in n.users):
+            for check in list(n.users):  # a check of a dead value checks nothing
+                graph.erase_node(check)
         if gone or n.users or n.op not in ("call_function", "get_attr"):
             continue
         if n.op == "call_function" and n not in chosen and n.is_impure():

@@ -93,10 +93,13 @@ def _ids(batch: int = 2, length: int = 16) -> torch.Tensor:
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_hf_llama_with_library_defaults_runs_causal_sdpa(impl):
-    model, ids = _llama(attn_implementation=impl), _ids()
+    model, ids = _llama(attn_implementation=impl), _ids(length=20)
     program = sparsec.trace(model, (ids,))
     assert _sdpa_calls(program.gm) == [(True, False)] * 2
     torch.testing.assert_close(program.gm(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    squares = [n.name for n in program.gm.graph.nodes if isinstance(n.meta.get("val"),
+               torch.Tensor) and tuple(n.meta["val"].shape[-2:]) == (20, 20)]
+    assert squares == []  # no [L, L] mask left computed (kept alive by a metadata check)
 
 
 def test_a_padding_mask_keeps_its_mask():
