@@ -292,12 +292,15 @@ def passes_cmd(verbose: bool) -> None:
 @verbose_option
 @handle_errors
 def explain_cmd(pass_name: str, verbose: bool) -> None:
-    """Show a pass's documentation and its options with defaults."""
+    """Show a pass's documentation and its options with defaults (PASS may carry options as
+    --pass takes them, e.g. block-sparse-attention:layout=topk: they are checked and shown)."""
     import inspect
 
     from .passes.base import get_pass, option_specs, stage_of
+    from .recipe import parse_pass_arg
 
-    cls = get_pass(pass_name)
+    given = parse_pass_arg(pass_name) if ":" in pass_name else None
+    cls = type(given) if given is not None else get_pass(pass_name)
     click.echo(f"{cls.name} — {cls.summary}")
     click.echo(f"stage: {stage_of(cls)}; requires: {', '.join(sorted(cls.requires)) or '-'}; "
                f"establishes: {', '.join(sorted(cls.establishes)) or '-'}")
@@ -312,7 +315,9 @@ def explain_cmd(pass_name: str, verbose: bool) -> None:
             rng = f" one of {', '.join(map(repr, s['choices']))}"
         elif s["min"] is not None or s["max"] is not None:
             rng = f" in [{s['min']}, {s['max']}]"
-        click.echo(f"  {s['name']} ({s['type']}) = {s['default']!r}{rng}")
+        value = getattr(given, s["name"]) if given is not None else s["default"]
+        mark = f"  (default {s['default']!r})" if value != s["default"] else ""
+        click.echo(f"  {s['name']} ({s['type']}) = {value!r}{rng}{mark}")
         if s["help"]:
             click.echo(f"      {s['help']}")
 

@@ -67,6 +67,15 @@ def test_passes_and_explain(run_cli):
     assert "did you mean 'freeze'" in _one_line_error(bad)
 
 
+def test_explain_checks_and_shows_given_options(run_cli):
+    e = run_cli("explain", "block-sparse-attention:layout=topk,topk=3")
+    assert e.returncode == 0, e.stderr
+    assert "topk (int) = 3" in e.stdout and "(default 8)" in e.stdout
+    assert "layout (str) = 'topk'" in e.stdout
+    bad = run_cli("explain", "block-sparse-attention:layout=nope")
+    assert bad.returncode == 2 and "'nope'" in _one_line_error(bad)
+
+
 def test_triton_backend_falls_back_to_references_on_the_cpu(run_cli, tiny_llama_path, tmp_path):
     out = tmp_path / "out"
     r = run_cli("compile", tiny_llama_path, "--backend", "triton", "-o", out, "--pass",
