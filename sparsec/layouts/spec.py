@@ -28,17 +28,6 @@ class LayoutKind:
     per_head: bool = False  # a static layout that differs per head (random blocks, mixtures)
     selection: str | None = None
 
-    @property
-    def op_inputs(self) -> int:
-        """Graph tensors the rewritten site passes the op besides q, k, v and the mask: a
-        static layout's four block tensors, a learned layout's two gate weights."""
-        return 4 if self.static else (2 if self.selection == "gate" else 0)
-
-    @property
-    def reference_inputs(self) -> int:
-        """The same for the stated reference: a static layout as one dense element mask."""
-        return 1 if self.static else (2 if self.selection == "gate" else 0)
-
 
 KINDS: dict[str, LayoutKind] = {k.name: k for k in (
     LayoutKind("dense", ()),

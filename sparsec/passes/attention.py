@@ -23,7 +23,7 @@ from ..layouts.block_layout import BLOCK_SIZES, BlockLayout
 from ..layouts.spec import LAYOUT_OPTIONS, LAYOUTS, STATIC_LAYOUTS, build_static, is_static, kind_of
 from ..ops import block_select, block_sparse_attention  # noqa: F401  (register the ops)
 from ..program import Program, Prop, node_info
-from .attention_match import Site, Skip, find_sites
+from .attention_match import Site, SiteCall, Skip, find_sites
 from .attention_reference_graph import reference_replacement
 from .base import Pass, PassResult, option, register
 
@@ -212,13 +212,9 @@ class BlockSparseAttention(Pass):
         elif kind_of(self.layout).selection == "gate":
             extra = self._gate_nodes(gm, site, index)
             info["gate_params"] = [n.target for n in extra]
-        inputs = [site.q, site.k, site.v, *extra, *site.mask.keeps, *site.mask.fills,
-                  *[n for n, _ in site.mask.biases]]
-        if reference:
-            fn = reference_replacement(self, site)
-        else:
-            fn = self._replacement(site)
-        out = insert_traced(gm, fn, inputs, before=site.node, meta_from=site.node,
+        call = SiteCall(site, extra)
+        fn = reference_replacement(self, call) if reference else self._replacement(call)
+        out = insert_traced(gm, fn, call.inputs(), before=site.node, meta_from=site.node,
                             tag={"inserted_by": self.name})
         site.node.replace_all_uses_with(out)
         erase_unused(gm.graph, site.dead or [site.node])
@@ -259,19 +255,14 @@ class BlockSparseAttention(Pass):
         return [add_constant(gm, f"{stem}.wq", wq, site.node, parameter=True),
                 add_constant(gm, f"{stem}.wk", wk, site.node, parameter=True)]
 
-    def _replacement(self, site: Site) -> Callable[..., torch.Tensor]:
-        """A torch function of (q, k, v, layout or gate tensors, mask parts) → out."""
-        o = self
-        nk, nf = len(site.mask.keeps), len(site.mask.fills)
-        factors = [f for _, f in site.mask.biases]
+    def _replacement(self, call: SiteCall) -> Callable[..., torch.Tensor]:
+        """A torch function of `call.inputs()` → out."""
+        o, site = self, call.site
         bsa, dtype = torch.ops.sparsec.block_sparse_attention, site.node.meta["val"].dtype
         kind = kind_of(o.layout)
-        n_layout = kind.op_inputs
 
-        def fn(q, k, v, *rest):
-            lay, rest = list(rest[:n_layout]), rest[n_layout:]
-            q, k, v = site.shape_inputs(q, k, v)
-            mask = site.build_mask(rest[:nk], rest[nk:nk + nf], rest[nk + nf:], factors)
+        def fn(*tensors):
+            q, k, v, lay, mask = call.unpack(*tensors)
             if kind.selection == "scores":
                 probs = torch.ops.sparsec.block_scores(q, k, site.scale, site.causal, o.block,
                                                        o.block)

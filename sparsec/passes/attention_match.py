@@ -36,7 +36,7 @@ from .attention_masks import (
     normalize_mask,
 )
 
-__all__ = ["Site", "Skip", "NoMatch", "find_sites", "unrepeat_kv"]
+__all__ = ["Site", "SiteCall", "Skip", "NoMatch", "find_sites", "unrepeat_kv"]
 
 aten = torch.ops.aten
 
@@ -122,6 +122,31 @@ class Site:
         if keep is None:
             return bias
         return bias.masked_fill(~keep, float("-inf"))
+
+
+@dataclass
+class SiteCall:
+    """The graph inputs of a site's replacement, in order — q, k, v, the layout's tensors (a
+    static layout's block tensors, a learned one's gate weights, or the reference's element
+    mask; none for a selection made from q and k), then the element mask's keeps, fills and
+    biases — and how the replacement function gets them back as tensors."""
+
+    site: Site
+    layout: list[fx.Node] = field(default_factory=list)
+
+    def inputs(self) -> list[fx.Node]:
+        s, m = self.site, self.site.mask
+        return [s.q, s.k, s.v, *self.layout, *m.keeps, *m.fills, *[n for n, _ in m.biases]]
+
+    def unpack(self, q, k, v, *rest) -> tuple[Any, Any, Any, list, Any]:
+        """(q, k, v as the op takes them, the layout's tensors, the element mask or None)."""
+        s, m = self.site, self.site.mask
+        n, nk, nf = len(self.layout), len(m.keeps), len(m.fills)
+        lay, rest = list(rest[:n]), rest[n:]
+        q, k, v = s.shape_inputs(q, k, v)
+        mask = s.build_mask(rest[:nk], rest[nk:nk + nf], rest[nk + nf:],
+                            [f for _, f in m.biases])
+        return q, k, v, lay, mask
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from ..layouts import learned as learned_gates
 from ..layouts.dynamic import pooled_block_scores, select_keep, vertical_slash_keep
 from ..layouts.spec import is_static, kind_of
-from .attention_match import Site
+from .attention_match import Site, SiteCall
 
 if TYPE_CHECKING:
     from .attention import BlockSparseAttention
@@ -73,19 +73,16 @@ def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.masked_fill(~row_any, 0.0).nan_to_num(0.0)
 
 
-def reference_replacement(o: "BlockSparseAttention", site: Site) -> Callable[..., torch.Tensor]:
-    """A torch function of the same inputs as the pass's replacement, computing the
-    reference (static layouts arrive as one dense element-mask input)."""
-    nk, nf = len(site.mask.keeps), len(site.mask.fills)
-    factors = [f for _, f in site.mask.biases]
+def reference_replacement(o: "BlockSparseAttention", call: SiteCall
+                          ) -> Callable[..., torch.Tensor]:
+    """A torch function of `call.inputs()` computing the reference (a static layout arrives
+    as one dense element-mask input)."""
+    site = call.site
     dtype = site.node.meta["val"].dtype
-    n_layout = kind_of(o.layout).reference_inputs
     L, S, block = site.q_len, site.kv_len, o.block
 
-    def fn(q, k, v, *rest):
-        lay, rest = rest[:n_layout], rest[n_layout:]
-        q, k, v = site.shape_inputs(q, k, v)
-        mask = site.build_mask(rest[:nk], rest[nk:nk + nf], rest[nk + nf:], factors)
+    def fn(*tensors):
+        q, k, v, lay, mask = call.unpack(*tensors)
         if is_static(o.layout):
             allowed = lay[0]
         else:

@@ -1,5 +1,5 @@
 """The layout table (`sparsec.layouts.spec.KINDS`) is the one place the attention pass and
-its reference read a layout's options, inputs and selection from."""
+its reference read a layout's options, kind and selection from."""
 
 import dataclasses
 
@@ -13,13 +13,11 @@ def test_every_layout_option_is_a_pass_option():
         assert set(kind.options) <= fields, kind.name
 
 
-def test_static_layouts_take_block_tensors_and_dynamic_ones_select():
+def test_static_layouts_have_no_selection_and_dynamic_ones_one():
     assert set(LAYOUTS) == set(KINDS)
     for name in LAYOUTS:
         kind = kind_of(name)
         if name in STATIC_LAYOUTS:
-            assert (kind.op_inputs, kind.reference_inputs, kind.selection) == (4, 1, None)
+            assert kind.static and kind.selection is None
         else:
-            assert kind.selection in ("scores", "vertical-slash", "gate")
-            assert kind.op_inputs == kind.reference_inputs == (2 if kind.selection == "gate"
-                                                               else 0)
+            assert not kind.static and kind.selection in ("scores", "vertical-slash", "gate")
