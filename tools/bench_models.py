@@ -248,8 +248,13 @@ def timed_row(s: Setup, step: Callable, batch, prefill: bool) -> dict:
     # the first call's logits, for the error against dense, wait on the host while timing
     logits = first_out.cpu() if prefill else None
     del first_out
+    if s.device.type == "cuda":  # what lives between steps (weights, state, caches, leaks)
+        sync(s.device)
+        held = torch.cuda.memory_allocated(s.device)
     r = measure(call, batch, s.args.warmup, s.args.steps, s.device)
     r["first_call_s"] = first
+    if s.device.type == "cuda":
+        r["held_before_bytes"] = held
     if s.args.profile:
         r["kernels"] = profile_kernels(call, batch, s.device)
     if prefill:
@@ -397,6 +402,7 @@ def training_rows(s, base, bsa, strategy, wanted, batch, record, kind, suffix, t
             r.update(trainable=program.param_counts()["trainable"],
                      setup_s=fresh + r["first_call_s"], pipeline_s=fresh,
                      trace_s=trace_s, predicted_peak_bytes=plan.peak_bytes,
+                     predicted_resident_bytes=plan.resident_bytes,
                      reduce_saved=next((h.stats for h in program.history
                                         if h.name == "reduce-saved"), None))
             return r
@@ -425,6 +431,9 @@ def print_row(name: str, L: int, r: dict, full: dict | None) -> None:
     pred = r.get("predicted_peak_bytes")
     if pred and peak:
         tail += f"  predicted {pred / GiB:.2f} GiB ({peak / pred:.2f}x)"
+    held, resident = r.get("held_before_bytes"), r.get("predicted_resident_bytes")
+    if held and resident:  # memory the plan does not know of lives between steps
+        tail += f"  held {held / GiB:.2f} GiB (plan's resident {resident / GiB:.2f})"
     for part, kernels in r.get("kernels", {}).items():
         for name_, ms, calls in kernels:
             tail += f"\n    {part:9s} {ms:9.2f} ms {calls:4d}x  {name_}"
