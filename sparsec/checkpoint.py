@@ -4,8 +4,10 @@ A checkpoint directory holds `deltas.safetensors` (sparsec.deltas: the trained v
 indices), `optimizer.safetensors` (this module) and `recipe.toml`. The optimizer file has, per
 trainable parameter name, AdamW's `exp_avg`, `exp_avg_sq` and `step`; partial prune–regrow
 gradient sums (`regrow/<weight>`, summed over all ranks) when the checkpoint falls inside an
-accumulation window; and under the metadata key `sparsec_train` a JSON header with the progress
-(global step, batches, samples and tokens consumed, the world size that wrote it).
+accumulation window; the age of each entry in its prune–regrow warm-up (`regrow_age/<weight>`,
+int32, one per value) when the target has `regrow_warmup`; and under the metadata key
+`sparsec_train` a JSON header with the progress (global step, batches, samples and tokens
+consumed, the world size that wrote it).
 
 The optimizer state is per trainable value, so it does not depend on the world size: a run on
 N processes resumes on M.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,12 @@ from ._util import atomic_write_bytes, read_regular_file
 from .errors import BadInputError
 
 __all__ = ["TrainState", "Checkpoint", "OPTIMIZER_FILE", "save_optimizer_state",
-           "load_checkpoint", "restore_optimizer"]
+           "load_checkpoint", "restore_optimizer", "restore_regrow_ages"]
 
 FORMAT = 1
 OPTIMIZER_FILE = "optimizer.safetensors"
 _REGROW = "regrow/"
+_REGROW_AGE = "regrow_age/"
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Checkpoint:
     regrow_sums: dict[str, torch.Tensor]  # frozen weight name -> partial gradient sum
     deltas: Any  # sparsec.deltas.Deltas
     recipe: Path | None
+    regrow_ages: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> warm-up ages
 
 
 def _named_state(trainer: Any) -> dict[str, dict[str, torch.Tensor]]:
@@ -75,6 +79,8 @@ def save_optimizer_state(path: str | Path, trainer: Any, state: TrainState,
                for name, s in _named_state(trainer).items() for k, v in s.items()}
     for weight, g in (regrow_sums or {}).items():
         tensors[f"{_REGROW}{weight}"] = g.detach().cpu().contiguous()
+    for weight, age in _regrow_ages(trainer).items():
+        tensors[f"{_REGROW_AGE}{weight}"] = age.detach().cpu().contiguous()
     header = {"format": FORMAT, **asdict(state)}
     data = save(tensors, metadata={"sparsec_train": json.dumps(header, sort_keys=True)})
     path = Path(path)
@@ -116,14 +122,42 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
                             "inconsistent, resume from another one")
     optimizer: dict[str, dict[str, torch.Tensor]] = {}
     regrow: dict[str, torch.Tensor] = {}
+    ages: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        if key.startswith(_REGROW):
+        if key.startswith(_REGROW_AGE):
+            ages[key[len(_REGROW_AGE):]] = t
+        elif key.startswith(_REGROW):
             regrow[key[len(_REGROW):]] = t
         else:
             name, _, part = key.rpartition("/")
             optimizer.setdefault(name, {})[part] = t
     recipe = d / "recipe.toml"
-    return Checkpoint(d, state, optimizer, regrow, deltas, recipe if recipe.exists() else None)
+    return Checkpoint(d, state, optimizer, regrow, deltas, recipe if recipe.exists() else None,
+                      ages)
+
+
+def _regrow_ages(trainer: Any) -> dict[str, torch.Tensor]:
+    """Warm-up ages of the regrown entries by frozen weight name (targets with a warm-up)."""
+    targets = [t for t in getattr(trainer, "regrow_targets", ()) if t.age is not None]
+    if not targets:
+        return {}
+    names = {id(p): n for n, p in trainer.program.gm.named_parameters()}
+    return {names[id(t.weight)]: t.age for t in targets}
+
+
+def restore_regrow_ages(trainer: Any, saved: dict[str, torch.Tensor]) -> None:
+    """Put a checkpoint's warm-up ages back (a target it lacks has no young entries)."""
+    names = {id(p): n for n, p in trainer.program.gm.named_parameters()}
+    for t in trainer.regrow_targets:
+        name = names[id(t.weight)]
+        age = saved.get(name)
+        if age is None or t.age is None:
+            continue
+        if age.dtype != torch.int32 or age.shape != t.age.shape or bool((age < 0).any()):
+            raise BadInputError(f"{name}: the checkpoint's regrow warm-up ages are not "
+                                f"{t.age.numel()} non-negative int32 values; the checkpoint is "
+                                "damaged or from another recipe, resume from another one")
+        t.age.copy_(age.to(t.age.device).clamp(max=t.warmup))
 
 
 _COUNTERS = ("global_step", "batches_consumed", "samples_consumed", "tokens_consumed")

@@ -437,7 +437,7 @@ def _run(env: DistEnv, model: Any, *, steps: int, recipe: Any, passes: tuple, ou
     from .outputs import RunDirectory, check_output_dir
     from .recipe import resolve_passes
     from .backends import lower
-    from .checkpoint import load_checkpoint, restore_optimizer
+    from .checkpoint import load_checkpoint, restore_optimizer, restore_regrow_ages
 
     if steps < 1:
         raise BadInputError(f"--steps is {steps}; train at least one step")
@@ -470,6 +470,7 @@ def _run(env: DistEnv, model: Any, *, steps: int, recipe: Any, passes: tuple, ou
         restore_optimizer(trainer, ckpt.optimizer)
         trainer.step_offset, start = ckpt.state.global_step, ckpt.state.batches_consumed
         _restore_regrow_sums(trainer, ckpt.regrow_sums, env)
+        restore_regrow_ages(trainer, ckpt.regrow_ages)  # the same on every rank
     data = sharded_batches(program.source.batches, env.rank, env.world_size, start)
     saver = _Saver(env, trainer, lr, ckpt.state if ckpt else None)
 

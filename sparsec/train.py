@@ -11,7 +11,11 @@ steps (SpIEL): the |Δ| smallest `regrow_fraction` of the entries are dropped an
 entries grow where the gradient of the frozen weight, accumulated over the last
 `regrow_window` steps before the regrowth, is largest. The optimizer state moves with the
 entries: kept entries keep their moments, dropped slots are reset and regrown entries start
-from zero moments and a zero value.
+from zero moments and a zero value. With `regrow_warmup = W` a regrown entry's first W updates
+are scaled by 1/W, 2/W, ..., 1 (its AdamW moments are not): AdamW moves a new entry by about
+half the learning rate at once and by more later (the bias correction counts the tensor's
+steps, not the entry's), and the entries grown where the gradient is largest cluster in a few
+input columns, so unscaled they overshoot together (docs/finetune.md).
 """
 
 from __future__ import annotations
@@ -75,6 +79,16 @@ class _RegrowTarget:
     every: int
     fraction: float
     grad_sum: torch.Tensor | None = None
+    warmup: int = 0
+    # updates each entry has had since it was grown (int32, one per value; None: no warm-up);
+    # entries at `warmup - 1` or more take full updates
+    age: torch.Tensor | None = None
+
+    def young(self) -> torch.Tensor | None:
+        """The scale of each entry's next update, or None when every entry takes full ones."""
+        if self.age is None or not bool((self.age < self.warmup - 1).any()):
+            return None
+        return ((self.age + 1).clamp(max=self.warmup).to(self.values.dtype) / self.warmup)
 
 
 class Trainer:
@@ -155,7 +169,7 @@ class Trainer:
         self._sync_gradients()
         self._check_finite(loss, [p.grad for p in self.optimizer_params() if p.grad is not None],
                            "gradient")
-        self.optimizer.step()
+        self._optimizer_step()
         self.stats.steps += 1
         for t in self.regrow_targets:
             if self.global_step % t.every == 0:
@@ -163,6 +177,19 @@ class Trainer:
                 self.stats.regrown_entries += grown
                 self.stats.regrows += int(grown > 0)
         return self._finish_step(loss, batch, start)
+
+    def _optimizer_step(self) -> None:
+        """AdamW's step; regrown entries still in their warm-up take a scaled update."""
+        warm = [(t, w, t.values.detach().clone()) for t in self.regrow_targets
+                if (w := t.young()) is not None]
+        self.optimizer.step()
+        with torch.no_grad():
+            for t, w, before in warm:
+                v = t.values
+                v.copy_(torch.where(w < 1, before + w * (v - before), v))
+            for t in self.regrow_targets:
+                if t.age is not None:
+                    t.age.add_(1).clamp_(max=t.warmup)
 
     def _joint_loss(self, batch: tuple) -> torch.Tensor:
         out = self._user_call(lambda: self.program.gm(*batch), "the model failed on")
@@ -268,6 +295,8 @@ class Trainer:
         for key, s in self.optimizer.state.get(t.values, {}).items():
             if isinstance(s, torch.Tensor) and s.shape == t.values.shape:
                 s.copy_(_moved(s, keep, grow, order))
+        if t.age is not None:  # kept entries keep their age, grown ones start at 0
+            t.age.copy_(_moved(t.age, keep, grow, order))
         return grow
 
 
@@ -283,10 +312,14 @@ def _regrow_targets(program: Program) -> list[_RegrowTarget]:
         if rec["method"] != "delta" or not rec.get("regrow_every"):
             continue
         p = rec["params"]
+        values = program.gm.get_parameter(p["values"])
+        warmup = int(rec.get("regrow_warmup", 0))  # records before the option: no warm-up
+        age = (torch.full(values.shape, warmup, dtype=torch.int32, device=values.device)
+               if warmup > 1 else None)
         out.append(_RegrowTarget(program.gm.get_parameter(weight),
-                                 program.gm.get_buffer(p["indices"]),
-                                 program.gm.get_parameter(p["values"]), rec["regrow_every"],
-                                 rec["regrow_fraction"]))
+                                 program.gm.get_buffer(p["indices"]), values,
+                                 rec["regrow_every"], rec["regrow_fraction"], warmup=warmup,
+                                 age=age))
     return out
 
 

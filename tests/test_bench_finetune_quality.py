@@ -103,3 +103,15 @@ def test_toy_study_end_to_end(tmp_path):
 def test_unknown_method_exits_2(capsys):
     assert bfq.main(["run", "--task", "mlm", "--methods", "lora,nope", "--out", "x"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_regrow_warmup_runs_stay_apart(tmp_path):
+    """Rows are keyed without regrow_warmup, so a file of one warm-up refuses another's runs."""
+    out = tmp_path / "runs.jsonl"
+    row = {"task": "mlm", "method": "delta-magnitude-regrow", "rank": 2, "lr": 0.03, "seed": 0,
+           "setup": {"regrow_warmup": 0}}
+    out.write_text(json.dumps(row) + "\n")
+    with pytest.raises(SystemExit, match="regrow_warmup 0, not 128"):
+        bfq.main(["run", "--task", "mlm", "--methods", "delta-magnitude-regrow",
+                  "--regrow-warmup", "128", "--out", str(out)])
+    assert bfq.Setup("mlm").regrow_warmup == 0  # the study as recorded: no warm-up

@@ -122,14 +122,23 @@ def test_resume_on_one_process_continues_the_loss_curve(two_ranks, tmp_path):
     assert first < saved[0] - 0.2, (first, saved)
 
 
-def test_resume_is_exact_and_world_size_free(tmp_path, tiny_llama_path):
-    """7 steps straight = 5 steps, a checkpoint inside a regrow window, then 2 more (1 process)."""
-    kw = dict(passes=("sparse-finetune:density=0.05,regrow_every=3",), lr=3e-2, verify=False,
-              backend="gloo")
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_resume_is_exact_and_world_size_free(tmp_path, tiny_llama_path, warmup):
+    """7 steps straight = 5 steps, a checkpoint inside a regrow window, then 2 more (1 process).
+    With regrow_warmup = 4 the checkpoint also falls inside the warm-up of the entries grown at
+    step 3 (2 of their 4 scaled updates done), which the resumed run must continue."""
+    kw = dict(passes=(f"sparse-finetune:density=0.05,regrow_every=3,regrow_warmup={warmup}",),
+              lr=3e-2, verify=False, backend="gloo")
     straight = train_distributed(tiny_llama_path, steps=7, out_dir=tmp_path / "a", **kw)
     train_distributed(tiny_llama_path, steps=5, out_dir=tmp_path / "c", **kw)
     with_regrow_sums = _tensors(tmp_path / "c" / "optimizer.safetensors")
     assert any(k.startswith("regrow/") for k in with_regrow_sums)  # step 5 is mid-window
+    ages = [v for k, v in with_regrow_sums.items() if k.startswith("regrow_age/")]
+    if warmup:
+        assert ages and all(set(a.tolist()) <= {2, 4} for a in ages)  # young or mature
+        assert any(2 in a.tolist() for a in ages)
+    else:
+        assert not ages
     resumed = train_distributed(tiny_llama_path, steps=2, out_dir=tmp_path / "d",
                                 resume=tmp_path / "c", **kw)
     assert resumed.trainer.global_step == 7 and straight.trainer.stats.regrows > 0

@@ -83,12 +83,13 @@ class _One(torch.nn.Module):
         return self.blocks[0](x)
 
 
-def _regrow_program(every=1, fraction=0.5, density=0.25):
+def _regrow_program(every=1, fraction=0.5, density=0.25, warmup=0):
     torch.manual_seed(0)
     program = sparsec.trace(_One(), (torch.randn(3, 6),))
     program.source.loss = lambda out, batch: (out - batch[1]).square().mean()
     return run_passes(program, [SparseFinetune(density=density, regrow_every=every,
-                                               regrow_fraction=fraction)], verify=False)
+                                               regrow_fraction=fraction,
+                                               regrow_warmup=warmup)], verify=False)
 
 
 def test_regrow_moves_optimizer_state_with_the_entries():
@@ -127,6 +128,49 @@ def test_regrow_during_training_keeps_the_invariants():
     assert idx.numel() == 6 and bool((idx[1:] > idx[:-1]).all())
     assert not p.gm.get_parameter("blocks.0.weight").requires_grad
     assert p.gm.get_parameter("blocks.0.weight").grad is None
+
+
+def test_regrow_warmup_scales_a_grown_entrys_first_updates():
+    """Two runs alike up to the regrowth at step 2; then a grown entry's update is 1/4 of the
+    unwarmed one's, 2/4 of a full step the next time, while kept entries move identically."""
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(3, 6, generator=g), torch.randn(3, 4, generator=g)) for _ in range(4)]
+    runs = {}
+    for warmup in (0, 4):
+        p = _regrow_program(every=2, fraction=0.5, warmup=warmup)
+        trainer = Trainer(p, lr=5e-2, weight_decay=0.1)
+        (t,) = trainer.regrow_targets
+        assert p.state["sparse_finetune"]["targets"]["blocks.0.weight"]["regrow_warmup"] == warmup
+        trainer.fit(batches[:2], 2)  # the regrowth after step 2
+        grown = t.values == 0
+        assert int(grown.sum()) == 3
+        before = t.values.detach().clone()
+        trainer.step(batches[2])
+        runs[warmup] = (t, grown, before, t.values.detach().clone(), trainer)
+    (t0, grown, before0, after0, _), (t4, grown4, before4, after4, tr4) = runs[0], runs[4]
+    assert torch.equal(t0.indices, t4.indices) and torch.equal(grown, grown4)
+    assert torch.equal(before0, before4)
+    assert torch.equal(after0[~grown], after4[~grown])  # kept entries: unaffected, bit for bit
+    full = after0[grown] - before0[grown]
+    assert bool((full.abs() > 1e-3).all())
+    assert torch.allclose(after4[grown] - before4[grown], full / 4, rtol=1e-5, atol=1e-9)
+    assert t0.age is None and t4.age[grown].tolist() == [1, 1, 1]
+    assert set(t4.age[~grown].tolist()) == {4}
+    # the second update after growth: 2/4 of what AdamW's step would have been
+    opt, t4.every = tr4.optimizer, 10**6  # no more regrowths
+    snapshot = {k: v.clone() for k, v in opt.state[t4.values].items()}
+    values = t4.values.detach().clone()
+    tr4.step(batches[3])
+    warmed = t4.values.detach().clone()
+    with torch.no_grad():  # redo the step unscaled from the same state
+        t4.values.copy_(values)
+        opt.state[t4.values].update({k: v.clone() for k, v in snapshot.items()})
+        t4.age.fill_(4)
+    tr4.step(batches[3])
+    unscaled = t4.values.detach()
+    assert torch.allclose(warmed[grown] - values[grown], (unscaled[grown] - values[grown]) / 2,
+                          rtol=1e-5, atol=1e-9)
+    assert torch.equal(warmed[~grown], unscaled[~grown])
 
 
 JOINT = ["joint-graph:lr=0.01", "prune-backward", "reduce-saved", "optimizer-in-backward"]

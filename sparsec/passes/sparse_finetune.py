@@ -96,6 +96,8 @@ class SparseFinetune(Pass):
                                min=0)
     regrow_fraction: float = option(0.1, "delta: share of entries dropped and regrown",
                                     min=0.0, max=1.0)
+    regrow_warmup: int = option(128, "delta: steps over which a regrown entry's update ramps "
+                                "linearly from 1/N to full (0 or 1: no warm-up)", min=0)
     seed: int = option(0, "seed of random selections")
     calibration_batches: int = option(4, "batches for select='gradient'", min=1)
 
@@ -194,7 +196,8 @@ class SparseFinetune(Pass):
                      (x, wn, b, i_node, v_node), "delta")
             out[t.weight] = self._record(t, "delta", names, k,
                                          regrow_every=self.regrow_every,
-                                         regrow_fraction=self.regrow_fraction)
+                                         regrow_fraction=self.regrow_fraction,
+                                         regrow_warmup=self.regrow_warmup)
         return out
 
     def _structured(self, program: Program, targets: list[Target], grads) -> dict[str, dict]:
