@@ -35,7 +35,7 @@ import torch.distributed as dist
 from .errors import BadInputError, SparsecError
 from .devices import move_constants, retarget_device, retarget_graph
 from .program import Program, Prop
-from .train import Trainer, TrainRun, _cycle, _train_section, batch_tokens, check_trainable
+from .train import Trainer, TrainRun, batch_tokens, check_trainable, cycle_batches, train_section
 
 __all__ = ["DistEnv", "launched_by_torchrun", "setup", "sharded_batches", "CommCounter",
            "GradientBucket", "DistributedTrainer", "train_distributed", "rank_digest",
@@ -126,7 +126,7 @@ def sharded_batches(batches: Callable[[], Iterable[Any]], rank: int, world_size:
     """Items start + rank, start + rank + W, … of the cycled stream of `batches()`: the ranks
     together consume the stream in order, each item once, and a resumed run continues at
     `start` (the items consumed before it), whatever its world size."""
-    return itertools.islice(_cycle(batches), start + rank, None, world_size)
+    return itertools.islice(cycle_batches(batches), start + rank, None, world_size)
 
 
 # communication ------------------------------------------------------------------------------------
@@ -536,7 +536,7 @@ def _report(compiled: Any, trainer: DistributedTrainer, saver: _Saver, env: Dist
     from .report import build_report
 
     program = trainer.program
-    section = _train_section(trainer, error is None and saver.completed)
+    section = train_section(trainer, error is None and saver.completed)
     seconds = trainer.stats.seconds
     section.update(tokens=trainer.tokens, tokens_per_s=trainer.tokens / seconds if seconds else 0.0,
                    deltas_step=saver.step, global_step=trainer.global_step)

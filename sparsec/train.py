@@ -37,7 +37,7 @@ from .errors import BadInputError, SparsecError
 from .program import Program, Prop
 
 __all__ = ["Trainer", "TrainStats", "TrainRun", "train_model", "batch_tokens", "batch_rows",
-           "peak_memory", "NonFiniteError"]
+           "peak_memory", "NonFiniteError", "cycle_batches", "train_section"]
 
 
 class NonFiniteError(BadInputError):
@@ -255,7 +255,7 @@ class Trainer:
     def fit(self, batches: Callable[[], Iterable[Any]] | Iterable[Any], steps: int,
             on_step: Callable[[int, float], None] | None = None) -> TrainStats:
         """`steps` steps over `batches` (a callable is called again when it runs out)."""
-        for i, batch in enumerate(itertools.islice(_cycle(batches), steps), start=1):
+        for i, batch in enumerate(itertools.islice(cycle_batches(batches), steps), start=1):
             loss = self.step(batch)
             if on_step is not None:
                 on_step(i, loss)
@@ -343,7 +343,8 @@ def _groups(named: list[tuple[str, torch.nn.Parameter]], lr: float,
     return [{"params": ps, "lr": rate} for rate, ps in by_lr.items()]
 
 
-def _cycle(batches: Callable[[], Iterable[Any]] | Iterable[Any]) -> Iterator[Any]:
+def cycle_batches(batches: Callable[[], Iterable[Any]] | Iterable[Any]) -> Iterator[Any]:
+    """The batches over and over (a callable is called again when it runs out)."""
     while True:
         empty = True
         for batch in _guarded(batches):
@@ -470,7 +471,7 @@ def train_model(model: Any, *, steps: int, recipe: Any = None, passes: tuple = (
     if out_dir is None:
         trainer.fit(program.source.batches, steps,
                     _callback(trainer, on_step, None, 0, evaluator, steps))
-        program.state.setdefault("report", {})["train"] = _train_section(trainer, True)
+        program.state.setdefault("report", {})["train"] = train_section(trainer, True)
         return TrainRun(compiled, trainer, build_report(compiled))
     saver = _Saver(compiled, RunDirectory(out_dir, force=force, inputs=inputs), pass_list,
                    saved_file)
@@ -551,7 +552,7 @@ class _Saver:
         if t.optimizer is not None:  # a traced step keeps its optimizer state in the graph
             save_optimizer_state(staging / OPTIMIZER_FILE, t, self.progress(), _regrow_sums(t))
             self.compiled.artifacts[OPTIMIZER_FILE] = staging / OPTIMIZER_FILE
-        section = _train_section(t, completed)
+        section = train_section(t, completed)
         section["deltas_step" if self.saved_file == DELTAS_FILE else "trainable_step"] = step
         program.state.setdefault("report", {})["train"] = section
         return write_outputs(self.compiled, staging, self.pass_list)
@@ -600,7 +601,8 @@ def _callback(trainer: Trainer, on_step: Any, saver: _Saver | None, every: int,
     return call
 
 
-def _train_section(trainer: Trainer, completed: bool) -> dict[str, Any]:
+def train_section(trainer: Trainer, completed: bool) -> dict[str, Any]:
+    """report.json's `train` section: completion, learning rate, the trainer's stats."""
     section = {"completed": completed, "lr": trainer.learning_rate(), **trainer.stats.to_json()}
     if trainer.joint is not None:
         section["step"] = f"traced (joint-graph, {trainer.joint.optimizer.name})"
