@@ -149,20 +149,40 @@ class BlockSparseAttention(Pass):
         return PassResult(modified=bool(sites), stats=stats)
 
     def reference(self, program: Program) -> Callable[..., Any] | None:
+        """Dense attention under each site's layout. A dynamic layout's blocks are the ones
+        the rewritten program selects on the example inputs (recorded from a run of it), so
+        the kernel is checked under the layout it ran, and a near-tie that rounding breaks
+        the other way in the reference (bf16) is no failure; the selection kernels are
+        checked against their references in their own tests."""
         if self.layout == "dense":
             return None  # keep-all must reproduce the model itself
         ref = program.copy()
         sites, _ = self._select(find_sites(ref.gm))
         if self.block == 0:
             return self._with_block(sites).reference(program)
+        selected = None if is_static(self.layout) else self._selected_blocks(program)
         for index, site in enumerate(sites):
             self._check_lengths(site)
-            self._rewrite(ref.gm, site, index, reference=True)
+            keep = selected[index] if selected else None
+            self._rewrite(ref.gm, site, index, reference=True, selected=keep)
         ref.gm.graph.lint()
         ref.gm.recompile()
         fn = ref.gm
-        fn.reference_name = "dense attention under each layout's element mask"
+        fn.reference_name = ("dense attention under each layout's element mask"
+                             if not selected else
+                             "dense attention under the blocks each site selected")
         return fn
+
+    def _selected_blocks(self, program: Program) -> list[torch.Tensor]:
+        """bool [B, H, NQ, NKV] per site: the blocks the rewritten program selects on the
+        example inputs."""
+        rewritten = program.copy()
+        self.run(rewritten)
+        infos = rewritten.state["report"]["attention"]["sites"]
+        layouts = _selected_layouts(rewritten, infos)
+        if any(lay is None for lay in layouts):
+            raise RuntimeError("a rewritten site's selected layout could not be recorded")
+        return [lay.to_dense_blocks() for lay in layouts]
 
     def _with_block(self, sites: list[Site]) -> BlockSparseAttention:
         """This pass with `block = 0` resolved: 64 where every site is at least that long,
@@ -194,8 +214,8 @@ class BlockSparseAttention(Pass):
                               f"'{site.name}' has length {shortest}; {fix}")
 
     # rewriting -----------------------------------------------------------------------------
-    def _rewrite(self, gm: fx.GraphModule, site: Site, index: int,
-                 reference: bool) -> tuple[fx.Node, dict[str, Any]]:
+    def _rewrite(self, gm: fx.GraphModule, site: Site, index: int, reference: bool,
+                 selected: torch.Tensor | None = None) -> tuple[fx.Node, dict[str, Any]]:
         info = {"node": site.node.name, "module": site.name, "kind": site.kind,
                 "q_len": site.q_len, "kv_len": site.kv_len, "heads": site.heads,
                 "kv_heads": site.kv_heads, "causal": site.causal, "gqa": site.gqa,
@@ -209,11 +229,15 @@ class BlockSparseAttention(Pass):
                      [add_constant(gm, f"{_PREFIX}.reference_mask_{index}",
                                    layout.to_element_mask(), site.node)])
             info["density"] = layout.density()
+        elif selected is not None:  # the reference of a dynamic layout: the blocks it chose
+            extra = [add_constant(gm, f"{_PREFIX}.reference_blocks_{index}", selected,
+                                  site.node)]
         elif kind_of(self.layout).selection == "gate":
             extra = self._gate_nodes(gm, site, index)
             info["gate_params"] = [n.target for n in extra]
         call = SiteCall(site, extra)
-        fn = reference_replacement(self, call) if reference else self._replacement(call)
+        fn = reference_replacement(self, call, recorded=selected is not None) if reference \
+            else self._replacement(call)
         out = insert_traced(gm, fn, call.inputs(), before=site.node, meta_from=site.node,
                             tag={"inserted_by": self.name})
         site.node.replace_all_uses_with(out)
@@ -336,7 +360,15 @@ def _producer(node: Any, target: Any, depth: int = 8, follow_all: bool = False) 
 
 
 def _measure_density(program: Program, rewritten: list[dict[str, Any]]) -> list[float]:
-    """Run the program on its example inputs and read each site's selected layout."""
+    """Each site's density under the layout it selects on the example inputs."""
+    return [float("nan") if lay is None else lay.density()
+            for lay in _selected_layouts(program, rewritten)]
+
+
+def _selected_layouts(program: Program, rewritten: list[dict[str, Any]]
+                      ) -> list[BlockLayout | None]:
+    """Run the program on its example inputs and read each rewritten site's layout (as its
+    block-sparse op received it; None where the op did not run)."""
     from torch.utils import _pytree as pytree
 
     gm = program.gm
@@ -354,15 +386,14 @@ def _measure_density(program: Program, rewritten: list[dict[str, Any]]) -> list[
 
     with torch.no_grad():
         _Spy(gm).run(*pytree.tree_leaves(program.example_inputs))
-    out = []
+    out: list[BlockLayout | None] = []
     for r in rewritten:
         args = seen.get(ops.get(r.get("op_node")))
         if args is None:
-            out.append(float("nan"))
+            out.append(None)
             continue
         q, k = args[0], args[1]
-        lay = BlockLayout(*[t.to(torch.int32) for t in args[3:7]], q.shape[-2], k.shape[-2],
-                          args[10], args[11], args[9])
-        out.append(lay.density())
+        out.append(BlockLayout(*[t.to(torch.int32) for t in args[3:7]], q.shape[-2],
+                               k.shape[-2], args[10], args[11], args[9]))
     return out
 

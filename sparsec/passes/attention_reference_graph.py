@@ -1,9 +1,10 @@
 """The stated reference of `block-sparse-attention`: each rewritten site computed as dense
 `scaled_dot_product_attention` under the layout's element mask.
 
-This path shares nothing with the op's implementation: the static layout arrives as a dense
-element mask (`BlockLayout.to_element_mask`), dynamic selections as dense block masks
-(`select_keep`, `vertical_slash_keep`) expanded to elements here, and the attention itself is
+This path shares nothing with the op's attention: the static layout arrives as a dense element
+mask (`BlockLayout.to_element_mask`), a dynamic layout as the dense block mask the rewritten
+program selected (recorded by the pass's `reference`; or, without one, selected here by
+`select_keep` / `vertical_slash_keep`) expanded to elements, and the attention itself is
 torch's own SDPA (plain softmax attention for soft-capped sites, which SDPA cannot express).
 Query rows with no visible key give 0, as the op defines.
 """
@@ -73,10 +74,11 @@ def dense_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.masked_fill(~row_any, 0.0).nan_to_num(0.0)
 
 
-def reference_replacement(o: "BlockSparseAttention", call: SiteCall
+def reference_replacement(o: "BlockSparseAttention", call: SiteCall, recorded: bool = False
                           ) -> Callable[..., torch.Tensor]:
     """A torch function of `call.inputs()` computing the reference (a static layout arrives
-    as one dense element-mask input)."""
+    as one dense element-mask input; with `recorded`, a dynamic one as the dense block mask
+    the rewritten site selected)."""
     site = call.site
     dtype = site.node.meta["val"].dtype
     L, S, block = site.q_len, site.kv_len, o.block
@@ -85,6 +87,8 @@ def reference_replacement(o: "BlockSparseAttention", call: SiteCall
         q, k, v, lay, mask = call.unpack(*tensors)
         if is_static(o.layout):
             allowed = lay[0]
+        elif recorded:  # the blocks the rewritten site selected
+            allowed = blocks_to_elements(lay[0], L, S, block, block, site.causal)
         else:
             keep = _dynamic_keep(o, site, q, k, lay)
             allowed = blocks_to_elements(keep, L, S, block, block, site.causal)
