@@ -23,21 +23,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sparsec  # noqa: E402
-from sparsec.testing import zoo  # noqa: E402
+from sparsec.testing import zoo, zoo_matrix  # noqa: E402
 
 
-def _config(device: str, seq: int, workdir: str) -> zoo.MatrixConfig:
+def _config(device: str, seq: int, workdir: str) -> zoo_matrix.MatrixConfig:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return zoo.MatrixConfig(device=device, dtype=dtype, seq=seq, batch=2, width=256, layers=2,
-                            heads=4, backend="triton" if device == "cuda" else "eager",
-                            block=64, workdir=workdir)
+    return zoo_matrix.MatrixConfig(device=device, dtype=dtype, seq=seq, batch=2, width=256,
+                                   layers=2, heads=4,
+                                   backend="triton" if device == "cuda" else "eager",
+                                   block=64, workdir=workdir)
 
 
-def joint(name: str, cfg: zoo.MatrixConfig) -> None:
+def joint(name: str, cfg: zoo_matrix.MatrixConfig) -> None:
     from sparsec.joint import eager_step
     from sparsec.compare import _tensor_errors
 
-    m = zoo.MatrixModel(zoo.get(name), cfg)
+    m = zoo_matrix.MatrixModel(zoo.get(name), cfg)
     c = sparsec.compile(m.program(), passes=["joint-graph:lr=0.001", "prune-backward"],
                         backend="eager", verify=False)
     check = c.report.get("grad_check", {})
@@ -62,7 +63,7 @@ def joint(name: str, cfg: zoo.MatrixConfig) -> None:
               f"numel {numel}")
 
 
-def attention(name: str, cfg: zoo.MatrixConfig) -> None:
+def attention(name: str, cfg: zoo_matrix.MatrixConfig) -> None:
     from sparsec.ops import block_sparse_attention as ops
     from sparsec.ops.attention_reference import (block_sparse_attention_gathered,
                                                  block_sparse_attention_ref)
@@ -78,10 +79,10 @@ def attention(name: str, cfg: zoo.MatrixConfig) -> None:
                                   block_sparse_attention_gathered))
             return out
         mod.block_sparse_attention = watched
-    m = zoo.MatrixModel(zoo.get(name), cfg)
+    m = zoo_matrix.MatrixModel(zoo.get(name), cfg)
     print(f"== attention {name}")
     try:
-        result = zoo.run_cell(m, "attention")
+        result = zoo_matrix.run_cell(m, "attention")
     except Exception as e:  # the kernel calls made before verification failed still tell
         result = f"{type(e).__name__}: {str(e).splitlines()[0]}"
     finally:

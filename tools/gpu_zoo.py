@@ -29,21 +29,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsec.testing import zoo  # noqa: E402
+from sparsec.testing import zoo, zoo_matrix  # noqa: E402
 
 
-def _config(args: argparse.Namespace, workdir: str) -> zoo.MatrixConfig:
+def _config(args: argparse.Namespace, workdir: str) -> zoo_matrix.MatrixConfig:
     if args.device == "cpu":
         seq = args.seq or (32 if args.quick else 64)
-        return zoo.MatrixConfig(device="cpu", dtype=torch.float32, seq=seq, batch=2,
-                                width=64, layers=2, heads=4, backend="eager", block=16,
-                                workdir=workdir)
+        return zoo_matrix.MatrixConfig(device="cpu", dtype=torch.float32, seq=seq, batch=2,
+                                       width=64, layers=2, heads=4, backend="eager",
+                                       block=16, workdir=workdir)
     seq = args.seq or (512 if args.quick else 2048)
     # bf16 on the GPU; ONNX cells export float32 (onnxruntime takes no bf16 from numpy) at a
     # shorter length so onnxruntime's CPU build runs them in seconds
-    return zoo.MatrixConfig(device=args.device, dtype=torch.bfloat16, seq=seq, batch=2,
-                            width=256, layers=2, heads=4, backend="triton", block=64,
-                            onnx_seq=min(seq, 512), workdir=workdir)
+    return zoo_matrix.MatrixConfig(device=args.device, dtype=torch.bfloat16, seq=seq, batch=2,
+                                   width=256, layers=2, heads=4, backend="triton",
+                                   block=64, onnx_seq=min(seq, 512), workdir=workdir)
 
 
 def _first_line(e: BaseException) -> str:
@@ -53,7 +53,7 @@ def _first_line(e: BaseException) -> str:
 
 def run_matrix(args: argparse.Namespace) -> list[dict]:
     names = args.models.split(",") if args.models else zoo.names()
-    features = args.features.split(",") if args.features else list(zoo.FEATURES)
+    features = args.features.split(",") if args.features else list(zoo_matrix.FEATURES)
     with tempfile.TemporaryDirectory(prefix="sparsec_zoo_") as work:
         return _run_models(args, names, features, work)
 
@@ -70,7 +70,7 @@ def _run_models(args: argparse.Namespace, names: list[str], features: list[str],
         config = _config(args, work)
         if seq_cap:
             config.seq = min(config.seq, seq_cap)
-        m = zoo.MatrixModel(entry, config)
+        m = zoo_matrix.MatrixModel(entry, config)
         for feature in features:
             cells.append(_run_one(m, name, feature, start, args))
         del m
@@ -79,7 +79,7 @@ def _run_models(args: argparse.Namespace, names: list[str], features: list[str],
     return cells
 
 
-def _run_one(m: zoo.MatrixModel, name: str, feature: str, start: float,
+def _run_one(m: zoo_matrix.MatrixModel, name: str, feature: str, start: float,
              args: argparse.Namespace) -> dict:
     cell = {"model": name, "feature": feature}
     if args.deadline and time.time() - start > args.deadline:
@@ -87,7 +87,7 @@ def _run_one(m: zoo.MatrixModel, name: str, feature: str, start: float,
         return cell
     t, cpu = time.time(), time.process_time()
     try:
-        cell["info"] = _jsonable(zoo.run_cell(m, feature))
+        cell["info"] = _jsonable(zoo_matrix.run_cell(m, feature))
         cell["status"] = "pass"
     except Exception as e:  # a failing cell is a result, not the end of the run
         cell.update(status="fail", error=_first_line(e))

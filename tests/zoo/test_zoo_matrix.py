@@ -1,8 +1,8 @@
 """The zoo matrix: every `sparsec.testing.zoo` model through every feature, on the CPU.
 
-One cell is `zoo.run_cell(model, feature)` (see sparsec/testing/zoo.py for what each feature
-checks). Built models and traced programs are made once per worker process and shared by
-that model's cells. Cells that fail today because of a sparsec bug are strict xfails naming
+One cell is `zoo_matrix.run_cell(model, feature)` (sparsec/testing/zoo_matrix.py says what
+each feature checks). Built models and traced programs are made once per worker process and
+shared by that model's cells. Cells that fail today because of a sparsec bug are strict xfails naming
 the failure class of issue 16: they turn red (XPASS) the moment the bug is fixed — then
 delete the entry from KNOWN_FAILURES.
 """
@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from sparsec.testing import zoo
+from sparsec.testing import zoo, zoo_matrix
 
 # (model, feature) → "<failure class>: <one line>"
 KNOWN_FAILURES: dict[tuple[str, str], str] = {}
@@ -39,18 +39,18 @@ SKIPPED = {
 EXPENSIVE = ("onnx", "joint", "deploy")
 SLOW_MODELS = {"minilm", "gpt2"}
 
-_MODELS: dict[str, zoo.MatrixModel] = {}
+_MODELS: dict[str, zoo_matrix.MatrixModel] = {}
 
 
-def _model(name: str) -> zoo.MatrixModel:
+def _model(name: str) -> zoo_matrix.MatrixModel:
     if name not in _MODELS:
-        _MODELS[name] = zoo.MatrixModel(zoo.get(name), zoo.MatrixConfig())
+        _MODELS[name] = zoo_matrix.MatrixModel(zoo.get(name), zoo_matrix.MatrixConfig())
     return _MODELS[name]
 
 
 def _cells():
     for name in zoo.names():
-        for feature in zoo.FEATURES:
+        for feature in zoo_matrix.FEATURES:
             if name in SKIPPED.get(feature, ()):
                 continue
             marks = []
@@ -64,9 +64,9 @@ def _cells():
 
 @pytest.mark.parametrize(("name", "feature"), list(_cells()))
 def test_zoo_cell(name, feature):
-    zoo.run_cell(_model(name), feature)
+    zoo_matrix.run_cell(_model(name), feature)
 
 
 def test_known_failures_name_real_cells():
     for name, feature in KNOWN_FAILURES:
-        assert name in zoo.ZOO and feature in zoo.FEATURES, (name, feature)
+        assert name in zoo.ZOO and feature in zoo_matrix.FEATURES, (name, feature)
