@@ -4,6 +4,8 @@
 #
 #   OUT=/path/to/logs tools/gpu_zoo.sh          # from the repository root or anywhere
 #   QUICK=1 tools/gpu_zoo.sh                    # sequence 512
+#   MODELS=minilm,nanogpt,convmlp tools/gpu_zoo.sh   # some models only (a second call finishes
+#                                               # a sweep that ran past the deadline)
 #
 # Writes $OUT/zoo_table.md (the table for docs/zoo.md), $OUT/zoo_cells.json, gpu_zoo.log and
 # summary.txt. One step with a 520 s limit; the driver itself stops starting cells after
@@ -13,13 +15,14 @@ set -uo pipefail
 TOOL=gpu_zoo
 DEADLINE=540
 source "$(dirname "$0")/gpu_lib.sh"
-QUICK_ARGS=()
-[ "${QUICK:-0}" = "1" ] && QUICK_ARGS=(--quick)
+ARGS=()
+[ "${QUICK:-0}" = "1" ] && ARGS=(--quick)
+[ -n "${MODELS:-}" ] && ARGS+=(--models "$MODELS")
 
 preflight_kernels
 
 step "zoo matrix" 520 gpu_zoo.log \
-  "$PY" tools/gpu_zoo.py --device cuda --deadline 480 --out "$OUT" ${QUICK_ARGS[@]+"${QUICK_ARGS[@]}"}
+  "$PY" tools/gpu_zoo.py --device cuda --deadline 480 --out "$OUT" ${ARGS[@]+"${ARGS[@]}"}
 
 {
   echo
