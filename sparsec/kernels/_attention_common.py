@@ -245,6 +245,7 @@ def query_tile(H, G, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr):
     """This program's query tile on a (query tiles, batch·query heads) grid, heaviest first
     (under a causal layout the last query blocks list the most keys): (batch·head, batch,
     query head, key/value head, first row, its layout block, the rows)."""
+    tl.static_assert(BLOCK_Q % BLOCK_M == 0, "a query tile lies inside one layout block")
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     h = bh % H
@@ -259,6 +260,7 @@ def key_subtile(it, idx_ptr, idx_stride, S, m_last, BLOCK_KV: tl.constexpr,
     key row, whether it adds anything). Only partial lists test: a sub-tile past the end or
     entirely above the diagonal is skipped; full lists skip nothing, with no run-time test (a
     branch around their loads would keep the software pipeliner from overlapping them)."""
+    tl.static_assert(BLOCK_KV % BLOCK_N == 0, "a key tile lies inside one layout block")
     SUBS: tl.constexpr = BLOCK_KV // BLOCK_N
     blk = tl.load(idx_ptr + (it // SUBS) * idx_stride)
     n0 = blk * BLOCK_KV + (it % SUBS) * BLOCK_N

@@ -52,16 +52,17 @@ def select_blocks_ref(scores, q_len, kv_len, causal, block_q, block_kv, topk, th
 
 # kernels ----------------------------------------------------------------------------------
 @triton.jit
-def _pool_kernel(X, Out, N, H, sxb, sxh, sxn, sxd, D: tl.constexpr, BLOCK_D: tl.constexpr,
+def _pool_kernel(X, Out, N, H, stride_xb, stride_xh, stride_xn, stride_xd, D: tl.constexpr,
+                 BLOCK_D: tl.constexpr,
                  BLOCK: tl.constexpr, ROWS: tl.constexpr):
     i = tl.program_id(0)
     bh = tl.program_id(1)
-    base = X + (bh // H).to(tl.int64) * sxb + (bh % H).to(tl.int64) * sxh
+    base = X + (bh // H).to(tl.int64) * stride_xb + (bh % H).to(tl.int64) * stride_xh
     cols = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for r0 in tl.static_range(0, BLOCK, ROWS):
         rows = i * BLOCK + r0 + tl.arange(0, ROWS)
-        x = tl.load(base + rows[:, None] * sxn + cols[None, :] * sxd,
+        x = tl.load(base + rows[:, None] * stride_xn + cols[None, :] * stride_xd,
                     mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)
         acc += tl.sum(x.to(tl.float32), 0)
     count = tl.minimum(N - i * BLOCK, BLOCK)
@@ -122,7 +123,7 @@ def _logits(qp_base, kp_base, rows, j0, q_last, scale, NQ, NKV, D: tl.constexpr,
 
 @triton.jit
 def _select_kernel(P, Kind, Num, Idx, FNum, FIdx, NKV, H, budget, threshold,
-                   spb, sph, spi, spj, WP, WF,
+                   stride_pb, stride_ph, stride_pi, stride_pj, WP, WF,
                    NKVP: tl.constexpr, WPP: tl.constexpr, WFP: tl.constexpr,
                    THRESHOLD: tl.constexpr):
     i = tl.program_id(0)
@@ -130,8 +131,8 @@ def _select_kernel(P, Kind, Num, Idx, FNum, FIdx, NKV, H, budget, threshold,
     nq = tl.num_programs(0)
     j = tl.arange(0, NKVP)
     in_row = j < NKV
-    p = tl.load(P + (bh // H).to(tl.int64) * spb + (bh % H).to(tl.int64) * sph + i * spi +
-                j * spj, mask=in_row, other=0.0).to(tl.float32)
+    p = tl.load(P + (bh // H).to(tl.int64) * stride_pb + (bh % H).to(tl.int64) * stride_ph
+                + i * stride_pi + j * stride_pj, mask=in_row, other=0.0).to(tl.float32)
     kind = tl.load(Kind + i * NKV + j, mask=in_row, other=0)
     valid = (kind & 1) != 0
     partial = (kind & 2) != 0

@@ -49,12 +49,14 @@ __all__ = ["HAS_TRITON", "block_sparse_attention_ref", "block_sparse_attention_b
 # kernel -----------------------------------------------------------------------------------
 @triton.jit
 def _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_listed, idx_ptr, idx_stride,
-              offs_m, m_last, L, S, qk_scale, cap2, skn, skd, svn, svd, smm, smn,
+              offs_m, m_last, L, S, qk_scale, cap2, stride_kn, stride_kd, stride_vn, stride_vd,
+              stride_maskm, stride_maskn,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
               FP32: tl.constexpr, PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr):
     """Online softmax over one block list (full or partial) of a query tile."""
+    tl.static_assert(BLOCK_KV % BLOCK_N == 0, "a key tile lies inside one layout block")
     SUBS: tl.constexpr = BLOCK_KV // BLOCK_N
     # rows can be all -inf only where something masks them
     GUARD: tl.constexpr = PARTIAL or MASK_KIND != 0
@@ -65,7 +67,7 @@ def _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_listed, idx_ptr, id
                                PARTIAL)
         if live:
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            k = load_rows(k_base, offs_n, S, offs_d, skn, skd, D, BLOCK_D, PARTIAL)
+            k = load_rows(k_base, offs_n, S, offs_d, stride_kn, stride_kd, D, BLOCK_D, PARTIAL)
             s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32)
             s, _ = capped_scores(s, qk_scale, cap2, SOFTCAP)
             if PARTIAL:
@@ -74,7 +76,8 @@ def _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_listed, idx_ptr, id
                     ok = ok & (offs_n[None, :] <= offs_m[:, None])
             if MASK_KIND != 0:
                 in_range = (offs_m[:, None] < L) & (offs_n[None, :] < S)
-                mv = tl.load(mask_base + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn,
+                mv = tl.load(mask_base + offs_m[:, None].to(tl.int64) * stride_maskm
+                             + offs_n[None, :] * stride_maskn,
                              mask=in_range, other=0)
                 if MASK_KIND == 1:
                     allowed = mv != 0
@@ -95,7 +98,7 @@ def _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_listed, idx_ptr, id
             p = tl.math.exp2(s - m_use[:, None])
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = load_rows(v_base, offs_n, S, offs_dv, svn, svd, DV, BLOCK_DV, PARTIAL)
+            v = load_rows(v_base, offs_n, S, offs_dv, stride_vn, stride_vd, DV, BLOCK_DV, PARTIAL)
             acc = mma(p.to(v.dtype), v, acc * alpha[:, None], FP32)
             m_i = m_new
     return acc, m_i, l_i
@@ -104,11 +107,14 @@ def _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_listed, idx_ptr, id
 @triton.jit
 def _bsa_fwd_kernel(Q, K, V, Out, Lse, Num, Idx, FNum, FIdx, Mask,
                     qk_scale, cap2, L, S, H, G,
-                    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                    sob, soh, som, sod,
-                    snb, snh, snm, sib, sih, sim, siw,
-                    sfb, sfh, sfm, sjb, sjh, sjm, sjw,
-                    smb, smh, smm, smn,
+                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
+                    stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+                    stride_ob, stride_oh, stride_om, stride_od,
+                    stride_numb, stride_numh, stride_numm, stride_idxb, stride_idxh, stride_idxm,
+                    stride_idxw,
+                    stride_fnumb, stride_fnumh, stride_fnumm, stride_fidxb, stride_fidxh,
+                    stride_fidxm, stride_fidxw,
+                    stride_maskb, stride_maskh, stride_maskm, stride_maskn,
                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
@@ -117,24 +123,29 @@ def _bsa_fwd_kernel(Q, K, V, Out, Lse, Num, Idx, FNum, FIdx, Mask,
     bh, b, h, hk, m0, qb, offs_m = query_tile(H, G, BLOCK_M, BLOCK_Q)
     m_last = tl.minimum(m0 + BLOCK_M, L) - 1
     b64 = b.to(tl.int64)
-    q = load_rows(Q + b64 * sqb + h.to(tl.int64) * sqh, offs_m, L, tl.arange(0, BLOCK_D),
-                  sqm, sqd, D, BLOCK_D, True)
-    k_base = K + b64 * skb + hk.to(tl.int64) * skh
-    v_base = V + b64 * svb + hk.to(tl.int64) * svh
-    mask_base = Mask + b64 * smb + h.to(tl.int64) * smh
+    q = load_rows(Q + b64 * stride_qb + h.to(tl.int64) * stride_qh, offs_m, L,
+                  tl.arange(0, BLOCK_D),
+                  stride_qm, stride_qd, D, BLOCK_D, True)
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    mask_base = Mask + b64 * stride_maskb + h.to(tl.int64) * stride_maskh
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    n_full = tl.load(FNum + b * sfb + h * sfh + qb * sfm)
+    n_full = tl.load(FNum + b * stride_fnumb + h * stride_fnumh + qb * stride_fnumm)
     acc, m_i, l_i = _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_full,
-                              FIdx + b * sjb + h * sjh + qb * sjm, sjw, offs_m, m_last, L, S,
-                              qk_scale, cap2, skn, skd, svn, svd, smm, smn, D, DV, BLOCK_D,
+                              FIdx + b * stride_fidxb + h * stride_fidxh + qb * stride_fidxm,
+                              stride_fidxw, offs_m, m_last, L, S,
+                              qk_scale, cap2, stride_kn, stride_kd, stride_vn, stride_vd,
+                              stride_maskm, stride_maskn, D, DV, BLOCK_D,
                               BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32, False,
                               SOFTCAP)
-    n_part = tl.load(Num + b * snb + h * snh + qb * snm)
+    n_part = tl.load(Num + b * stride_numb + h * stride_numh + qb * stride_numm)
     acc, m_i, l_i = _fwd_list(acc, m_i, l_i, q, k_base, v_base, mask_base, n_part,
-                              Idx + b * sib + h * sih + qb * sim, siw, offs_m, m_last, L, S,
-                              qk_scale, cap2, skn, skd, svn, svd, smm, smn, D, DV, BLOCK_D,
+                              Idx + b * stride_idxb + h * stride_idxh + qb * stride_idxm,
+                              stride_idxw, offs_m, m_last, L, S,
+                              qk_scale, cap2, stride_kn, stride_kd, stride_vn, stride_vd,
+                              stride_maskm, stride_maskn, D, DV, BLOCK_D,
                               BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32, True,
                               SOFTCAP)
     seen = l_i > 0.0
@@ -142,8 +153,8 @@ def _bsa_fwd_kernel(Q, K, V, Out, Lse, Num, Idx, FNum, FIdx, Mask,
     out = acc / l_safe[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     offs_dv = tl.arange(0, BLOCK_DV)
-    o_ptrs = Out + b64 * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + \
-        offs_dv[None, :] * sod
+    o_ptrs = Out + b64 * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om + \
+        offs_dv[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty),
              mask=(offs_m[:, None] < L) & (offs_dv[None, :] < DV))
     tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=offs_m < L)

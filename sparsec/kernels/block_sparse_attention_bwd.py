@@ -52,7 +52,8 @@ __all__ = ["block_sparse_attention_backward", "dkdv_config", "dq_config", "DKDV_
 
 
 @triton.jit
-def _bwd_preprocess_kernel(Out, DO, Delta, DQA, L, H, sob, soh, som, sod, sdb, sdh, sdm, sdd,
+def _bwd_preprocess_kernel(Out, DO, Delta, DQA, L, H, stride_ob, stride_oh, stride_om, stride_od,
+                           stride_dob, stride_doh, stride_dom, stride_dod,
                            D: tl.constexpr, BLOCK_D: tl.constexpr, DV: tl.constexpr,
                            BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                            ZERO_DQ: tl.constexpr):
@@ -63,8 +64,10 @@ def _bwd_preprocess_kernel(Out, DO, Delta, DQA, L, H, sob, soh, som, sod, sdb, s
     h = (bh % H).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_DV)
-    o = load_rows(Out + b * sob + h * soh, offs_m, L, offs_d, som, sod, DV, BLOCK_DV, True)
-    do = load_rows(DO + b * sdb + h * sdh, offs_m, L, offs_d, sdm, sdd, DV, BLOCK_DV, True)
+    o = load_rows(Out + b * stride_ob + h * stride_oh, offs_m, L, offs_d, stride_om, stride_od, DV,
+                  BLOCK_DV, True)
+    do = load_rows(DO + b * stride_dob + h * stride_doh, offs_m, L, offs_d, stride_dom, stride_dod,
+                   DV, BLOCK_DV, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + bh.to(tl.int64) * L + offs_m, delta, mask=offs_m < L)
     if ZERO_DQ:
@@ -93,7 +96,8 @@ def _load_lse2(Lse_row, offs, L):
 # dK, dV -----------------------------------------------------------------------------------
 @triton.jit
 def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, dqa_row, start,
-               end, qblocks, n0, offs_n, L, S, qk_scale, cap2, sqm, sqd, sdm, sdd, smm, smn,
+               end, qblocks, n0, offs_n, L, S, qk_scale, cap2, stride_qm, stride_qd, stride_dom,
+               stride_dod, stride_maskm, stride_maskn,
                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -101,6 +105,7 @@ def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, dqa
                SOFTCAP: tl.constexpr):
     """Accumulate dk, dv of one key tile over the query blocks qblocks[start:end]; with
     ATOMIC_DQ also add dS·K of every pair into the float32 dQ rows (unscaled)."""
+    tl.static_assert(BLOCK_Q % BLOCK_M == 0, "a query tile lies inside one layout block")
     SUBS: tl.constexpr = BLOCK_Q // BLOCK_M
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -117,13 +122,14 @@ def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, dqa
                 live = live & (m0 + BLOCK_M - 1 >= n0)
         if live:
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            q = load_rows(q_base, offs_m, L, offs_d, sqm, sqd, D, BLOCK_D, True)
-            do = load_rows(do_base, offs_m, L, offs_dv, sdm, sdd, DV, BLOCK_DV, True)
+            q = load_rows(q_base, offs_m, L, offs_d, stride_qm, stride_qd, D, BLOCK_D, True)
+            do = load_rows(do_base, offs_m, L, offs_dv, stride_dom, stride_dod, DV, BLOCK_DV, True)
             lse2 = _load_lse2(lse_row, offs_m, L)
             st = mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), FP32)
             st, tt = capped_scores(st, qk_scale, cap2, SOFTCAP)  # [BLOCK_N, BLOCK_M]
             if MASK_KIND == 2:
-                mv = tl.load(mask_base + offs_m[None, :].to(tl.int64) * smm + offs_n[:, None] * smn,
+                mv = tl.load(mask_base + offs_m[None, :].to(tl.int64) * stride_maskm
+                             + offs_n[:, None] * stride_maskn,
                              mask=(offs_m[None, :] < L) & (offs_n[:, None] < S), other=0)
                 st = st + bias_base2(mv)
             pt = tl.math.exp2(st - lse2[None, :])
@@ -133,7 +139,8 @@ def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, dqa
                     ok = ok & (offs_n[:, None] <= offs_m[None, :])
                 pt = tl.where(ok, pt, 0.0)
             if MASK_KIND == 1:
-                mv = tl.load(mask_base + offs_m[None, :].to(tl.int64) * smm + offs_n[:, None] * smn,
+                mv = tl.load(mask_base + offs_m[None, :].to(tl.int64) * stride_maskm
+                             + offs_n[:, None] * stride_maskn,
                              mask=(offs_m[None, :] < L) & (offs_n[:, None] < S), other=0)
                 pt = tl.where(mv != 0, pt, 0.0)
             delta = tl.load(delta_row + offs_m, mask=offs_m < L, other=0.0)
@@ -173,8 +180,10 @@ def _tile_entries(PPtr, FPtr, row0, row_h, G):
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, DQA, DKA, DVA, PPtr, PQb, FPtr, FQb,
                      Mask, qk_scale, cap2, sm_scale, L, S, H, G, HKV, NKV, row_b, row_h, CHUNK,
-                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                     sdb, sdh, sdm, sdd, smb, smh, smm, smn,
+                     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
+                     stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+                     stride_dob, stride_doh, stride_dom, stride_dod, stride_maskb, stride_maskh,
+                     stride_maskm, stride_maskn,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                      CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
@@ -185,6 +194,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, DQA, DKA, DVA, PPtr, PQb,
     # with one chunk stores dk, dv itself; the chunks of a heavier tile add theirs into the
     # float32 DKA, DVA, which `_dkdv_finish_kernel` converts. Tile 0 is key block 0, which a
     # causal layout lists most: the heaviest programs go first.
+    tl.static_assert(BLOCK_KV % BLOCK_N == 0, "a key tile lies inside one layout block")
     pid_c = tl.program_id(0)
     pid_n = tl.program_id(1)
     bhk = tl.program_id(2)
@@ -201,9 +211,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, DQA, DKA, DVA, PPtr, PQb,
         b64 = b.to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        k = load_rows(K + b64 * skb + hk.to(tl.int64) * skh, offs_n, S, offs_d, skn, skd, D,
+        k = load_rows(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh, offs_n, S, offs_d,
+                      stride_kn, stride_kd, D,
                       BLOCK_D, True)
-        v = load_rows(V + b64 * svb + hk.to(tl.int64) * svh, offs_n, S, offs_dv, svn, svd, DV,
+        v = load_rows(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh, offs_n, S, offs_dv,
+                      stride_vn, stride_vd, DV,
                       BLOCK_DV, True)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -211,17 +223,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, DQA, DKA, DVA, PPtr, PQb,
         for g in range(0, G):
             h = hk * G + g
             h64 = h.to(tl.int64)
-            q_base = Q + b64 * sqb + h64 * sqh
-            do_base = DO + b64 * sdb + h64 * sdh
+            q_base = Q + b64 * stride_qb + h64 * stride_qh
+            do_base = DO + b64 * stride_dob + h64 * stride_doh
             row_off = (b64 * H + h64) * L
-            mask_base = Mask + b64 * smb + h64 * smh
+            mask_base = Mask + b64 * stride_maskb + h64 * stride_maskh
             row = row0 + g * row_h
             dqa_row = DQA + row_off * D
             fs, fe = _list_span(FPtr, row)
             dk, dv = _dkdv_list(dk, dv, k, v, q_base, do_base, Lse + row_off, Delta + row_off,
                                 mask_base, dqa_row, tl.maximum(fs, fs + lo - seen),
                                 tl.minimum(fe, fs + hi - seen), FQb, n0, offs_n, L, S,
-                                qk_scale, cap2, sqm, sqd, sdm, sdd, smm, smn, D, DV, BLOCK_D,
+                                qk_scale, cap2, stride_qm, stride_qd, stride_dom, stride_dod,
+                                stride_maskm, stride_maskn, D, DV, BLOCK_D,
                                 BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32,
                                 False, ATOMIC_DQ, SOFTCAP)
             seen += fe - fs
@@ -229,7 +242,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, DQA, DKA, DVA, PPtr, PQb,
             dk, dv = _dkdv_list(dk, dv, k, v, q_base, do_base, Lse + row_off, Delta + row_off,
                                 mask_base, dqa_row, tl.maximum(ps, ps + lo - seen),
                                 tl.minimum(pe, ps + hi - seen), PQb, n0, offs_n, L, S,
-                                qk_scale, cap2, sqm, sqd, sdm, sdd, smm, smn, D, DV, BLOCK_D,
+                                qk_scale, cap2, stride_qm, stride_qd, stride_dom, stride_dod,
+                                stride_maskm, stride_maskn, D, DV, BLOCK_D,
                                 BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32,
                                 True, ATOMIC_DQ, SOFTCAP)
             seen += pe - ps
@@ -275,11 +289,13 @@ def _dkdv_finish_kernel(DKA, DVA, DK, DV_, PPtr, FPtr, S, G, HKV, row_b, row_h, 
 # dQ ---------------------------------------------------------------------------------------
 @triton.jit
 def _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, db_base, n_listed, idx_ptr,
-             idx_stride, offs_m, m_last, L, S, qk_scale, cap2, skn, skd, svn, svd, smm, smn,
+             idx_stride, offs_m, m_last, L, S, qk_scale, cap2, stride_kn, stride_kd, stride_vn,
+             stride_vd, stride_maskm, stride_maskn,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
              PARTIAL: tl.constexpr, SOFTCAP: tl.constexpr, BIAS_GRAD: tl.constexpr):
+    tl.static_assert(BLOCK_KV % BLOCK_N == 0, "a key tile lies inside one layout block")
     SUBS: tl.constexpr = BLOCK_KV // BLOCK_N
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -288,12 +304,13 @@ def _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, db_base, n_liste
                                PARTIAL)
         if live:
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            k = load_rows(k_base, offs_n, S, offs_d, skn, skd, D, BLOCK_D, PARTIAL)
-            v = load_rows(v_base, offs_n, S, offs_dv, svn, svd, DV, BLOCK_DV, PARTIAL)
+            k = load_rows(k_base, offs_n, S, offs_d, stride_kn, stride_kd, D, BLOCK_D, PARTIAL)
+            v = load_rows(v_base, offs_n, S, offs_dv, stride_vn, stride_vd, DV, BLOCK_DV, PARTIAL)
             s = mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32)
             s, t = capped_scores(s, qk_scale, cap2, SOFTCAP)
             if MASK_KIND == 2:
-                mv = tl.load(mask_base + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn,
+                mv = tl.load(mask_base + offs_m[:, None].to(tl.int64) * stride_maskm
+                             + offs_n[None, :] * stride_maskn,
                              mask=(offs_m[:, None] < L) & (offs_n[None, :] < S), other=0)
                 s = s + bias_base2(mv)
             p = tl.math.exp2(s - lse2[:, None])
@@ -303,7 +320,8 @@ def _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, db_base, n_liste
                     ok = ok & (offs_n[None, :] <= offs_m[:, None])
                 p = tl.where(ok, p, 0.0)
             if MASK_KIND == 1:
-                mv = tl.load(mask_base + offs_m[:, None].to(tl.int64) * smm + offs_n[None, :] * smn,
+                mv = tl.load(mask_base + offs_m[:, None].to(tl.int64) * stride_maskm
+                             + offs_n[None, :] * stride_maskn,
                              mask=(offs_m[:, None] < L) & (offs_n[None, :] < S), other=0)
                 p = tl.where(mv != 0, p, 0.0)
             dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), FP32)
@@ -320,11 +338,15 @@ def _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, db_base, n_liste
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, Out, Lse, Delta, DQ, Num, Idx, FNum, FIdx, Mask, DB,
                    qk_scale, cap2, sm_scale, L, S, H, G,
-                   sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                   sdb, sdh, sdm, sdd, sob, soh, som, sod,
-                   snb, snh, snm, sib, sih, sim, siw,
-                   sfb, sfh, sfm, sjb, sjh, sjm, sjw,
-                   smb, smh, smm, smn,
+                   stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
+                   stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_dob, stride_doh, stride_dom, stride_dod, stride_ob, stride_oh, stride_om,
+                   stride_od,
+                   stride_numb, stride_numh, stride_numm, stride_idxb, stride_idxh, stride_idxm,
+                   stride_idxw,
+                   stride_fnumb, stride_fnumh, stride_fnumm, stride_fidxb, stride_fidxh,
+                   stride_fidxm, stride_fidxw,
+                   stride_maskb, stride_maskh, stride_maskm, stride_maskn,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr,
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
@@ -334,33 +356,40 @@ def _bwd_dq_kernel(Q, K, V, DO, Out, Lse, Delta, DQ, Num, Idx, FNum, FIdx, Mask,
     m_last = tl.minimum(m0 + BLOCK_M, L) - 1
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    q = load_rows(Q + b64 * sqb + h64 * sqh, offs_m, L, tl.arange(0, BLOCK_D), sqm, sqd, D,
+    q = load_rows(Q + b64 * stride_qb + h64 * stride_qh, offs_m, L, tl.arange(0, BLOCK_D),
+                  stride_qm, stride_qd, D,
                   BLOCK_D, True)
-    do = load_rows(DO + b64 * sdb + h64 * sdh, offs_m, L, tl.arange(0, BLOCK_DV), sdm, sdd,
+    do = load_rows(DO + b64 * stride_dob + h64 * stride_doh, offs_m, L, tl.arange(0, BLOCK_DV),
+                   stride_dom, stride_dod,
                    DV, BLOCK_DV, True)
     row_off = bh.to(tl.int64) * L
     lse2 = _load_lse2(Lse + row_off, offs_m, L)
     # delta = rowsum(dO·O) of these rows, made here (the dK/dV kernel, launched after this
     # one, reads it): no separate pass over O and dO
-    o = load_rows(Out + b64 * sob + h64 * soh, offs_m, L, tl.arange(0, BLOCK_DV), som, sod, DV,
+    o = load_rows(Out + b64 * stride_ob + h64 * stride_oh, offs_m, L, tl.arange(0, BLOCK_DV),
+                  stride_om, stride_od, DV,
                   BLOCK_DV, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + row_off + offs_m, delta, mask=offs_m < L)
-    k_base = K + b64 * skb + hk.to(tl.int64) * skh
-    v_base = V + b64 * svb + hk.to(tl.int64) * svh
-    mask_base = Mask + b64 * smb + h64 * smh
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    mask_base = Mask + b64 * stride_maskb + h64 * stride_maskh
     db_base = DB + row_off * S
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, db_base,
-                  tl.load(FNum + b * sfb + h * sfh + qb * sfm), FIdx + b * sjb + h * sjh +
-                  qb * sjm, sjw, offs_m, m_last, L, S, qk_scale, cap2, skn, skd, svn, svd, smm,
-                  smn, D, DV, BLOCK_D, BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND,
-                  FP32, False, SOFTCAP, BIAS_GRAD)
-    dq = _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, db_base,
-                  tl.load(Num + b * snb + h * snh + qb * snm), Idx + b * sib + h * sih +
-                  qb * sim, siw, offs_m, m_last, L, S, qk_scale, cap2, skn, skd, svn, svd, smm,
-                  smn, D, DV, BLOCK_D, BLOCK_DV, BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND,
-                  FP32, True, SOFTCAP, BIAS_GRAD)
+    n_full = tl.load(FNum + b * stride_fnumb + h * stride_fnumh + qb * stride_fnumm)
+    full = FIdx + b * stride_fidxb + h * stride_fidxh + qb * stride_fidxm
+    n_part = tl.load(Num + b * stride_numb + h * stride_numh + qb * stride_numm)
+    part = Idx + b * stride_idxb + h * stride_idxh + qb * stride_idxm
+    dq = _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, db_base, n_full, full,
+                  stride_fidxw, offs_m, m_last, L, S, qk_scale, cap2, stride_kn, stride_kd,
+                  stride_vn, stride_vd, stride_maskm, stride_maskn, D, DV, BLOCK_D, BLOCK_DV,
+                  BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32, False, SOFTCAP,
+                  BIAS_GRAD)
+    dq = _dq_list(dq, q, do, lse2, delta, k_base, v_base, mask_base, db_base, n_part, part,
+                  stride_idxw, offs_m, m_last, L, S, qk_scale, cap2, stride_kn, stride_kd,
+                  stride_vn, stride_vd, stride_maskm, stride_maskn, D, DV, BLOCK_D, BLOCK_DV,
+                  BLOCK_KV, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32, True, SOFTCAP,
+                  BIAS_GRAD)
     dq = dq * sm_scale
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(DQ + (row_off + offs_m[:, None]) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),

@@ -280,3 +280,13 @@ def test_dq_tiles_of_128_rows_only_for_narrow_heads():
     assert max(rows(128)) == 64 and max(rows(256)) <= 64
     assert 128 in rows(64)
     assert max(rows(64, bq=32)) == 32
+
+
+def test_tiles_that_cross_layout_blocks_are_refused_at_compile_time():
+    """A pinned key tile wider than the layout block trips the kernel's static assert
+    instead of reading the wrong block's list."""
+    q, k, v, lay, _ = make(1, 1, 1, 64, 64, 16, 16, 16, 16, True, torch.float32, None, (1, 1),
+                           1.0, seed=2)
+    with pytest.raises(Exception, match="inside one layout block"):
+        K.block_sparse_attention(q, k, v, *lay.tensors(), None, 0.25, True, 16, 16,
+                                 config=cfg(16, 32))
