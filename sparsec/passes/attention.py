@@ -5,6 +5,10 @@ Every attention the matcher (`attention_match`) finds is replaced by
 buffers (shared by sites of the same geometry); dynamic ones are computed in the graph by the
 selection ops from the site's q and k; learned ones by a gate whose parameters are registered
 on the program. The report gets an `attention` section.
+
+Two steps: `plan(sites)` decides each site's rewrite without touching the graph (`SitePlan`:
+report entry, static layout); `emit(gm, plans, "fast" | "reference")` inserts the op, or —
+for verification — dense attention under the same layout.
 """
 
 from __future__ import annotations
@@ -120,14 +124,9 @@ class BlockSparseAttention(Pass):
         sites, skipped = self._select(found)
         if self.block == 0:
             return self._with_block(sites).run(program)
-        rewritten: list[dict[str, Any]] = []
-        gm = program.gm
-        for index, site in enumerate(sites):
-            self._check_lengths(site)
-            out, info = self._rewrite(gm, site, index, reference=False)
-            rewritten.append(info)
-        gm.graph.lint()
-        gm.recompile()
+        plans = self.plan(sites)
+        self.emit(program.gm, plans, "fast")
+        rewritten = [p.info for p in plans]
         density = self._density(program, rewritten)
         section = {"layout": self.layout, "block": self.block,
                    "options": {k: getattr(self, k) for k in LAYOUT_OPTIONS[self.layout]},
@@ -161,12 +160,7 @@ class BlockSparseAttention(Pass):
         if self.block == 0:
             return self._with_block(sites).reference(program)
         selected = None if is_static(self.layout) else self._selected_blocks(program)
-        for index, site in enumerate(sites):
-            self._check_lengths(site)
-            keep = selected[index] if selected else None
-            self._rewrite(ref.gm, site, index, reference=True, selected=keep)
-        ref.gm.graph.lint()
-        ref.gm.recompile()
+        self.emit(ref.gm, self.plan(sites), "reference", selected)
         fn = ref.gm
         fn.reference_name = ("dense attention under each layout's element mask"
                              if not selected else
@@ -214,37 +208,60 @@ class BlockSparseAttention(Pass):
                               f"'{site.name}' has length {shortest}; {fix}")
 
     # rewriting -----------------------------------------------------------------------------
-    def _rewrite(self, gm: fx.GraphModule, site: Site, index: int, reference: bool,
-                 selected: torch.Tensor | None = None) -> tuple[fx.Node, dict[str, Any]]:
-        info = {"node": site.node.name, "module": site.name, "kind": site.kind,
-                "q_len": site.q_len, "kv_len": site.kv_len, "heads": site.heads,
-                "kv_heads": site.kv_heads, "causal": site.causal, "gqa": site.gqa,
-                "mask": site.mask.describe(), "scale": site.scale, "softcap": site.softcap}
-        heads = site.heads
-        extra: list[fx.Node] = []
-        layout: BlockLayout | None = None
-        if is_static(self.layout):  # built on the host, kept where the model runs
-            layout = self._static_layout(site, heads).to(site.q.meta["val"].device)
-            extra = (self._layout_nodes(gm, layout, site) if not reference else
-                     [add_constant(gm, f"{_PREFIX}.reference_mask_{index}",
-                                   layout.to_element_mask(), site.node)])
-            info["density"] = layout.density()
-        elif selected is not None:  # the reference of a dynamic layout: the blocks it chose
-            extra = [add_constant(gm, f"{_PREFIX}.reference_blocks_{index}", selected,
-                                  site.node)]
-        elif kind_of(self.layout).selection == "gate":
-            extra = self._gate_nodes(gm, site, index)
-            info["gate_params"] = [n.target for n in extra]
-        call = SiteCall(site, extra)
-        fn = reference_replacement(self, call, recorded=selected is not None) if reference \
-            else self._replacement(call)
-        out = insert_traced(gm, fn, call.inputs(), before=site.node, meta_from=site.node,
-                            tag={"inserted_by": self.name})
-        site.node.replace_all_uses_with(out)
-        erase_unused(gm.graph, site.dead or [site.node])
-        if not reference:
-            self._annotate(gm, out, site, info)
-        return out, info
+    def plan(self, sites: list[Site]) -> list[SitePlan]:
+        """What each site becomes, decided without touching the graph: its report entry and,
+        for a static layout, the layout (on the site's device)."""
+        plans = []
+        for index, site in enumerate(sites):
+            self._check_lengths(site)
+            info = {"node": site.node.name, "module": site.name, "kind": site.kind,
+                    "q_len": site.q_len, "kv_len": site.kv_len, "heads": site.heads,
+                    "kv_heads": site.kv_heads, "causal": site.causal, "gqa": site.gqa,
+                    "mask": site.mask.describe(), "scale": site.scale, "softcap": site.softcap}
+            layout = None
+            if is_static(self.layout):  # built on the host, kept where the model runs
+                layout = self._static_layout(site, site.heads).to(site.q.meta["val"].device)
+                info["density"] = layout.density()
+            plans.append(SitePlan(site, index, info, layout))
+        return plans
+
+    def emit(self, gm: fx.GraphModule, plans: list[SitePlan], impl: str,
+             selected: list[torch.Tensor] | None = None) -> None:
+        """Replace each planned site in `gm` by the op (`impl` "fast") or by dense attention
+        under its layout ("reference"; a dynamic layout under the blocks in `selected`)."""
+        for p in plans:
+            keep = selected[p.index] if selected else None
+            extra = self._layout_inputs(gm, p, impl, keep)
+            call = SiteCall(p.site, extra)
+            fn = self._replacement(call) if impl == "fast" else \
+                reference_replacement(self, call, recorded=keep is not None)
+            out = insert_traced(gm, fn, call.inputs(), before=p.site.node,
+                                meta_from=p.site.node, tag={"inserted_by": self.name})
+            p.site.node.replace_all_uses_with(out)
+            erase_unused(gm.graph, p.site.dead or [p.site.node])
+            if impl == "fast":
+                self._annotate(gm, out, p.site, p.info)
+        gm.graph.lint()
+        gm.recompile()
+
+    def _layout_inputs(self, gm: fx.GraphModule, p: SitePlan, impl: str,
+                       selected: torch.Tensor | None) -> list[fx.Node]:
+        """The graph inputs a site's layout adds: a static layout's tensors (or, for the
+        reference, its element mask), the blocks a dynamic layout selected (reference), or a
+        learned gate's parameters; none for a dynamic layout's fast path."""
+        if p.layout is not None:
+            if impl == "fast":
+                return self._layout_nodes(gm, p.layout, p.site)
+            return [add_constant(gm, f"{_PREFIX}.reference_mask_{p.index}",
+                                 p.layout.to_element_mask(), p.site.node)]
+        if selected is not None:
+            return [add_constant(gm, f"{_PREFIX}.reference_blocks_{p.index}", selected,
+                                 p.site.node)]
+        if kind_of(self.layout).selection == "gate":
+            extra = self._gate_nodes(gm, p.site, p.index)
+            p.info["gate_params"] = [n.target for n in extra]
+            return extra
+        return []
 
     def _static_layout(self, site: Site, heads: int) -> BlockLayout:
         opts = {k: getattr(self, k) for k in ("block", "window", "sink", "stride", "dilation",
@@ -332,6 +349,17 @@ class BlockSparseAttention(Pass):
                 r["density"] = v
         return {"value": sum(values) / len(values), "of": f"{of} block grid", "how": how,
                 "averaged": "over sites, batch and heads"}
+
+
+@dataclass
+class SitePlan:
+    """One site's rewrite as `plan` decided it: the site, its position, its report entry and
+    its static layout (None for dynamic and learned layouts)."""
+
+    site: Site
+    index: int
+    info: dict[str, Any]
+    layout: BlockLayout | None
 
 
 def _safe(name: str) -> str:

@@ -304,8 +304,7 @@ def _walk_probabilities(softmax: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Nod
 
 def _walk_scores(softmax: fx.Node, facts: GraphFacts):
     """From the softmax back to matmul(q, kᵀ): (matmul, scale, mask ops, chain, softcap)."""
-    x, chain = softmax.args[0], []
-    scale, ops = 1.0, []
+    x, chain, ops = softmax.args[0], [], []
     while True:
         if not isinstance(x, fx.Node):
             raise NoMatch("softmax input is not a tensor computed in the graph")
@@ -313,49 +312,80 @@ def _walk_scores(softmax: fx.Node, facts: GraphFacts):
             break
         if len(_users(x)) != 1:
             raise NoMatch(f"the attention scores ({x.name}) are also used by another node")
-        chain.append(x)
-        t = x.target
-        if t in _MUL or t in _DIV:
-            inner, c = _split_const(x, facts, allow_right_only=t in _DIV)
-            if inner is None:
-                raise NoMatch(f"scores are {'multiplied' if t in _MUL else 'divided'} by a "
-                              "non-constant tensor")
-            ops.append(("scale", c if t in _MUL else 1.0 / c))
-            x = inner
-        elif t in _ADD:
-            if len(x.args) > 2 and x.args[2] != 1 or x.kwargs.get("alpha", 1) != 1:
-                raise NoMatch("add with alpha ≠ 1 on the scores")
-            inner, other = _pick_chain(x)
-            if inner is None:
-                raise NoMatch(f"cannot tell the scores from the mask in {x.name}")
-            ops.append(("bias", other))
-            x = inner
-        elif t in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
-            value = facts.scalar(x.args[2])
-            if value is None or not value <= MASK_FILL_MAX:
-                raise NoMatch(f"masked_fill with {x.args[2]!r}, which does not remove keys "
-                              f"(needs −inf or ≤ {MASK_FILL_MAX:g})")
-            ops.append(("fill", x.args[1]))
-            x = x.args[0]
-        elif t in (aten.where.self, aten.where.ScalarOther):
-            value = facts.scalar(x.args[2])
-            if value is None or not value <= MASK_FILL_MAX:
-                raise NoMatch("where() on the scores with a fill value that does not remove "
-                              "keys")
-            ops.append(("keep", x.args[0]))
-            x = x.args[1]
-        elif t in _CASTS:
-            x = x.args[0]
-        elif t is aten.tanh.default:
-            ops.append(("tanh", None))
-            x = x.args[0]
-        else:
+        rule = _SCORE_RULES.get(x.target)
+        if rule is None:
             raise NoMatch(f"{_op_name(x)} between QKᵀ and softmax (a score modification the "
                           "block-sparse op cannot express)")
-    # apply the ops in forward order: later scales also scale earlier biases; a tanh makes the
-    # scores a · tanh(b · qk) (+ biases): softcap |a|, scale a · b (tanh is odd)
+        chain.append(x)
+        op, x = rule(x, facts)
+        if op is not None:
+            ops.append(op)
+    scale, mask, cap = _fold_score_ops(ops)
+    return x, scale, mask, chain, cap
+
+
+# One rule per op that may sit between QKᵀ and the softmax: node → (what it does to the
+# scores or None, the node it reads the scores from).
+def _scale_rule(x: fx.Node, facts: GraphFacts):
+    mul = x.target in _MUL
+    inner, c = _split_const(x, facts, allow_right_only=not mul)
+    if inner is None:
+        raise NoMatch(f"scores are {'multiplied' if mul else 'divided'} by a non-constant "
+                      "tensor")
+    return ("scale", c if mul else 1.0 / c), inner
+
+
+def _bias_rule(x: fx.Node, facts: GraphFacts):
+    if len(x.args) > 2 and x.args[2] != 1 or x.kwargs.get("alpha", 1) != 1:
+        raise NoMatch("add with alpha ≠ 1 on the scores")
+    inner, other = _pick_chain(x)
+    if inner is None:
+        raise NoMatch(f"cannot tell the scores from the mask in {x.name}")
+    return ("bias", other), inner
+
+
+def _removes_keys(value: Any, facts: GraphFacts) -> bool:
+    value = facts.scalar(value)
+    return value is not None and value <= MASK_FILL_MAX
+
+
+def _fill_rule(x: fx.Node, facts: GraphFacts):
+    if not _removes_keys(x.args[2], facts):
+        raise NoMatch(f"masked_fill with {x.args[2]!r}, which does not remove keys "
+                      f"(needs −inf or ≤ {MASK_FILL_MAX:g})")
+    return ("fill", x.args[1]), x.args[0]
+
+
+def _keep_rule(x: fx.Node, facts: GraphFacts):
+    if not _removes_keys(x.args[2], facts):
+        raise NoMatch("where() on the scores with a fill value that does not remove keys")
+    return ("keep", x.args[0]), x.args[1]
+
+
+def _cast_rule(x: fx.Node, facts: GraphFacts):
+    return None, x.args[0]
+
+
+def _tanh_rule(x: fx.Node, facts: GraphFacts):
+    return ("tanh", None), x.args[0]
+
+
+_SCORE_RULES = {
+    **dict.fromkeys(_MUL | _DIV, _scale_rule),
+    **dict.fromkeys(_ADD, _bias_rule),
+    aten.masked_fill.Scalar: _fill_rule, aten.masked_fill.Tensor: _fill_rule,
+    aten.where.self: _keep_rule, aten.where.ScalarOther: _keep_rule,
+    **dict.fromkeys(_CASTS, _cast_rule),
+    aten.tanh.default: _tanh_rule,
+}
+
+
+def _fold_score_ops(ops: list[tuple[str, Any]]) -> tuple[float, MaskParts, float]:
+    """(scale, mask, softcap) of the score ops, applied in forward order: later scales also
+    scale earlier biases; a tanh makes the scores a · tanh(b · qk) (+ biases): softcap |a|,
+    scale a · b (tanh is odd)."""
     mask, biases = MaskParts(), []
-    capped, cap = False, 1.0
+    scale, capped, cap = 1.0, False, 1.0
     for kind, arg in reversed(ops):
         if kind == "scale":
             scale *= arg
@@ -377,7 +407,7 @@ def _walk_scores(softmax: fx.Node, facts: GraphFacts):
     mask.biases = biases
     if capped and not cap:
         raise NoMatch("the soft-capped scores are multiplied by 0")
-    return x, scale, mask, chain, abs(cap) if capped else 0.0
+    return scale, mask, abs(cap) if capped else 0.0
 
 
 def _normalize(parts: MaskParts, facts: GraphFacts) -> MaskParts:
