@@ -1,17 +1,12 @@
 """Block-sparse attention backward on Triton: dq, dk, dv from the saved out and lse.
 
-Two launches ("split"):
+Two launches, no atomics (the result is deterministic):
 1. `_bwd_dq_kernel`: one program per (query tile, batch·query head) walking the key lists as the
    forward does; it first makes its rows' delta = rowsum(dO · O) in float32 and stores it;
-2. `_bwd_dkdv_kernel`: programs per (key tile of BLOCK_N rows, batch·key/value head); they walk
-   the query blocks that list the key block — the *transposed* layout, a CSR built on the device
+2. `_bwd_dkdv_kernel`: one program per (key tile of BLOCK_N rows, batch·key/value head); it walks
+   the query blocks that list its key block — the *transposed* layout, a CSR built on the device
    without host sync and cached per layout — for every query head of its GQA group, so dk and dv
-   are summed over the group; it reads the delta of step 1. A tile's (query head, query block)
-   pairs are cut into chunks (`split_chunk`), one program each: a typical tile is one chunk and
-   stores its result, deterministically; the chunks of a tile listed far more often (the sink
-   or first key block of a causal layout, listed by every query block) add float32 sums
-   atomically and `_dkdv_finish_kernel` stores them, so no single program outlasts the rest.
-   `torch.use_deterministic_algorithms(True)` keeps one program per tile.
+   are summed over the group inside the program; it reads the delta of step 1.
 The "atomic" variant instead makes delta (and zeroes a float32 dQ accumulator) in
 `_bwd_preprocess_kernel`, adds dS·K into dQ atomically inside the dK/dV kernel and converts.
 Probabilities are recomputed from lse (base 2 inside); rows whose lse is −inf (they saw no key)
@@ -161,25 +156,8 @@ def _dkdv_list(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_base, dqa
 
 
 @triton.jit
-def _list_span(ptr, row):
-    return tl.load(ptr + row), tl.load(ptr + row + 1)
-
-
-@triton.jit
-def _tile_entries(PPtr, FPtr, row0, row_h, G):
-    """How many (query head, query block) pairs list this key block: its work."""
-    total = 0
-    for g in range(0, G):
-        row = row0 + g * row_h
-        fs, fe = _list_span(FPtr, row)
-        ps, pe = _list_span(PPtr, row)
-        total += (fe - fs) + (pe - ps)
-    return total
-
-
-@triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, DQA, DKA, DVA, PPtr, PQb, FPtr, FQb,
-                     Mask, qk_scale, cap2, sm_scale, L, S, H, G, HKV, NKV, row_b, row_h, CHUNK,
+def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, DQA, PPtr, PQb, FPtr, FQb, Mask,
+                     qk_scale, cap2, sm_scale, L, S, H, G, HKV, NKV, row_b, row_h,
                      stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
                      stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
                      stride_dob, stride_doh, stride_dom, stride_dod, stride_maskb, stride_maskh,
@@ -189,101 +167,52 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV_, DQA, DKA, DVA, PPtr, PQb,
                      CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, FP32: tl.constexpr,
                      ATOMIC_DQ: tl.constexpr, SOFTCAP: tl.constexpr, L_KEY,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # The (query head, query block) pairs of this key tile, in the order (head, full list,
-    # partial list), are cut into chunks of CHUNK; program pid_c takes chunk pid_c. A tile
-    # with one chunk stores dk, dv itself; the chunks of a heavier tile add theirs into the
-    # float32 DKA, DVA, which `_dkdv_finish_kernel` converts. Tile 0 is key block 0, which a
-    # causal layout lists most: the heaviest programs go first.
+    # program 0 is key block 0, which a causal layout lists most: heaviest tiles go first
     tl.static_assert(BLOCK_KV % BLOCK_N == 0, "a key tile lies inside one layout block")
-    pid_c = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    bhk = tl.program_id(2)
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
     b = bhk // HKV
     hk = bhk % HKV
     n0 = pid_n * BLOCK_N
     kvb = n0 // BLOCK_KV
-    row0 = b * row_b + hk * G * row_h + kvb
-    total = _tile_entries(PPtr, FPtr, row0, row_h, G)
-    lo = pid_c * CHUNK
-    if (lo < total) | (pid_c == 0):
-        hi = tl.minimum(lo + CHUNK, total)
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        b64 = b.to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        k = load_rows(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh, offs_n, S, offs_d,
-                      stride_kn, stride_kd, D,
-                      BLOCK_D, True)
-        v = load_rows(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh, offs_n, S, offs_dv,
-                      stride_vn, stride_vd, DV,
-                      BLOCK_DV, True)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-        seen = 0  # pairs of the heads and lists before this one
-        for g in range(0, G):
-            h = hk * G + g
-            h64 = h.to(tl.int64)
-            q_base = Q + b64 * stride_qb + h64 * stride_qh
-            do_base = DO + b64 * stride_dob + h64 * stride_doh
-            row_off = (b64 * H + h64) * L
-            mask_base = Mask + b64 * stride_maskb + h64 * stride_maskh
-            row = row0 + g * row_h
-            dqa_row = DQA + row_off * D
-            fs, fe = _list_span(FPtr, row)
-            dk, dv = _dkdv_list(dk, dv, k, v, q_base, do_base, Lse + row_off, Delta + row_off,
-                                mask_base, dqa_row, tl.maximum(fs, fs + lo - seen),
-                                tl.minimum(fe, fs + hi - seen), FQb, n0, offs_n, L, S,
-                                qk_scale, cap2, stride_qm, stride_qd, stride_dom, stride_dod,
-                                stride_maskm, stride_maskn, D, DV, BLOCK_D,
-                                BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32,
-                                False, ATOMIC_DQ, SOFTCAP)
-            seen += fe - fs
-            ps, pe = _list_span(PPtr, row)
-            dk, dv = _dkdv_list(dk, dv, k, v, q_base, do_base, Lse + row_off, Delta + row_off,
-                                mask_base, dqa_row, tl.maximum(ps, ps + lo - seen),
-                                tl.minimum(pe, ps + hi - seen), PQb, n0, offs_n, L, S,
-                                qk_scale, cap2, stride_qm, stride_qd, stride_dom, stride_dod,
-                                stride_maskm, stride_maskn, D, DV, BLOCK_D,
-                                BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL, MASK_KIND, FP32,
-                                True, ATOMIC_DQ, SOFTCAP)
-            seen += pe - ps
-        dk = dk * sm_scale
-        out_row = (b64 * HKV + hk.to(tl.int64)) * S
-        k_ptrs = (out_row + offs_n[:, None]) * D + offs_d[None, :]
-        v_ptrs = (out_row + offs_n[:, None]) * DV + offs_dv[None, :]
-        k_ok = (offs_n[:, None] < S) & (offs_d[None, :] < D)
-        v_ok = (offs_n[:, None] < S) & (offs_dv[None, :] < DV)
-        if total <= CHUNK:
-            tl.store(DK + k_ptrs, dk.to(DK.dtype.element_ty), mask=k_ok)
-            tl.store(DV_ + v_ptrs, dv.to(DV_.dtype.element_ty), mask=v_ok)
-        else:
-            tl.atomic_add(DKA + k_ptrs, dk, mask=k_ok, sem="relaxed")
-            tl.atomic_add(DVA + v_ptrs, dv, mask=v_ok, sem="relaxed")
-
-
-@triton.jit
-def _dkdv_finish_kernel(DKA, DVA, DK, DV_, PPtr, FPtr, S, G, HKV, row_b, row_h, CHUNK,
-                        D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
-                        BLOCK_DV: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dk, dv of the key tiles cut into several chunks, from their float32 sums."""
-    n0 = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    b = bhk // HKV
-    hk = bhk % HKV
-    row0 = b * row_b + hk * G * row_h + n0 // BLOCK_KV
-    if _tile_entries(PPtr, FPtr, row0, row_h, G) > CHUNK:
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        offs_dv = tl.arange(0, BLOCK_DV)
-        out_row = bhk.to(tl.int64) * S
-        k_ptrs = (out_row + offs_n[:, None]) * D + offs_d[None, :]
-        v_ptrs = (out_row + offs_n[:, None]) * DV + offs_dv[None, :]
-        k_ok = (offs_n[:, None] < S) & (offs_d[None, :] < D)
-        v_ok = (offs_n[:, None] < S) & (offs_dv[None, :] < DV)
-        tl.store(DK + k_ptrs, tl.load(DKA + k_ptrs, mask=k_ok).to(DK.dtype.element_ty),
-                 mask=k_ok)
-        tl.store(DV_ + v_ptrs, tl.load(DVA + v_ptrs, mask=v_ok).to(DV_.dtype.element_ty),
-                 mask=v_ok)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    b64 = b.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    hk64 = hk.to(tl.int64)
+    k = load_rows(K + b64 * stride_kb + hk64 * stride_kh, offs_n, S, offs_d, stride_kn,
+                  stride_kd, D, BLOCK_D, True)
+    v = load_rows(V + b64 * stride_vb + hk64 * stride_vh, offs_n, S, offs_dv, stride_vn,
+                  stride_vd, DV, BLOCK_DV, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(0, G):
+        h = hk * G + g
+        h64 = h.to(tl.int64)
+        q_base = Q + b64 * stride_qb + h64 * stride_qh
+        do_base = DO + b64 * stride_dob + h64 * stride_doh
+        row_off = (b64 * H + h64) * L
+        mask_base = Mask + b64 * stride_maskb + h64 * stride_maskh
+        row = b * row_b + h * row_h + kvb
+        dqa_row = DQA + row_off * D
+        dk, dv = _dkdv_list(dk, dv, k, v, q_base, do_base, Lse + row_off, Delta + row_off,
+                            mask_base, dqa_row, tl.load(FPtr + row), tl.load(FPtr + row + 1),
+                            FQb, n0, offs_n, L, S, qk_scale, cap2, stride_qm, stride_qd, stride_dom,
+                            stride_dod, stride_maskm, stride_maskn,
+                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL,
+                            MASK_KIND, FP32, False, ATOMIC_DQ, SOFTCAP)
+        dk, dv = _dkdv_list(dk, dv, k, v, q_base, do_base, Lse + row_off, Delta + row_off,
+                            mask_base, dqa_row, tl.load(PPtr + row), tl.load(PPtr + row + 1),
+                            PQb, n0, offs_n, L, S, qk_scale, cap2, stride_qm, stride_qd, stride_dom,
+                            stride_dod, stride_maskm, stride_maskn,
+                            D, DV, BLOCK_D, BLOCK_DV, BLOCK_Q, BLOCK_M, BLOCK_N, CAUSAL,
+                            MASK_KIND, FP32, True, ATOMIC_DQ, SOFTCAP)
+    dk = dk * sm_scale
+    out_row = (b64 * HKV + hk.to(tl.int64)) * S
+    tl.store(DK + (out_row + offs_n[:, None]) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
+             mask=(offs_n[:, None] < S) & (offs_d[None, :] < D))
+    tl.store(DV_ + (out_row + offs_n[:, None]) * DV + offs_dv[None, :],
+             dv.to(DV_.dtype.element_ty), mask=(offs_n[:, None] < S) & (offs_dv[None, :] < DV))
 
 
 # dQ ---------------------------------------------------------------------------------------
@@ -473,14 +402,13 @@ def dq_config(block_q: int, block_kv: int, d: int):
 
 _KEY = ["D", "DV", "BLOCK_Q", "BLOCK_KV", "CAUSAL", "MASK_KIND", "FP32", "SOFTCAP", "L_KEY"]
 if HAS_TRITON:
-    # chunks of split key tiles add into DKA, DVA (and the atomic variant into the dQ
-    # accumulator): every timed run starts from zero
     _dkdv_tuned = triton.autotune(configs=DKDV_CONFIGS, key=_KEY,
-                                  prune_configs_by={"early_config_prune": _prune},
-                                  reset_to_zero=["DKA", "DVA"])(_bwd_dkdv_kernel)
+                                  prune_configs_by={"early_config_prune": _prune}
+                                  )(_bwd_dkdv_kernel)
+    # the atomic variant adds into the dQ accumulator: every timed run starts from zero
     _dkdv_tuned_atomic = triton.autotune(configs=ATOMIC_CONFIGS, key=_KEY,
                                          prune_configs_by={"early_config_prune": _prune},
-                                         reset_to_zero=["DQA", "DKA", "DVA"])(_bwd_dkdv_kernel)
+                                         reset_to_zero=["DQA"])(_bwd_dkdv_kernel)
     _dq_tuned = triton.autotune(configs=DQ_CONFIGS, key=[*_KEY, "BIAS_GRAD"],
                                 prune_configs_by={"early_config_prune": _prune_dq}
                                 )(_bwd_dq_kernel)
@@ -489,25 +417,6 @@ if HAS_TRITON:
 # launcher ---------------------------------------------------------------------------------
 _PLANS = _ac.PlanCache()
 _VARIANTS = ("split", "atomic")
-# A key block listed by every query block of a causal or sink layout has G · NQ (query head,
-# query block) pairs against a sliding window's ~G · window/block: one program per key tile
-# would leave it running long after the others finished. Its pairs are cut into chunks of
-# max(SPLIT_MIN, G · NQ / SPLIT_MAX); typical tiles stay one chunk (and store directly).
-SPLIT_MAX = 4
-SPLIT_MIN = 32
-
-
-def split_chunk(g: int, nq: int, chunk: int | None = None) -> tuple[int, int]:
-    """(pairs per program, programs per key tile) for G query heads per key/value head and
-    NQ query blocks; `chunk` overrides the size (tests). Under
-    `torch.use_deterministic_algorithms(True)` tiles are not split (their float32 sums would
-    depend on the order of the atomic adds)."""
-    most = max(1, g * nq)
-    if chunk is None:
-        if torch.are_deterministic_algorithms_enabled():
-            return most, 1
-        chunk = max(SPLIT_MIN, cdiv(most, SPLIT_MAX))
-    return chunk, cdiv(most, chunk)
 
 
 class _Backward:
@@ -515,7 +424,7 @@ class _Backward:
     launches. With `record` a list, each launch goes through `first_launch` and is appended
     (with the names of the tensors that change per call) so the plan can replay it."""
 
-    def __init__(self, t, layout, attn_mask, scale, causal, block_q, block_kv, softcap, chunk,
+    def __init__(self, t, layout, attn_mask, scale, causal, block_q, block_kv, softcap,
                  configs, record, device):
         q, k, v = t["q"], t["k"], t["v"]
         B, H, L, D = q.shape
@@ -539,7 +448,6 @@ class _Backward:
         bl, hl = num.shape[:2]
         self.rows = (hl * self.nkv if bl > 1 else 0, self.nkv if hl > 1 else 0)
         self.lists = (*layout_args(num, idx, B, H), *layout_args(fnum, fidx, B, H))
-        self.chunk, self.chunks = split_chunk(H // hkv, cdiv(L, block_q), chunk)
 
     def go(self, kernel, grid, args, meta):
         """Launch; arguments given as strings are the named per-call tensors."""
@@ -561,14 +469,13 @@ class _Backward:
         d = max(self.bd, self.bdv)
         return dkdv_config(bq, bkv, d) if which == 0 else dq_config(bq, bkv, d)
 
-    def kernel(self, plain, tuned, pinned, rows, rows_meta, bh, args, lead=(), **extra):
-        """Launch over (*lead, tiles of `rows`, bh) programs, tuned or with the pinned tile."""
+    def kernel(self, plain, tuned, pinned, rows, rows_meta, bh, args, **extra):
         meta = dict(self.meta, **extra)
         if pinned is None:
-            self.go(tuned, lambda m: (*lead, cdiv(rows, m[rows_meta]), bh), args, meta)
+            self.go(tuned, lambda m: (cdiv(rows, m[rows_meta]), bh), args, meta)
         else:
             meta.update(pinned.kwargs, num_warps=pinned.num_warps, num_stages=pinned.num_stages)
-            self.go(plain, (*lead, cdiv(rows, pinned.kwargs[rows_meta]), bh), args, meta)
+            self.go(plain, (cdiv(rows, pinned.kwargs[rows_meta]), bh), args, meta)
 
     def run(self, variant):
         B, H, L, D, hkv, S, DV = self.shape
@@ -584,30 +491,16 @@ class _Backward:
             self.dq()
         p_ptr, p_qb, f_ptr, f_qb = self.transposed
         args = ("q", "k", "v", "go", "lse", "delta", "dk", "dv", "dqa" if atomic else "q",
-                "dka", "dva", p_ptr, p_qb, f_ptr, f_qb, self.mask_name, self.qk_scale,
-                self.cap2, self.scale, L, S, H, H // hkv, hkv, self.nkv, *self.rows,
-                self.chunk, *t["q"].stride(), *t["k"].stride(), *t["v"].stride(),
-                *t["go"].stride(), *self.mstr)
+                p_ptr, p_qb, f_ptr, f_qb, self.mask_name, self.qk_scale, self.cap2, self.scale,
+                L, S, H,
+                H // hkv, hkv, self.nkv, *self.rows, *t["q"].stride(), *t["k"].stride(),
+                *t["v"].stride(), *t["go"].stride(), *self.mstr)
         self.kernel(_bwd_dkdv_kernel, _dkdv_tuned_atomic if atomic else _dkdv_tuned,
-                    self.pinned(0), S, "BLOCK_N", B * hkv, args, lead=(self.chunks,),
-                    ATOMIC_DQ=atomic)
-        if self.chunks > 1:
-            self.finish()
+                    self.pinned(0), S, "BLOCK_N", B * hkv, args, ATOMIC_DQ=atomic)
         if atomic:
             n = B * H * L * D
             self.go(_dq_convert_kernel, (cdiv(n, 1024),), ("dqa", "dq", n, self.scale),
                     dict(BLOCK=1024))
-
-    def finish(self):
-        """dk, dv of the tiles whose chunks added into DKA, DVA."""
-        B, H, L, D, hkv, S, DV = self.shape
-        block_kv = self.blocks[1]
-        bn = min(64, block_kv)
-        self.go(_dkdv_finish_kernel, (cdiv(S, bn), B * hkv),
-                ("dka", "dva", "dk", "dv", self.transposed[0], self.transposed[2], S, H // hkv,
-                 hkv, *self.rows, self.chunk),
-                dict(D=D, DV=DV, BLOCK_D=self.bd, BLOCK_DV=self.bdv, BLOCK_KV=block_kv,
-                     BLOCK_N=bn))
 
     def dq(self):
         B, H, L, D, hkv, S, DV = self.shape
@@ -622,18 +515,14 @@ class _Backward:
                     BIAS_GRAD=self.bias_grad)
 
 
-def _outputs(t, variant, bias_grad=False, chunks=1) -> dict:
+def _outputs(t, variant, bias_grad=False) -> dict:
     """Allocate the call's outputs and scratch into the tensor dict `t` (with `bias_grad`,
-    the zeroed float32 dS buffer the dQ kernel fills; with `chunks` > 1 the zeroed float32
-    sums of split key tiles)."""
+    the zeroed float32 dS buffer the dQ kernel fills)."""
     q, k, v = t["q"], t["k"], t["v"]
     B, H, L, D = q.shape
     t["dq"] = _ac.empty(B, H, L, D, dtype=q.dtype, device=q.device)
     t["dk"] = _ac.empty(*k.shape, dtype=k.dtype, device=k.device)
     t["dv"] = _ac.empty(*v.shape, dtype=v.dtype, device=v.device)
-    sums = (k.shape, v.shape) if chunks > 1 else ((1,), (1,))
-    t["dka"], t["dva"] = (torch.zeros(shape, dtype=torch.float32, device=q.device)
-                          for shape in sums)
     t["delta"] = _ac.empty(B, H, L, dtype=torch.float32, device=q.device)
     if variant == "atomic":
         t["dqa"] = torch.empty(B, H, L, D, dtype=torch.float32, device=q.device)
@@ -665,18 +554,16 @@ def _choose(tensors, args) -> str:
     device timing (graph capture, sync debugging) 'split'."""
     q, k, v = tensors["q"], tensors["k"], tensors["v"]
     layout, mask = args[0], args[1]
-    key = (q.shape, k.shape, v.shape, q.dtype, q.device, *args[3:8],
+    key = (q.shape, k.shape, v.shape, q.dtype, q.device, *args[3:7],
            None if mask is None else (mask.dtype, mask.shape), *(t.shape for t in layout))
     if key in _CHOICES:
         return _CHOICES[key]
     if not q.is_cuda or no_sync_allowed():
         return "split"
     times = {}
-    chunks = _chunks(q, args[4], args[7], k.shape[1])
     for variant in _VARIANTS:
         def call(variant=variant):
-            _Backward(_outputs(dict(tensors), variant, False, chunks), *args, None, None
-                      ).run(variant)
+            _Backward(_outputs(dict(tensors), variant), *args, None, None).run(variant)
         call()
         times[variant] = _time_variant(call)
     _CHOICES[key] = min(times, key=times.get)
@@ -686,31 +573,28 @@ def _choose(tensors, args) -> str:
 def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_num_blocks, kv_indices,
                                     full_kv_num_blocks, full_kv_indices, attn_mask, scale,
                                     causal, block_q, block_kv, softcap=0.0, *, configs=None,
-                                    variant=None, bias_grad=False, chunk=None):
+                                    variant=None, bias_grad=False):
     """(dq, dk, dv), contiguous, for `sparsec::block_sparse_attention_backward`. `configs`
     = (dkdv config, dq config) pins the tiles, bypassing autotuning; `variant` "split" or
     "atomic" overrides `SETTINGS.attn_bwd` (the atomic variant runs the dK/dV kernel with
     atomic dQ; its pinned tile is configs[0]). A repeated call reuses its stored plan.
     `bias_grad` (a float `attn_mask`) adds a fourth result, dS as float32 [B, Hq, L, S] (0
-    outside the kept pairs; the caller sums it to the mask's shape), and runs "split".
-    `chunk` overrides how many (query head, query block) pairs one dK/dV program takes
-    (`split_chunk`; tests)."""
+    outside the kept pairs; the caller sums it to the mask's shape), and runs "split"."""
     layout = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
     if bias_grad and (attn_mask is None or attn_mask.dtype == torch.bool):
         raise ValueError("bias_grad needs a float attn_mask")
     variant = "split" if bias_grad else (variant or _triton.SETTINGS.attn_bwd)
-    chunks = _chunks(q, block_q, chunk, k.shape[1])
     device = _ac.launch_device(q) if configs is None else None
     key = None
     if device is not None:
         key = plan_key("bwd", (grad_out, q, k, v, out, lse), layout, attn_mask,
                        (float(scale), bool(causal), block_q, block_kv, variant,
-                        float(softcap), bool(bias_grad), chunk, chunks))
+                        float(softcap), bool(bias_grad)))
         plan = _PLANS.get(key, layout)
         if plan is not None:
             chosen, launches = plan
             t = _outputs(dict(go=grad_out, q=q, k=k, v=v, out=out, lse=lse.float().contiguous(),
-                              mask=attn_mask), chosen, bias_grad, chunks)
+                              mask=attn_mask), chosen, bias_grad)
             for launch, names in launches:
                 launch(*(t[n] for n in names))
             return _results(t, bias_grad)
@@ -725,23 +609,17 @@ def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_num_blocks, 
         t = _outputs(tensors, "split", bias_grad)
         t["dk"].zero_(), t["dv"].zero_()
         return _results(t, bias_grad)
-    rest = (layout, attn_mask, scale, causal, block_q, block_kv, softcap, chunk, configs)
+    rest = (layout, attn_mask, scale, causal, block_q, block_kv, softcap, configs)
     if variant == "auto":
         variant = _choose(tensors, rest)
     if variant not in _VARIANTS:
         raise ValueError(f"backward variant {variant!r}: use one of {_VARIANTS} or 'auto'")
     record = [] if key is not None and not no_sync_allowed() else None
-    t = _outputs(tensors, variant, bias_grad, chunks)
+    t = _outputs(tensors, variant, bias_grad)
     _Backward(t, *rest, record, device).run(variant)
     if record is not None and all(launch is not None for launch, _ in record):
         _PLANS.put(key, layout, (variant, record))
     return _results(t, bias_grad)
-
-
-def _chunks(q, block_q, chunk, hkv) -> int:
-    """Programs per key tile of the dK/dV kernel for these inputs (`split_chunk`)."""
-    B, H, L, _ = q.shape
-    return split_chunk(H // max(hkv, 1), cdiv(L, block_q), chunk)[1]
 
 
 def _results(t, bias_grad):

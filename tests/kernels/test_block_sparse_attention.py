@@ -60,7 +60,7 @@ def make(B, H, Hkv, L, S, D, DV, bq, bk, causal, dtype, mask, lay_dims, density,
 
 
 def check(q, k, v, lay, m, causal, scale, fwd_cfg=None, bwd_cfgs=None,
-          variants=("split", "atomic"), chunk=None):
+          variants=("split", "atomic")):
     """Run the forward kernel and each backward variant, compare with the float64 reference
     (computed on the same device)."""
     args = (*lay.tensors(), m, scale, causal, lay.block_q, lay.block_kv)
@@ -82,8 +82,7 @@ def check(q, k, v, lay, m, causal, scale, fwd_cfg=None, bwd_cfgs=None,
     for variant in variants:
         with poisoned():
             grads = K.block_sparse_attention_backward(go, q, k, v, out, lse, *args,
-                                                      configs=bwd_cfgs, variant=variant,
-                                                      chunk=chunk)
+                                                      configs=bwd_cfgs, variant=variant)
         for name, got, want in zip(("dq", "dk", "dv"), grads, refs):
             assert got.shape == want.shape and got.is_contiguous(), (variant, name)
             assert rel_err(got, want) < 2 * tol, (variant, name)
@@ -115,34 +114,6 @@ def test_kernels_match_reference(name):
     q, k, v, lay, m = make(*shape, seed=zlib.crc32(name.encode()))
     fwd_cfg, bwd_cfgs = tiles or (None, None)
     check(q, k, v, lay, m, shape[9], 0.3, fwd_cfg, bwd_cfgs)
-
-
-@pytest.mark.parametrize("chunk", [1, 3])
-def test_key_tiles_split_over_programs(chunk):
-    """Heavy key tiles cut into chunks of (query head, query block) pairs: the sink key block
-    of a window layout (listed by every query block) and a per-head random layout, with GQA
-    so chunks cross heads and the full and partial lists."""
-    from sparsec.kernels.block_sparse_attention_bwd import split_chunk
-
-    assert split_chunk(4, 128) == (128, 4) and split_chunk(1, 4) == (32, 1)
-    lay = sliding_window(96, window=32, sink=16, block=16)
-    q, k, v, _, _ = make(1, 4, 2, 96, 96, 16, 16, 16, 16, True, torch.float32, None, (1, 1),
-                         1.0, seed=4)
-    check(q, k, v, lay.to(DEV), None, True, 0.3, chunk=chunk)
-    q, k, v, lay, m = make(2, 4, 2, 70, 70, 16, 16, 16, 16, True, torch.bfloat16, "pad",
-                           (2, 4), 0.7, seed=5)
-    check(q, k, v, lay, m, True, 0.3, cfg(16, 16), (cfg(16, 16), cfg(16, 16)),
-          chunk=chunk)
-
-
-def test_deterministic_mode_keeps_one_program_per_key_tile():
-    from sparsec.kernels.block_sparse_attention_bwd import split_chunk
-
-    torch.use_deterministic_algorithms(True)
-    try:
-        assert split_chunk(4, 128) == (512, 1)
-    finally:
-        torch.use_deterministic_algorithms(False)
 
 
 def test_sliding_window_layout_and_default_scale():
@@ -253,19 +224,18 @@ def test_autotuned_launch_path(monkeypatch):
     small = [cfg(16, 16), cfg(32, 16), cfg(64, 64)]  # (64, 64) does not divide 32: pruned
     monkeypatch.setattr(K, "_bsa_fwd_tuned", tuned(K._bsa_fwd_kernel, small, K._prune_fwd),
                         raising=False)
-    monkeypatch.setattr(B, "_dkdv_tuned", tuned(B._bwd_dkdv_kernel, small, B._prune,
-                                                ["DKA", "DVA"]), raising=False)
+    monkeypatch.setattr(B, "_dkdv_tuned", tuned(B._bwd_dkdv_kernel, small, B._prune),
+                        raising=False)
     monkeypatch.setattr(B, "_dq_tuned", tuned(B._bwd_dq_kernel, small, B._prune),
                         raising=False)
-    # the atomic dK/dV kernel adds into DQA (and split tiles into DKA, DVA): timing runs must
-    # not leave their sums behind
+    # the atomic dK/dV kernel adds into DQA: timing runs must not leave their sums behind
     monkeypatch.setattr(B, "_dkdv_tuned_atomic", tuned(B._bwd_dkdv_kernel, small, B._prune,
-                                                       ["DQA", "DKA", "DVA"]), raising=False)
+                                                       ["DQA"]), raising=False)
     monkeypatch.setattr(K, "autotune_enabled", lambda: True)
     monkeypatch.setattr(B, "autotune_enabled", lambda: True)
     q, k, v, lay, _ = make(1, 2, 1, 64, 64, 16, 16, 32, 16, True, torch.float32, None, (1, 1),
                            0.8, seed=9)
-    check(q, k, v, lay, None, True, 0.25, chunk=1)  # split tiles: their sums reset too
+    check(q, k, v, lay, None, True, 0.25)
     assert len(calls) == 4 * 2  # two surviving candidates for each of the four kernels
 
 
