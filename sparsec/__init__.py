@@ -22,7 +22,6 @@ from .deltas import (
                      save_deltas,
                      unmerge_deltas,
 )
-from .distributed import DistributedTrainer, train_distributed
 from .errors import (
                      BadInputError,
                      OptionError,
@@ -41,7 +40,7 @@ from .passes.base import Pass, PassResult, get_pass, option, register, registere
 from .pipeline import run_passes
 from .program import ModelSource, PassRecord, Program, Prop, module_path, node_info
 from .recipe import dump_recipe, load_recipe, parse_pass_arg, parse_recipe
-from .train import Trainer, train_model
+from .training import DistributedTrainer, Trainer, train_distributed, train_model
 
 __all__ = [
     "__version__",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 __all__ = ["quiet", "deepcopy", "atomic_write_bytes", "atomic_write_text", "remove_tree",
-           "first_line", "user_frame", "read_regular_file"]
+           "first_line", "user_frame", "read_regular_file", "safetensors_metadata"]
 
 _NOISY = ("torch", "torch._dynamo", "torch.fx", "torch.export", "torch._export", "torch.onnx",
           "onnxscript")
@@ -128,3 +128,13 @@ def read_regular_file(path: str | Path, what: str, limit: int | None = None) -> 
         raise BadInputError(f"{p}: is larger than a {what} can be ({limit:,} bytes); give the "
                             "right file")
     return data
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's bytes (ValueError when the header is bad)."""
+    import json
+
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or n > len(data) - 8:
+        raise ValueError("bad safetensors header")
+    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}

@@ -203,10 +203,10 @@ def train_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...],
     Under torchrun (`torchrun --nproc-per-node N -m sparsec train ...`), with --resume or with
     --fsdp it trains data-parallel on torch.distributed (docs/distributed.md).
     """
-    from .distributed import end_worker, launched_by_torchrun
+    from .training.launch import end_worker, launched_by_torchrun
 
     if launched_by_torchrun() or resume is not None or fsdp or dist_backend is not None:
-        from .distributed import train_distributed as train
+        from .training import train_distributed as train
         extra = {"resume": resume, "fsdp": fsdp, "backend": dist_backend}
         if resume is not None and _is_default("lr"):
             lr = None  # the checkpoint's
@@ -215,7 +215,7 @@ def train_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...],
                                 "process for now; for a distributed run give a model.py "
                                 "whose batches() reads the data")
     else:
-        from .train import train_model as train
+        from .training import train_model as train
         extra = {"source": source, "eval_every": eval_every}
         if _is_default("lr"):
             lr = None  # AdamW's default, or the recipe's optimizer for a traced step

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ._util import atomic_write_bytes, read_regular_file
+from ._util import atomic_write_bytes, read_regular_file, safetensors_metadata
 from .errors import BadInputError
 from .ops.nm import apply_nm
 from .ops.sparse_delta import apply_delta
@@ -278,7 +278,7 @@ def load_deltas(path: str | Path, base: Program | torch.nn.Module | str | None =
     data = read_regular_file(p, "deltas file")
     try:
         tensors = load(data)
-        header = json.loads(_metadata(data).get("sparsec", "null"))
+        header = json.loads(safetensors_metadata(data).get("sparsec", "null"))
     except (OSError, SafetensorError, ValueError, RecursionError) as e:
         raise BadInputError(f"{p}: not a readable safetensors deltas file ({type(e).__name__}); "
                             "give a deltas.safetensors written by sparsec") from None
@@ -340,13 +340,6 @@ def _invalid(td: TargetDelta) -> str | None:
     elif tuple(t["weight"].shape) != (rows, cols):
         return f"weight has shape {tuple(t['weight'].shape)}, expected {(rows, cols)}"
     return None
-
-
-def _metadata(data: bytes) -> dict[str, str]:
-    n = int.from_bytes(data[:8], "little")
-    if n <= 0 or n > len(data) - 8:
-        raise ValueError("bad safetensors header")
-    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
 
 
 def check_base(deltas: Deltas, base: Program | torch.nn.Module | str, where: str = "") -> None:

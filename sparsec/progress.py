@@ -48,7 +48,7 @@ class TrainProgress:
                                            tps="-", mem="-")
 
     def update(self, step: int, loss: float, stats: Any) -> None:
-        from .train import peak_memory
+        from .training.stats import peak_memory
 
         evals = getattr(stats, "eval_losses", [])
         fresh = bool(evals) and evals[-1][0] == step

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from sparsec.deltas import extract_deltas, save_deltas
-from sparsec.distributed import setup, teardown, train_distributed
+from sparsec.training import train_distributed
+from sparsec.training.launch import setup, teardown
 
 
 def main(out: Path, model: str, backend: str) -> None:

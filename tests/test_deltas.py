@@ -18,7 +18,7 @@ from sparsec.deltas import (
     unmerge_deltas,
 )
 from sparsec.passes.sparse_finetune import SparseFinetune
-from sparsec.train import Trainer, train_model
+from sparsec.training import Trainer, train_model
 
 RECIPE = """version = 1
 [[pass]]

@@ -1,4 +1,4 @@
-"""Data-parallel training (sparsec.distributed): 2 processes with gloo on the CPU, and the same
+"""Data-parallel training (sparsec.training): 2 processes with gloo on the CPU, and the same
 checks with NCCL on 2 GPUs (`pytest -m gpu`).
 
 The issue's CPU check: a 2-process gloo run of the tiny example trains, all ranks end with
@@ -20,9 +20,9 @@ import torch
 
 from sparsec import BadInputError, run_passes
 from sparsec.deltas import extract_deltas
-from sparsec.distributed import sharded_batches, train_distributed
 from sparsec.passes.sparse_finetune import SparseFinetune
-from sparsec.train import Trainer
+from sparsec.training import Trainer, train_distributed
+from sparsec.training.batches import sharded_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")

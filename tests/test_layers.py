@@ -13,17 +13,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent / "sparsec"
 
 LAYERS: list[tuple[str, ...]] = [  # lowest first; a name covers a module or a package
-    ("_version", "_util", "errors", "compare", "data", "evaluate", "optim", "memory",
-     "hf_source"),
+    ("_version", "_util", "errors", "compare", "data", "optim", "memory", "hf_source"),
     ("program", "devices", "trainable"),
     ("layouts", "ops", "kernels"),
     ("passes", "joint"),
     ("pipeline", "recipe", "frontend", "sources"),
     ("backends",),
-    ("outputs", "report", "fsdp", "memory_plot"),  # outputs, placement
-    ("train", "distributed", "checkpoint", "deltas", "progress"),  # training
+    ("outputs", "report", "deltas", "fsdp", "memory_plot"),  # outputs, artifacts, placement
+    ("training",),
     ("api", "export"),
-    ("cli", "cli_options", "cli_layout", "__main__", "testing", ""),  # "": sparsec/__init__
+    ("cli", "cli_options", "cli_layout", "progress", "__main__", "testing", ""),  # "": __init__
 ]
 
 

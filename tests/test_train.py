@@ -6,7 +6,8 @@ import torch
 import sparsec
 from sparsec import BadInputError, run_passes
 from sparsec.passes.sparse_finetune import SparseFinetune
-from sparsec.train import Trainer, batch_tokens
+from sparsec.training import Trainer
+from sparsec.training.batches import batch_tokens
 
 
 @pytest.fixture(scope="module")

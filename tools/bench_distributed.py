@@ -12,7 +12,7 @@ batch 4 × 2048 tokens per GPU (each rank its own batch). Variants:
 - full-ddp: every weight trainable, torch DDP (its bucketed all-reduce, counted by a comm
   hook), torch.optim.AdamW (foreach);
 - delta: sparsec `sparse-finetune` delta at 1% (magnitude) on every block linear, trained by
-  sparsec.distributed.DistributedTrainer (one flat all-reduce of the trainable gradients);
+  sparsec.training.DistributedTrainer (one flat all-reduce of the trainable gradients);
 - delta-fsdp: the same with the frozen base sharded by FSDP2 (sparsec.fsdp.shard_program).
 
 Each variant: warm-up steps, then the median step time over timed steps (CUDA events, per rank;
@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_finetune import config, lm_loss, measure  # noqa: E402
 
 import sparsec  # noqa: E402
-from sparsec.distributed import DistributedTrainer, setup, teardown  # noqa: E402
+from sparsec.training import DistributedTrainer  # noqa: E402
+from sparsec.training.launch import setup, teardown  # noqa: E402
 
 VARIANTS = ("full-ddp", "delta", "delta-fsdp")
 DELTA = "sparse-finetune:method=delta,density=0.01,select=magnitude"

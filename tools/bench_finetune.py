@@ -18,7 +18,7 @@ tokens. Variants:
   recompute=matmul), `-budgetG` recomputes them only until the predicted peak is under G GiB
   (reduce-saved recompute=matmul,budget_gib=G), `-inductor` runs the step graph through
   `torch.compile`;
-- structured-eager / delta-eager: the same sparse parameters trained eagerly (sparsec.train).
+- structured-eager / delta-eager: the same sparse parameters trained eagerly (sparsec.training).
 
 Each variant: warm-up steps, then the median step time over timed steps (CUDA events) and the
 peak allocated memory during them. Prints a table with ratios to full FT and to LoRA and, with
@@ -189,7 +189,7 @@ def sparsec_compiled(model, cfg, lr, variant, batch, verify):
 
 
 def sparsec_eager(model, cfg, lr, method, batch):
-    from sparsec.train import Trainer
+    from sparsec.training import Trainer
 
     program = sparsec.trace(model, (batch[0],))
     program.source = sparsec.ModelSource(name="llama", loss=lm_loss)

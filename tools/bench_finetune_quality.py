@@ -276,7 +276,7 @@ class Built:
 
     def run_parts(self, lr: float, seed: int):
         """(forward, trainer, trainable encoder count) for a fresh run."""
-        from sparsec.train import Trainer
+        from sparsec.training import Trainer
 
         if self.method == "shira":
             torch.manual_seed(seed)

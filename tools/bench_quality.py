@@ -37,7 +37,7 @@ from quality_task import ANIMALS, make_task  # noqa: E402
 
 import sparsec  # noqa: E402
 from sparsec.passes.sparse_finetune import SparseFinetune  # noqa: E402
-from sparsec.train import Trainer  # noqa: E402
+from sparsec.training import Trainer  # noqa: E402
 
 SEQ = 20
 BATCH = 32

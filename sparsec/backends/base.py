@@ -11,7 +11,7 @@ from ..program import Program
 __all__ = ["LowerOptions", "Compiled", "set_trainer_factory"]
 
 # How `Compiled.train_step` makes its default trainer. Training sits above the backends, so it
-# installs the factory when it is imported (sparsec.train, which `import sparsec` loads).
+# installs the factory when it is imported (sparsec.training, which `import sparsec` loads).
 _trainer_factory: Callable[["Compiled"], Any] | None = None
 
 
@@ -46,7 +46,7 @@ class Compiled:
     artifacts: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)  # the full report, once built
-    trainer: Any = field(default=None, repr=False)  # a sparsec.train.Trainer, made on first use
+    trainer: Any = field(default=None, repr=False)  # a sparsec.training.Trainer, made on first use
     keepalive: Any = field(default=None, repr=False)  # e.g. a TemporaryDirectory holding artifacts
 
     def __call__(self, *inputs: Any) -> Any:
@@ -57,13 +57,13 @@ class Compiled:
 
         A training-step program (after `joint-graph`) runs its traced step, with the optimizer
         chosen in the recipe. Otherwise the first call creates a default
-        `sparsec.train.Trainer` (AdamW); set `trainer` to choose the learning rate and the rest.
+        `sparsec.training.Trainer` (AdamW); set `trainer` to choose the learning rate and the rest.
         """
         if self.program.is_training_step:
             out = self.fn(*batch)
             return float(out[0] if isinstance(out, (tuple, list)) else out)
         if self.trainer is None:
             if _trainer_factory is None:
-                raise RuntimeError("Compiled.train_step needs sparsec.train; import sparsec")
+                raise RuntimeError("Compiled.train_step needs sparsec.training; import sparsec")
             self.trainer = _trainer_factory(self)
         return self.trainer.step(batch)

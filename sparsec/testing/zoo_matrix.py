@@ -87,7 +87,7 @@ class MatrixModel:
     def trained(self):
         """10 eager training steps of a 10% sparse delta (cached: deploy reuses it)."""
         if "trained" not in self._cache:
-            from ..train import train_model
+            from ..training import train_model
 
             run = train_model(self.program(onnx=True), steps=self.config.train_steps,
                               passes=(FINETUNE_FOR_TRAINING,), lr=1e-2,

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from sparsec.outputs import MARKER
 from sparsec.cli import cli
-from sparsec.train import train_model
+from sparsec.training import train_model
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 __all__ = ["Evaluator", "EVAL_BATCHES"]
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from ._util import atomic_write_bytes, read_regular_file
-from .errors import BadInputError
+from .._util import atomic_write_bytes, read_regular_file, safetensors_metadata
+from ..errors import BadInputError
 
 __all__ = ["TrainState", "Checkpoint", "OPTIMIZER_FILE", "save_optimizer_state",
            "load_checkpoint", "restore_optimizer", "restore_regrow_ages"]
@@ -93,7 +93,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    from .deltas import _metadata, load_deltas
+    from ..deltas import load_deltas
 
     d = Path(directory)
     opt = d / OPTIMIZER_FILE
@@ -107,7 +107,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     data = read_regular_file(opt, "checkpoint file")
     try:
         tensors = load(data)
-        header = json.loads(_metadata(data).get("sparsec_train", "null"))
+        header = json.loads(safetensors_metadata(data).get("sparsec_train", "null"))
     except (OSError, SafetensorError, ValueError, RecursionError) as e:
         raise BadInputError(f"{opt}: not a readable checkpoint ({type(e).__name__}); "
                             "resume from another checkpoint") from None
