@@ -8,6 +8,7 @@ data file is given; an HF directory gets the task's built-in loss.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -96,6 +97,7 @@ def on_device(batches: Callable[[], Any] | None, device: torch.device | None
     if batches is None or device is None:
         return batches
 
+    @functools.wraps(batches)  # errors are located through __wrapped__ (the user's file)
     def moved():
         return (to_device(b, device) for b in batches())
     return moved

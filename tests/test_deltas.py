@@ -216,7 +216,9 @@ def test_failed_run_keeps_its_last_checkpoint_and_says_so(tmp_path, tiny_llama_p
     model = tmp_path / "failing.py"
     model.write_text(FAILING.format(examples=str(tiny_llama_path.parent)))
     # batches() raising is the user's error (exit 2), naming the checkpoint it kept
-    with pytest.raises(BadInputError, match="data loader.*checkpoint of step 4"):
+    # ... and the line of failing.py that raised (batches() reaches the trainer wrapped)
+    with pytest.raises(BadInputError,
+                       match=r"^failing\.py:11: .*data loader.*checkpoint of step 4"):
         train_model(model, steps=10, passes=("sparse-finetune",), out_dir=tmp_path / "run",
                     save_every=2, verify=False)
     report = json.loads((tmp_path / "run" / "report.json").read_text())

@@ -3,6 +3,7 @@ what a batch holds (rows and tokens, for the statistics and the checkpoint's pro
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from typing import Any, Callable, Iterable, Iterator
 
@@ -30,7 +31,8 @@ def cycle_batches(batches: Callable[[], Iterable[Any]] | Iterable[Any]) -> Itera
 def _guarded(batches: Callable[[], Iterable[Any]] | Iterable[Any]) -> Iterator[Any]:
     """The items of batches(), its errors as one-line BadInputErrors."""
     def fail(e: Exception) -> BadInputError:
-        path = getattr(getattr(batches, "__code__", None), "co_filename", None)
+        user = inspect.unwrap(batches) if callable(batches) else batches
+        path = getattr(getattr(user, "__code__", None), "co_filename", None)
         where = user_frame(e, path)
         return BadInputError(f"{where + ': ' if where else ''}batches() raised "
                              f"{type(e).__name__}: {first_line(e)}; fix batches() in model.py")
