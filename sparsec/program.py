@@ -155,11 +155,21 @@ class Program:
         return Program(gm=joint.forward, example_inputs=self.example_inputs[:joint.n_model_inputs],
                        props=props, history=list(self.history), source=self.source, state=state)
 
-    def copy(self) -> "Program":
-        """A deep copy (graph, parameters, state); the model source is shared."""
+    def copy(self, *, share_tensors: bool = False) -> "Program":
+        """A deep copy (graph, parameters, state); the model source is shared. With
+        `share_tensors` the copy's parameters and buffers are this program's own tensors (a
+        reference graph rewritten beside the program, at no extra parameter memory):
+        attributes registered on the copy stay on the copy, but an in-place change to a
+        shared tensor shows in both."""
+        import itertools
+
         from ._util import deepcopy
 
-        return deepcopy(self, {id(self.source): self.source})
+        memo = {id(self.source): self.source}
+        if share_tensors:
+            for t in itertools.chain(self.gm.parameters(), self.gm.buffers()):
+                memo[id(t)] = t
+        return deepcopy(self, memo)
 
     # parameters --------------------------------------------------------------------------
     def param_counts(self) -> dict[str, int]:

@@ -43,3 +43,15 @@ def test_fingerprint_tells_weights_apart_and_is_stable():
     assert a.copy().fingerprint == a.fingerprint
     from sparsec.program import fingerprint
     assert fingerprint(a.gm) == a.fingerprint
+
+
+def test_copy_sharing_tensors_keeps_the_graph_and_new_attributes_apart():
+    p = trace(Net(), (torch.randn(2, 4),))
+    deep, shared = p.copy(), p.copy(share_tensors=True)
+    weight = p.gm.get_parameter("head.weight")
+    assert deep.gm.get_parameter("head.weight") is not weight
+    assert shared.gm.get_parameter("head.weight") is weight
+    first = next(iter(shared.gm.graph.nodes))
+    shared.add_parameter("extra.values", torch.zeros(3), trainable=True, before=first)
+    assert shared.param_counts()["total"] == 33 and p.param_counts()["total"] == 30
+    assert len(shared.gm.graph.nodes) == len(p.gm.graph.nodes) + 1

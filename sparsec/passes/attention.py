@@ -155,7 +155,7 @@ class BlockSparseAttention(Pass):
         checked against their references in their own tests."""
         if self.layout == "dense":
             return None  # keep-all must reproduce the model itself
-        ref = program.copy()
+        ref = program.copy(share_tensors=True)
         sites, _ = self._select(find_sites(ref.gm))
         if self.block == 0:
             return self._with_block(sites).reference(program)
@@ -170,7 +170,7 @@ class BlockSparseAttention(Pass):
     def _selected_blocks(self, program: Program) -> list[torch.Tensor]:
         """bool [B, H, NQ, NKV] per site: the blocks the rewritten program selects on the
         example inputs."""
-        rewritten = program.copy()
+        rewritten = program.copy(share_tensors=True)
         self.run(rewritten)
         infos = rewritten.state["report"]["attention"]["sites"]
         layouts = _selected_layouts(rewritten, infos)

@@ -111,6 +111,16 @@ def test_every_layout_verifies_against_its_reference(tiny_long, options):
     assert 0 < rep["density"]["value"] < 1
 
 
+@pytest.mark.parametrize("layout", ["sliding-window", "topk"])
+def test_reference_shares_the_program_parameters(tiny_long, layout):
+    """The reference graph is rewritten beside the program without copying its weights."""
+    _, _, program = tiny_long
+    p = BlockSparseAttention(block=16, layout=layout, window=16, sink=16)
+    ref = p.reference(program)
+    names = [n for n, _ in program.gm.named_parameters()]
+    assert names and all(ref.get_parameter(n) is program.gm.get_parameter(n) for n in names)
+
+
 def test_gradients_flow_through_the_op(tiny_llama_program):
     before = tiny_llama_program.copy()
     after = sparsec.run_passes(before, [BlockSparseAttention(layout="dense", block=16)])
