@@ -10,10 +10,11 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 __all__ = ["quiet", "deepcopy", "atomic_write_bytes", "atomic_write_text", "remove_tree",
-           "first_line", "user_frame", "read_regular_file", "safetensors_metadata"]
+           "first_line", "user_frame", "read_regular_file", "safetensors_metadata",
+           "load_with_header"]
 
 _NOISY = ("torch", "torch._dynamo", "torch.fx", "torch.export", "torch._export", "torch.onnx",
           "onnxscript")
@@ -138,3 +139,14 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
     if n <= 0 or n > len(data) - 8:
         raise ValueError("bad safetensors header")
     return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
+
+
+def load_with_header(data: bytes, key: str) -> tuple[dict, Any]:
+    """(tensors, the JSON header stored under metadata `key`, or None) of a safetensors file's
+    bytes; OSError, SafetensorError, ValueError or RecursionError where they are unreadable
+    (the callers turn those into their one-line errors)."""
+    import json
+
+    from safetensors.torch import load
+
+    return load(data), json.loads(safetensors_metadata(data).get(key, "null"))

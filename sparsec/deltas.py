@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ._util import atomic_write_bytes, read_regular_file, safetensors_metadata
+from ._util import atomic_write_bytes, load_with_header, read_regular_file
 from .errors import BadInputError
 from .ops.nm import apply_nm
 from .ops.sparse_delta import apply_delta
@@ -272,13 +272,11 @@ def save_deltas(deltas: Deltas, path: str | Path) -> Path:
 def load_deltas(path: str | Path, base: Program | torch.nn.Module | str | None = None) -> Deltas:
     """Read a deltas file (and, with `base`, check that it belongs to that base model)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load
 
     p = Path(path)
     data = read_regular_file(p, "deltas file")
     try:
-        tensors = load(data)
-        header = json.loads(safetensors_metadata(data).get("sparsec", "null"))
+        tensors, header = load_with_header(data, "sparsec")
     except (OSError, SafetensorError, ValueError, RecursionError) as e:
         raise BadInputError(f"{p}: not a readable safetensors deltas file ({type(e).__name__}); "
                             "give a deltas.safetensors written by sparsec") from None

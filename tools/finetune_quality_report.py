@@ -123,6 +123,15 @@ def write_csv(summary: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def _save_figure(fig, path: Path) -> None:
+    """Lay out `fig` and write it to `path` (a PNG) through a temporary file."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
 def plot(summary: list[dict], path: Path) -> None:
     """Test metric at the last step vs trainable fraction, one line per method, per task."""
     import matplotlib
@@ -154,11 +163,7 @@ def plot(summary: list[dict], path: Path) -> None:
         ax.set_title(f"all-MiniLM-L6-v2, {task}, step {step}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    _save_figure(fig, path)
 
 
 def plot_curves(summary: list[dict], path: Path, rank: int = 2) -> None:
@@ -185,11 +190,7 @@ def plot_curves(summary: list[dict], path: Path, rank: int = 2) -> None:
         ax.set_title(f"all-MiniLM-L6-v2, {task}, budget of LoRA r={rank}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    _save_figure(fig, path)
 
 
 def attention_chart(paths: list[Path], path: Path) -> None:
@@ -212,8 +213,4 @@ def attention_chart(paths: list[Path], path: Path) -> None:
         ax.set_title(result["model"].split(" (")[0] + f", L={result['length']}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    _save_figure(fig, path)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .._util import atomic_write_bytes, read_regular_file, safetensors_metadata
+from .._util import atomic_write_bytes, load_with_header, read_regular_file
 from ..errors import BadInputError
 
 __all__ = ["TrainState", "Checkpoint", "OPTIMIZER_FILE", "save_optimizer_state",
@@ -91,7 +91,6 @@ def save_optimizer_state(path: str | Path, trainer: Any, state: TrainState,
 def load_checkpoint(directory: str | Path) -> Checkpoint:
     """Read a checkpoint directory written by a distributed `sparsec train` run."""
     from safetensors import SafetensorError
-    from safetensors.torch import load
 
     from ..deltas import load_deltas
 
@@ -106,8 +105,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
                             "give the -o directory of a `sparsec train` run")
     data = read_regular_file(opt, "checkpoint file")
     try:
-        tensors = load(data)
-        header = json.loads(safetensors_metadata(data).get("sparsec_train", "null"))
+        tensors, header = load_with_header(data, "sparsec_train")
     except (OSError, SafetensorError, ValueError, RecursionError) as e:
         raise BadInputError(f"{opt}: not a readable checkpoint ({type(e).__name__}); "
                             "resume from another checkpoint") from None
