@@ -3,8 +3,8 @@ style).
 
 The gate mean-pools q and k per block, maps them through small per-head linear maps
 (`wq` [Hq, D, G], `wk` [Hkv, D, G]), and scores key blocks with a softmax over
-(pool(q)·wq)·(pool(k)·wk)ᵀ·scale; `sparsec::select_blocks` then keeps the top-k (or a
-threshold's worth) of them besides the sink and local blocks. The maps start as the identity
+(pool(q)·wq)·(pool(k)·wk)ᵀ·scale; `sparsec::select_blocks` then keeps the `topk` best
+of them besides the sink and local blocks (the `threshold` option is not used here). The maps start as the identity
 (G = D), so an untrained gate is the pooled-QK top-k selector; training moves the gate towards
 the dense model's attention mass per block:
 

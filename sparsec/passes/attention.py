@@ -22,21 +22,19 @@ import torch
 from torch import fx
 
 from ..errors import OptionError
-from ..layouts import learned as learned_gates
 from ..layouts.block_layout import BLOCK_SIZES, BlockLayout
-from ..layouts.spec import LAYOUT_OPTIONS, LAYOUTS, STATIC_LAYOUTS, build_static, is_static, kind_of
+from ..layouts.spec import LAYOUT_OPTIONS, LAYOUTS, PREFIX, STATIC_LAYOUTS, LayoutSpec, kind_of
 from ..ops import block_select, block_sparse_attention  # noqa: F401  (register the ops)
 from ..program import Program, Prop, node_info
 from .attention_match import Site, SiteCall, Skip, find_sites
 from .attention_reference_graph import reference_replacement
 from .base import Pass, PassResult, option, register
 
-DEFAULT_BLOCK = 64  # block = 0 picks this where every site is this long
 from .rewrite import add_constant, erase_unused, insert_traced
 
 __all__ = ["BlockSparseAttention"]
 
-_PREFIX = "sparsec_attention"
+DEFAULT_BLOCK = 64  # block = 0 picks this where every site is this long
 
 
 @register
@@ -85,17 +83,12 @@ class BlockSparseAttention(Pass):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layout == "mixture":
-            bad = [n for n in self.mixture if n not in STATIC_LAYOUTS or n == "mixture"]
-            if not self.mixture or bad:
-                raise OptionError(f"option '{self.name}.mixture' must list static layouts "
-                                  "for layout = \"mixture\", e.g. [\"sliding-window\", "
-                                  "\"dense\"]")
-        if self.layout == "threshold" and self.threshold <= 0:
-            raise OptionError(f"option '{self.name}.threshold' must be > 0 for layout "
-                              "\"threshold\"")
-        if self.layout == "topk" and self.topk < 1:
-            raise OptionError(f"option '{self.name}.topk' must be ≥ 1 for layout \"topk\"")
+        self.spec.check(self.options())
+
+    @property
+    def spec(self) -> LayoutSpec:
+        """The chosen layout's strategy: what it adds to the graph and how it selects."""
+        return kind_of(self.layout)
 
     @classmethod
     def hypothesis_options(cls):
@@ -159,7 +152,7 @@ class BlockSparseAttention(Pass):
         sites, _ = self._select(find_sites(ref.gm))
         if self.block == 0:
             return self._with_block(sites).reference(program)
-        selected = None if is_static(self.layout) else self._selected_blocks(program)
+        selected = None if self.spec.static else self._selected_blocks(program)
         self.emit(ref.gm, self.plan(sites), "reference", selected)
         fn = ref.gm
         fn.reference_name = ("dense attention under each layout's element mask"
@@ -219,8 +212,9 @@ class BlockSparseAttention(Pass):
                     "kv_heads": site.kv_heads, "causal": site.causal, "gqa": site.gqa,
                     "mask": site.mask.describe(), "scale": site.scale, "softcap": site.softcap}
             layout = None
-            if is_static(self.layout):  # built on the host, kept where the model runs
-                layout = self._static_layout(site, site.heads).to(site.q.meta["val"].device)
+            if self.spec.static:  # built on the host, kept where the model runs
+                layout = self.spec.build(self.options(), site.q_len, site.kv_len, site.heads,
+                                         site.causal).to(site.q.meta["val"].device)
                 info["density"] = layout.density()
             plans.append(SitePlan(site, index, info, layout))
         return plans
@@ -246,77 +240,37 @@ class BlockSparseAttention(Pass):
 
     def _layout_inputs(self, gm: fx.GraphModule, p: SitePlan, impl: str,
                        selected: torch.Tensor | None) -> list[fx.Node]:
-        """The graph inputs a site's layout adds: a static layout's tensors (or, for the
-        reference, its element mask), the blocks a dynamic layout selected (reference), or a
-        learned gate's parameters; none for a dynamic layout's fast path."""
-        if p.layout is not None:
-            if impl == "fast":
-                return self._layout_nodes(gm, p.layout, p.site)
-            return [add_constant(gm, f"{_PREFIX}.reference_mask_{p.index}",
+        """The graph inputs a site's layout adds: for the op, what the layout's spec names (a
+        static layout's tensors, a learned gate's parameters; none for a dynamic layout); for
+        the reference, a static layout's element mask or the blocks a dynamic one selected."""
+        if impl == "reference" and p.layout is not None:
+            return [add_constant(gm, f"{PREFIX}.reference_mask_{p.index}",
                                  p.layout.to_element_mask(), p.site.node)]
         if selected is not None:
-            return [add_constant(gm, f"{_PREFIX}.reference_blocks_{p.index}", selected,
+            return [add_constant(gm, f"{PREFIX}.reference_blocks_{p.index}", selected,
                                  p.site.node)]
-        if kind_of(self.layout).selection == "gate":
-            extra = self._gate_nodes(gm, p.site, p.index)
-            p.info["gate_params"] = [n.target for n in extra]
-            return extra
-        return []
-
-    def _static_layout(self, site: Site, heads: int) -> BlockLayout:
-        opts = {k: getattr(self, k) for k in ("block", "window", "sink", "stride", "dilation",
-                                              "global_tokens", "random_blocks", "seed",
-                                              "mixture")}
-        return build_static(self.layout, opts, site.q_len, site.kv_len,
-                            heads if kind_of(self.layout).per_head else 1, site.causal)
-
-    def _layout_nodes(self, gm: fx.GraphModule, layout: BlockLayout, site: Site
-                      ) -> list[fx.Node]:
-        key = (f"{self.layout}_{layout.q_len}x{layout.kv_len}_h{layout.heads}_b{self.block}"
-               f"{'_causal' if layout.causal else ''}").replace("-", "_")
-        names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
-        return [add_constant(gm, f"{_PREFIX}.{key}.{n}", t, site.node)
-                for n, t in zip(names, layout.tensors())]
-
-    def _gate_nodes(self, gm: fx.GraphModule, site: Site, index: int) -> list[fx.Node]:
-        wq, wk = learned_gates.init_gate(site.heads, site.kv_heads, site.head_dim,
-                                         self.gate_dim, seed=index)
-        stem = f"{_PREFIX}.gates.{_safe(site.name)}"
-        if self.gates:
-            loaded = learned_gates.load_gates(self.gates)
-            for name, t in (("wq", wq), ("wk", wk)):
-                got = loaded.get(f"{stem}.{name}")
-                if got is None or got.shape != t.shape:
-                    raise OptionError(f"gates file {self.gates} has no {stem}.{name} of shape "
-                                      f"{tuple(t.shape)}; train gates for this model and "
-                                      "options with `sparsec train-gates`")
-            wq, wk = loaded[f"{stem}.wq"], loaded[f"{stem}.wk"]
-        val = site.q.meta["val"]
-        wq, wk = (w.to(device=val.device, dtype=val.dtype) for w in (wq, wk))
-        return [add_constant(gm, f"{stem}.wq", wq, site.node, parameter=True),
-                add_constant(gm, f"{stem}.wk", wk, site.node, parameter=True)]
+        val = p.site.q.meta["val"]
+        inputs = self.spec.graph_inputs(self.options(), p.site, p.index, p.layout)
+        nodes = []
+        for i in inputs:  # a floating input (a gate) takes q's dtype
+            t = i.tensor.to(val.device)
+            t = t.to(val.dtype) if t.is_floating_point() else t
+            nodes.append(add_constant(gm, f"{PREFIX}.{i.name}", t, p.site.node,
+                                      parameter=i.parameter))
+        params = [n.target for n, i in zip(nodes, inputs) if i.parameter]
+        if params:
+            p.info["gate_params"] = params
+        return nodes
 
     def _replacement(self, call: SiteCall) -> Callable[..., torch.Tensor]:
         """A torch function of `call.inputs()` → out."""
-        o, site = self, call.site
+        site, spec, opts = call.site, self.spec, self.options()
         bsa, dtype = torch.ops.sparsec.block_sparse_attention, site.node.meta["val"].dtype
-        kind = kind_of(o.layout)
 
         def fn(*tensors):
             q, k, v, lay, mask = call.unpack(*tensors)
-            if kind.selection == "scores":
-                probs = torch.ops.sparsec.block_scores(q, k, site.scale, site.causal, o.block,
-                                                       o.block)
-                lay = _select(o, probs, site)
-            elif kind.selection == "vertical-slash":
-                lay = torch.ops.sparsec.select_blocks_vertical_slash(
-                    q, k, site.scale, site.causal, o.block, o.vertical, o.slash, o.sink,
-                    o.window)
-            elif kind.selection == "gate":
-                logits = learned_gates.gate_logits(q, k, lay[0], lay[1], site.scale,
-                                                   site.causal, o.block, o.block)
-                lay = _select(o, torch.softmax(logits, dim=-1), site)
-            out = bsa(q, k, v, *lay, mask, site.scale, site.causal, o.block, o.block,
+            lay = spec.select(opts, site, q, k, lay)
+            out = bsa(q, k, v, *lay, mask, site.scale, site.causal, self.block, self.block,
                       site.softcap)[0]
             return site.shape_output(out, dtype)
         return fn
@@ -328,7 +282,7 @@ class BlockSparseAttention(Pass):
         if op is None:
             return
         meta = {"layout": self.layout, "site": site.name, "block": self.block}
-        if kind_of(self.layout).selection == "gate":
+        if info.get("gate_params"):
             meta["gate_params"] = info["gate_params"]
             logits = _producer(op.args[3], torch.ops.aten.masked_fill.Scalar, depth=40,
                                follow_all=True)
@@ -341,7 +295,7 @@ class BlockSparseAttention(Pass):
             return {"value": None, "of": None}
         grids = {"causal" if r["causal"] else "full" for r in rewritten}
         of = grids.pop() if len(grids) == 1 else "causal or full (per site's causality)"
-        if is_static(self.layout):
+        if self.spec.static:
             values, how = [r["density"] for r in rewritten], "from the layout"
         else:
             values, how = _measure_density(program, rewritten), "measured on the example inputs"
@@ -360,16 +314,6 @@ class SitePlan:
     index: int
     info: dict[str, Any]
     layout: BlockLayout | None
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name) or "site"
-
-
-def _select(o: BlockSparseAttention, probs: torch.Tensor, site: Site):
-    threshold = o.threshold if o.layout == "threshold" else 0.0
-    return torch.ops.sparsec.select_blocks(probs, site.q_len, site.kv_len, site.causal, o.block,
-                                           o.block, o.topk, threshold, o.sink, o.window)
 
 
 def _producer(node: Any, target: Any, depth: int = 8, follow_all: bool = False) -> fx.Node | None:

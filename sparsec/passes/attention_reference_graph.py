@@ -3,8 +3,8 @@
 
 This path shares nothing with the op's attention: the static layout arrives as a dense element
 mask (`BlockLayout.to_element_mask`), a dynamic layout as the dense block mask the rewritten
-program selected (recorded by the pass's `reference`; or, without one, selected here by
-`select_keep` / `vertical_slash_keep`) expanded to elements, and the attention itself is
+program selected (recorded by the pass's `reference`; or, without one, selected here by the
+layout's `reference_keep` in plain torch) expanded to elements, and the attention itself is
 torch's own SDPA (plain softmax attention for soft-capped sites, which SDPA cannot express).
 Query rows with no visible key give 0, as the op defines.
 """
@@ -15,10 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..layouts import learned as learned_gates
-from ..layouts.dynamic import pooled_block_scores, select_keep, vertical_slash_keep
-from ..layouts.spec import is_static, kind_of
-from .attention_match import Site, SiteCall
+from .attention_match import SiteCall
 
 if TYPE_CHECKING:
     from .attention import BlockSparseAttention
@@ -79,38 +76,17 @@ def reference_replacement(o: "BlockSparseAttention", call: SiteCall, recorded: b
     """A torch function of `call.inputs()` computing the reference (a static layout arrives
     as one dense element-mask input; with `recorded`, a dynamic one as the dense block mask
     the rewritten site selected)."""
-    site = call.site
+    site, spec, opts = call.site, o.spec, o.options()
     dtype = site.node.meta["val"].dtype
     L, S, block = site.q_len, site.kv_len, o.block
 
     def fn(*tensors):
         q, k, v, lay, mask = call.unpack(*tensors)
-        if is_static(o.layout):
+        if spec.static:
             allowed = lay[0]
-        elif recorded:  # the blocks the rewritten site selected
-            allowed = blocks_to_elements(lay[0], L, S, block, block, site.causal)
-        else:
-            keep = _dynamic_keep(o, site, q, k, lay)
+        else:  # the blocks the rewritten site selected, or chosen here in plain torch
+            keep = lay[0] if recorded else spec.reference_keep(opts, site, q, k, lay)
             allowed = blocks_to_elements(keep, L, S, block, block, site.causal)
         out = dense_masked_attention(q, k, v, allowed, mask, site.scale, site.softcap)
         return site.shape_output(out, dtype)
     return fn
-
-
-def _dynamic_keep(o: "BlockSparseAttention", site: Site, q, k, lay) -> torch.Tensor:
-    L, S, block = site.q_len, site.kv_len, o.block
-    selection = kind_of(o.layout).selection
-    if selection == "vertical-slash":
-        return vertical_slash_keep(q, k, site.scale, site.causal, block, o.vertical, o.slash,
-                                   o.sink, o.window)
-    if selection == "gate":
-        logits = learned_gates.gate_logits(q, k, lay[0], lay[1], site.scale, site.causal,
-                                           block, block)
-        probs = torch.softmax(logits, dim=-1)
-        threshold = 0.0
-    else:
-        probs = pooled_block_scores(q, k, site.scale, site.causal, block, block)
-        threshold = o.threshold if o.layout == "threshold" else 0.0
-    return select_keep(probs, L, S, block, block, site.causal, o.topk, threshold, o.sink,
-                       o.window)
-
