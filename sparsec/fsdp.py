@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .program import Program, _set_attr, module_path
+from .program import Program, module_path, set_attr
 
 __all__ = ["block_key", "stage_by_blocks", "shard_program", "FsdpInfo"]
 
@@ -96,7 +96,7 @@ def _holder(gm: fx.GraphModule, attrs: list[str], children: dict[str, torch.nn.M
     root = torch.nn.Module()
     for qualname in attrs:
         value, is_buffer = _tensor(gm, qualname)
-        _set_attr(root, qualname, value, buffer=is_buffer)
+        set_attr(root, qualname, value, buffer=is_buffer)
     for name, child in children.items():
         root.add_module(name, child)
     return root
@@ -233,7 +233,7 @@ def shard_program(program: Program, device: torch.device, world_size: int
                     sum(p.numel() * p.element_size() for p in trainable))
     for name, p in frozen.items():  # drop the program's references before sharding
         placeholder = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
-        _set_attr(gm, name, placeholder)
+        set_attr(gm, name, placeholder)
     del frozen
     mesh = init_device_mesh(device.type, (world_size,))
     for name in units:

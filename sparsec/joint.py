@@ -27,7 +27,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from ._util import first_line, quiet
 from .errors import BadInputError
 from .optim import OptimizerConfig, init_state, torch_optimizer, update_
-from .program import Program, _set_attr, node_info
+from .program import Program, node_info, set_attr
 
 __all__ = ["JointInfo", "TrainStep", "build_joint_step", "eager_step", "example_batch",
            "state_name", "step_report"]
@@ -271,7 +271,7 @@ def _lift_to_attrs(traced: fx.GraphModule, names: list[str], values: list[torch.
     """Turn the first len(names) placeholders into get_attrs of a root holding `values`."""
     root = torch.nn.Module()
     for name, value in zip(names, values):
-        _set_attr(root, name, value, buffer=not isinstance(value, torch.nn.Parameter))
+        set_attr(root, name, value, buffer=not isinstance(value, torch.nn.Parameter))
     placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
     graph = traced.graph
     for node, name in zip(placeholders, names):

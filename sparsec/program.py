@@ -14,7 +14,8 @@ from torch import fx
 if TYPE_CHECKING:
     from .joint import JointInfo
 
-__all__ = ["Prop", "PassRecord", "ModelSource", "Program", "module_path", "node_info"]
+__all__ = ["Prop", "PassRecord", "ModelSource", "Program", "module_path", "node_info",
+           "set_attr"]
 
 
 class Prop(StrEnum):
@@ -186,12 +187,12 @@ class Program:
                       before: fx.Node) -> fx.Node:
         """Register `value` on the GraphModule under `qualname` and return a `get_attr` node."""
         param = torch.nn.Parameter(value, requires_grad=trainable)
-        _set_attr(self.gm, qualname, param)
+        set_attr(self.gm, qualname, param)
         with self.gm.graph.inserting_before(before):
             return self.gm.graph.get_attr(qualname)
 
     def add_buffer(self, qualname: str, value: torch.Tensor, *, before: fx.Node) -> fx.Node:
-        _set_attr(self.gm, qualname, value, buffer=True)
+        set_attr(self.gm, qualname, value, buffer=True)
         with self.gm.graph.inserting_before(before):
             return self.gm.graph.get_attr(qualname)
 
@@ -252,7 +253,10 @@ def _is_param(module: torch.nn.Module, qualname: str) -> bool:
         return False
 
 
-def _set_attr(root: torch.nn.Module, qualname: str, value: Any, buffer: bool = False) -> None:
+def set_attr(root: torch.nn.Module, qualname: str, value: Any, buffer: bool = False) -> None:
+    """Put `value` at the dotted `qualname` under `root`, creating empty parent modules: a
+    parameter is registered as one, a tensor with `buffer` as a buffer, anything else set as
+    a plain attribute (a later `get_attr` node reads it)."""
     *parents, leaf = qualname.split(".")
     mod = root
     for part in parents:

@@ -163,10 +163,10 @@ class BlockSparseAttention(Pass):
     def _selected_blocks(self, program: Program) -> list[torch.Tensor]:
         """bool [B, H, NQ, NKV] per site: the blocks the rewritten program selects on the
         example inputs."""
-        rewritten = program.copy(share_tensors=True)
-        self.run(rewritten)
-        infos = rewritten.state["report"]["attention"]["sites"]
-        layouts = _selected_layouts(rewritten, infos)
+        rewritten = program.copy(share_tensors=True)  # the pass's rewrite, run once here
+        plans = self.plan(self._select(find_sites(rewritten.gm))[0])
+        self.emit(rewritten.gm, plans, "fast")
+        layouts = _selected_layouts(rewritten, [p.info for p in plans])
         if any(lay is None for lay in layouts):
             raise RuntimeError("a rewritten site's selected layout could not be recorded")
         return [lay.to_dense_blocks() for lay in layouts]

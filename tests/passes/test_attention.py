@@ -121,6 +121,21 @@ def test_reference_shares_the_program_parameters(tiny_long, layout):
     assert names and all(ref.get_parameter(n) is program.gm.get_parameter(n) for n in names)
 
 
+def test_dynamic_reference_records_the_selection_in_one_run(tiny_long, monkeypatch):
+    """The blocks a dynamic layout selected are read from one run of the rewritten program
+    (not one for the density and one for the recording)."""
+    import sparsec.passes.attention as attention
+
+    _, _, program = tiny_long
+    runs = []
+    record = attention._selected_layouts
+    monkeypatch.setattr(attention, "_selected_layouts",
+                        lambda *a: runs.append(1) or record(*a))
+    p = BlockSparseAttention(block=16, layout="topk", topk=1, window=16, sink=16)
+    assert p.reference(program).reference_name.endswith("the blocks each site selected")
+    assert len(runs) == 1
+
+
 def test_gradients_flow_through_the_op(tiny_llama_program):
     before = tiny_llama_program.copy()
     after = sparsec.run_passes(before, [BlockSparseAttention(layout="dense", block=16)])
