@@ -12,7 +12,7 @@ from ._version import __version__
 
 from .api import compile
 from .backends import Compiled, LowerOptions, lower
-from .deltas import (
+from .training.deltas import (
                      Deltas,
                      apply_deltas,
                      compose_deltas,

@@ -70,7 +70,7 @@ def compile(model: torch.nn.Module | Program | str | Path, example_inputs: Any =
 
 
 def _load_deltas(program: Program, path: str | Path, partial: bool = False) -> None:
-    from .deltas import apply_deltas, load_deltas
+    from .training.deltas import apply_deltas, load_deltas
 
     d = load_deltas(path, base=program)
     apply_deltas(program, d, partial=partial)

@@ -72,7 +72,7 @@ def _pretrained(module: torch.nn.Module, model: Any) -> tuple[str, torch.nn.Modu
 
 def _merge(program: Any, module: torch.nn.Module, deltas: Path) -> dict[str, Any]:
     """Write the trained weights into the eager `module` (in place); what was merged."""
-    from .deltas import load_deltas
+    from .training.deltas import load_deltas
     from .trainable import is_trainable_file, load_trainable
 
     if is_trainable_file(deltas):
@@ -171,7 +171,7 @@ def _export_shira(opened: Any, prefix: str, pretrained: torch.nn.Module, deltas:
                   out: Path) -> dict[str, Any]:
     from peft import ShiraConfig, get_peft_model
 
-    from .deltas import load_deltas
+    from .training.deltas import load_deltas
     from .trainable import is_trainable_file
 
     if is_trainable_file(deltas):

@@ -1,8 +1,8 @@
 """Full and `freeze` fine-tuning: what trains, checked before compiling, and the file of the
 trained tensors.
 
-A recipe with a sparse fine-tuning pass saves `deltas.safetensors` (sparsec.deltas); any other
-recipe trains the parameters left trainable — all of them (full fine-tuning), or those
+A recipe with a sparse fine-tuning pass saves `deltas.safetensors` (sparsec.training.deltas);
+any other recipe trains the parameters left trainable — all of them (full fine-tuning), or those
 `freeze`'s `trainable` globs keep — and `sparsec train` saves them as `trainable.safetensors`:
 safetensors, one tensor per trainable parameter under its name in the traced model, with the
 JSON header `{"format": 1, "kind": "trainable", "base_fingerprint", "names", "info"}` under

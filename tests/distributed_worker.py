@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from sparsec.deltas import extract_deltas, save_deltas
+from sparsec.training.deltas import extract_deltas, save_deltas
 from sparsec.training import train_distributed
 from sparsec.training.launch import setup, teardown
 

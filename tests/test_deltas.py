@@ -8,7 +8,7 @@ import torch
 
 import sparsec
 from sparsec import BadInputError, run_passes
-from sparsec.deltas import (
+from sparsec.training.deltas import (
     apply_deltas,
     compose_deltas,
     extract_deltas,

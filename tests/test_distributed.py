@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from sparsec import BadInputError, run_passes
-from sparsec.deltas import extract_deltas
+from sparsec.training.deltas import extract_deltas
 from sparsec.passes.sparse_finetune import SparseFinetune
 from sparsec.training import Trainer, train_distributed
 from sparsec.training.batches import sharded_batches

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [  # lowest first; a name covers a module or a p
     ("passes", "joint"),
     ("pipeline", "recipe", "frontend", "sources"),
     ("backends",),
-    ("outputs", "report", "deltas", "fsdp", "memory_plot"),  # outputs, artifacts, placement
+    ("outputs", "report", "fsdp", "memory_plot"),  # outputs, artifacts, placement
     ("training",),
     ("api", "export"),
     ("cli", "cli_options", "cli_layout", "progress", "__main__", "testing", ""),  # "": __init__

@@ -5,7 +5,7 @@ trainable Δ at k chosen entries, `structured` a dense Δ on chosen rows or colu
 the weight itself under an N:M mask with SR-STE. New tensors are registered on the
 GraphModule (indices as buffers, values as parameters), so they serialize, export and reach
 kernels as arguments. What the pass did goes to `program.state["sparse_finetune"]` (read by the
-Trainer and by sparsec.deltas) and to the report section `sparse_finetune`.
+Trainer and by sparsec.training.deltas) and to the report section `sparse_finetune`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Resumable training checkpoints: the optimizer state and the run's progress, as safetensors.
 
-A checkpoint directory holds `deltas.safetensors` (sparsec.deltas: the trained values and their
-indices), `optimizer.safetensors` (this module) and `recipe.toml`. The optimizer file has, per
-trainable parameter name, AdamW's `exp_avg`, `exp_avg_sq` and `step`; partial prune–regrow
-gradient sums (`regrow/<weight>`, summed over all ranks) when the checkpoint falls inside an
-accumulation window; the age of each entry in its prune–regrow warm-up (`regrow_age/<weight>`,
-int32, one per value) when the target has `regrow_warmup`; and under the metadata key
-`sparsec_train` a JSON header with the progress (global step, batches, samples and tokens
-consumed, the world size that wrote it).
+A checkpoint directory holds `deltas.safetensors` (sparsec.training.deltas: the trained values
+and their indices), `optimizer.safetensors` (this module) and `recipe.toml`. The optimizer file
+has, per trainable parameter name, AdamW's `exp_avg`, `exp_avg_sq` and `step`; partial
+prune–regrow gradient sums (`regrow/<weight>`, summed over all ranks) when the checkpoint falls
+inside an accumulation window; the age of each entry in its prune–regrow warm-up
+(`regrow_age/<weight>`, int32, one per value) when the target has `regrow_warmup`; and under
+the metadata key `sparsec_train` a JSON header with the progress (global step, batches, samples
+and tokens consumed, the world size that wrote it).
 
 The optimizer state is per trainable value, so it does not depend on the world size: a run on
 N processes resumes on M.
@@ -57,7 +57,7 @@ class Checkpoint:
     state: TrainState
     optimizer: dict[str, dict[str, torch.Tensor]]  # parameter name -> AdamW state
     regrow_sums: dict[str, torch.Tensor]  # frozen weight name -> partial gradient sum
-    deltas: Any  # sparsec.deltas.Deltas
+    deltas: Any  # sparsec.training.deltas.Deltas
     recipe: Path | None
     regrow_ages: dict[str, torch.Tensor] = field(default_factory=dict)  # weight -> warm-up ages
 
@@ -92,7 +92,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     """Read a checkpoint directory written by a distributed `sparsec train` run."""
     from safetensors import SafetensorError
 
-    from ..deltas import load_deltas
+    from .deltas import load_deltas
 
     d = Path(directory)
     opt = d / OPTIMIZER_FILE

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..deltas import apply_deltas
+from .deltas import apply_deltas
 from ..errors import BadInputError
 from ..frontend import trace_file
 from ..outputs import check_output_dir

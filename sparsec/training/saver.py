@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .._util import atomic_write_text, remove_tree
-from ..deltas import extract_deltas, save_deltas
+from .deltas import extract_deltas, save_deltas
 from ..errors import SparsecError
 from ..outputs import write_outputs
 from ..report import build_report, to_json

@@ -60,7 +60,7 @@ def test_issue_check_deploys_deltas_and_window_sink_attention(run_cli, tmp_path)
     with sparse deltas (non-zero, as after training) and a window + sink layout: out/model.onnx
     runs in onnxruntime without sparsec, matches the PyTorch program within 1e-4, has no
     delta tensors left and computes attention on gathered blocks."""
-    from sparsec.deltas import extract_deltas, save_deltas
+    from sparsec.training.deltas import extract_deltas, save_deltas
 
     recipe = EXAMPLES / "deploy_onnx.toml"
     program = sparsec.compile(EXAMPLES / "tiny_llama_long.py", recipe=recipe,

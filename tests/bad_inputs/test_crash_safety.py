@@ -60,7 +60,7 @@ def test_kill_9_then_resume_is_bit_identical_to_one_run(tmp_path):
     # item 5 feeds step 6: steps 1-5 ran, the checkpoint of step 4 is the last complete one
     pid = _kill_at_stall(ck, flag, stall_at=5)
     assert (ck / MARKER).is_file() and (ck / "recipe.toml").is_file()
-    from sparsec.deltas import load_deltas
+    from sparsec.training.deltas import load_deltas
 
     assert load_deltas(ck / "deltas.safetensors").info == {"step": 4}
     # what a kill during a checkpoint write leaves: a staging directory of the dead process

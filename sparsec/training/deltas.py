@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch import fx
 
-from ._util import atomic_write_bytes, load_with_header, read_regular_file
-from .errors import BadInputError
-from .ops.nm import apply_nm
-from .ops.sparse_delta import apply_delta
-from .ops.structured import apply_structured
-from .passes.sparse_finetune import FINETUNE_OPS, finetune_nodes, refresh_report
-from .program import Program, fingerprint
+from .._util import atomic_write_bytes, load_with_header, read_regular_file
+from ..errors import BadInputError
+from ..ops.nm import apply_nm
+from ..ops.sparse_delta import apply_delta
+from ..ops.structured import apply_structured
+from ..passes.sparse_finetune import FINETUNE_OPS, finetune_nodes, refresh_report
+from ..program import Program, fingerprint
 
 __all__ = ["Deltas", "TargetDelta", "MergeUndo", "FORMAT", "extract_deltas", "save_deltas",
            "load_deltas", "check_base", "check_deltas", "apply_deltas", "merge_deltas",
@@ -447,6 +447,6 @@ def _union(weight: str, ta: TargetDelta, tb: TargetDelta, overlap: str) -> Targe
 
 
 def _version() -> str:
-    from ._version import __version__
+    from .._version import __version__
 
     return __version__
