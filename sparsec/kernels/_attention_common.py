@@ -3,16 +3,18 @@ strides with broadcasting), the transposed layout the dK/dV kernel walks, tile c
 @triton.jit helpers both directions use."""
 
 import weakref
+from typing import Any
 
 import torch
 
 from . import _triton
-from ._triton import HAS_TRITON, interpreting, next_pow2, tl, triton
+from ._launch import launch
+from ._triton import HAS_TRITON, interpreting, next_pow2, no_sync_allowed, tl, triton
 
 __all__ = ["empty", "kernel_supports", "layout_args", "mask_args", "transposed_layout",
            "head_block", "load_rows", "mma", "query_tile", "key_subtile", "tanh", "capped_scores",
            "score_args", "LOG2E", "LN2", "bias_base2",
-           "PlanCache", "plan_key", "direct_enabled", "launch_device"]
+           "PlanCache", "plan_key", "launch_cached", "direct_enabled", "launch_device"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -152,6 +154,17 @@ def plan_key(kind: str, tensors, layout, mask, extra) -> tuple:
     if mask is not None:
         key += (mask.shape, mask.stride(), mask.dtype, mask.data_ptr() % 16 == 0)
     return tuple(key)
+
+
+def launch_cached(cache: "PlanCache", key: tuple | None, layout, launches, tensors: dict,
+                  device_index: int | None, tag: Any = None) -> None:
+    """Run `launches`; with a `key` (and no stream capture, which would pin its tile) record
+    their direct launches and store them, with `tag`, for `cache.get(key, layout)` to return
+    as (tag, recorded) — only if every launch could be made direct."""
+    record = key is not None and not no_sync_allowed()
+    recorded = launch(launches, tensors, device_index, record)
+    if record and all(direct is not None for direct, _ in recorded):
+        cache.put(key, layout, (tag, recorded))
 
 
 class PlanCache:

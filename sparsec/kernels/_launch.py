@@ -10,6 +10,12 @@ answer each time. `first_launch` runs the first call through Triton (compiling, 
 and returns a `DirectLaunch` that keeps what Triton's compiled launcher needs; later calls put
 the new tensors into the stored argument list and call the compiled launcher directly.
 
+A launcher is written in three parts: a pure `plan` that turns a call's arguments into
+`Launch` descriptions (kernel, grid, arguments with the per-call tensors named, meta-
+parameters) without launching or allocating; `launch(launches, tensors)`, which runs them
+(optionally recording their direct launches); and the cache around both (`replay` of what a
+previous call recorded, keyed by `_attention_common.plan_key`).
+
 The caller guarantees that a stored launch and a later call specialize the same way: the
 same integer arguments, dtypes, and 16-byte alignment of every pointer (the attention plans
 key on all three). Triton's interpreter, launch hooks (profilers such as proton) and Triton
@@ -18,9 +24,60 @@ versions whose internals differ all get `None` (every call then goes through Tri
 
 from __future__ import annotations
 
+from typing import Any
+
 from ._triton import HAS_TRITON, interpreting
 
-__all__ = ["DirectLaunch", "first_launch", "aligned"]
+__all__ = ["DirectLaunch", "Launch", "launch", "replay", "first_launch", "aligned"]
+
+
+class Launch:
+    """One kernel launch as a plan describes it: `kernel[grid](*args, **meta)`, where a string
+    in `args` names a per-call tensor (looked up in the call's tensor dict) and everything
+    else (layout tensors, scalars, strides) is fixed by the plan. (A plain class with
+    __slots__: plans are built on every call that misses the cache, so it stays cheap.)"""
+
+    __slots__ = ("kernel", "grid", "args", "meta")
+
+    def __init__(self, kernel: Any, grid: Any, args: tuple, meta: dict):
+        self.kernel, self.grid, self.args, self.meta = kernel, grid, args, meta
+
+    def bind(self, tensors: dict) -> list:
+        """The argument list with this call's tensors in the named positions."""
+        return [tensors[a] if type(a) is str else a for a in self.args]
+
+    def slots(self) -> tuple[int, ...]:
+        """The positions of the named (per-call) tensors."""
+        return tuple(i for i, a in enumerate(self.args) if type(a) is str)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(a for a in self.args if type(a) is str)
+
+    def __repr__(self) -> str:
+        name = getattr(getattr(self.kernel, "fn", self.kernel), "__name__", "?")
+        return f"Launch({name}, grid={self.grid}, names={self.names()})"
+
+
+def launch(launches: list[Launch], tensors: dict, device_index: int | None = None,
+           record: bool = False) -> list[tuple] | None:
+    """Run `launches` in order with the named `tensors`. With `record`, each goes through
+    `first_launch` and the result is [(DirectLaunch or None, names)] for `replay`."""
+    if not record:
+        for item in launches:
+            item.kernel[item.grid](*item.bind(tensors), **item.meta)
+        return None
+    recorded = []
+    for item in launches:
+        direct = first_launch(item.kernel, item.grid, tuple(item.bind(tensors)), item.meta,
+                              item.slots(), device_index)
+        recorded.append((direct, item.names()))
+    return recorded
+
+
+def replay(recorded: list[tuple], tensors: dict) -> None:
+    """Repeat recorded direct launches with this call's named tensors."""
+    for direct, names in recorded:
+        direct(*[tensors[n] for n in names])
 
 
 def aligned(*tensors) -> bool:

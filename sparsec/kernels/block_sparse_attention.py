@@ -38,8 +38,8 @@ from ._attention_common import (
     query_tile,
     score_args,
 )
-from ._launch import first_launch
-from ._triton import HAS_TRITON, autotune_enabled, cdiv, next_pow2, no_sync_allowed, tl, triton
+from ._launch import Launch, replay
+from ._triton import HAS_TRITON, autotune_enabled, cdiv, next_pow2, tl, triton
 
 __all__ = ["HAS_TRITON", "block_sparse_attention_ref", "block_sparse_attention_backward_ref",
            "block_sparse_attention", "block_sparse_attention_backward", "forward_config",
@@ -209,11 +209,42 @@ if HAS_TRITON:
 _PLANS = _ac.PlanCache()
 
 
-def _direct_call(q, k, v, layout, attn_mask, scale, causal, block_q, block_kv, softcap):
-    """(key, plan): the stored launch for these arguments (plan None on a miss)."""
-    key = plan_key("fwd", (q, k, v), layout, attn_mask,
-                   (float(scale), bool(causal), block_q, block_kv, float(softcap)))
-    return key, _PLANS.get(key, layout)
+def forward_plan(t: dict, layout, attn_mask, scale, causal, block_q, block_kv, softcap,
+                 config=None) -> Launch:
+    """The forward launch for the call's tensors `t` (q, k, v, out, lse, mask: the kernel's
+    view of `attn_mask`), decided without launching: kernel (autotuned or pinned), grid,
+    arguments and meta-parameters."""
+    q, k, v, out = t["q"], t["k"], t["v"], t["out"]
+    B, H, L, D = q.shape
+    hkv, S, DV = k.shape[1], k.shape[2], v.shape[-1]
+    num, idx, pstr = layout_args(layout[0], layout[1], B, H)
+    fnum, fidx, fstr = layout_args(layout[2], layout[3], B, H)
+    _, mstr, kind = mask_args(attn_mask, B, H, L, S, q)
+    bd, bdv = head_block(D), head_block(DV)
+    args = ("q", "k", "v", "out", "lse", num, idx, fnum, fidx, "mask",
+            *score_args(scale, softcap), L, S, H, H // hkv, *q.stride(), *k.stride(),
+            *v.stride(), *out.stride(), *pstr, *fstr, *mstr)
+    meta = dict(D=D, DV=DV, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_Q=block_q, BLOCK_KV=block_kv,
+                CAUSAL=bool(causal), MASK_KIND=kind, FP32=q.dtype == torch.float32,
+                SOFTCAP=bool(softcap), L_KEY=next_pow2(L))
+    if config is None and autotune_enabled():
+        def grid(m):
+            return (cdiv(L, m["BLOCK_M"]), B * H)
+        return Launch(_bsa_fwd_tuned, grid, args, meta)
+    cfg = config or forward_config(block_q, block_kv, max(bd, bdv))
+    meta.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return Launch(_bsa_fwd_kernel, (cdiv(L, cfg.kwargs["BLOCK_M"]), B * H), args, meta)
+
+
+def _tensors(q, k, v, attn_mask) -> dict:
+    """The call's per-call tensors by name: inputs, fresh outputs and the mask as the kernel
+    reads it (q stands in for no mask)."""
+    B, H, L = q.shape[:3]
+    mask = q if attn_mask is None else \
+        mask_args(attn_mask, B, H, L, k.shape[2], q)[0]
+    return dict(q=q, k=k, v=v, mask=mask,
+                out=_ac.empty(B, H, L, v.shape[-1], dtype=q.dtype, device=q.device),
+                lse=_ac.empty(B, H, L, dtype=torch.float32, device=q.device))
 
 
 def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks,
@@ -223,55 +254,27 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, full_kv_num_block
     Triton kernel. Inputs the kernel does not take (float64, odd blocks, CPU tensors outside
     the interpreter) run the gathered-block reference. `config` pins a tile
     (a `triton.Config`), bypassing autotuning. A repeated call (same layout tensors, shapes,
-    strides, dtypes) reuses its stored launch plan (`_launch.py`)."""
+    strides, dtypes) replays its stored launch (`_launch.py`)."""
     layout = (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)
     key = None
     device = _ac.launch_device(q) if config is None else None
     if device is not None:
-        key, plan = _direct_call(q, k, v, layout, attn_mask, scale, causal, block_q, block_kv,
-                                 softcap)
-        if plan is not None:
-            B, H, L = q.shape[:3]
-            out = _ac.empty(B, H, L, v.shape[-1], dtype=q.dtype, device=q.device)
-            lse = _ac.empty(B, H, L, dtype=torch.float32, device=q.device)
-            plan(q, k, v, out, lse, q if attn_mask is None else attn_mask)
-            return out, lse
-    args = (q, k, v, *layout, attn_mask, scale, causal, block_q, block_kv, softcap)
+        key = plan_key("fwd", (q, k, v), layout, attn_mask,
+                       (float(scale), bool(causal), block_q, block_kv, float(softcap)))
+        stored = _PLANS.get(key, layout)
+        if stored is not None:
+            t = _tensors(q, k, v, attn_mask)
+            replay(stored[1], t)
+            return t["out"], t["lse"]
     if kernel_supports(q, k, v, block_q, block_kv) is not None:
-        return block_sparse_attention_gathered(*args)
-    B, H, L, D = q.shape
-    hkv, S, DV = k.shape[1], k.shape[2], v.shape[-1]
-    out = _ac.empty(B, H, L, DV, dtype=q.dtype, device=q.device)
-    lse = _ac.empty(B, H, L, dtype=torch.float32, device=q.device)
-    if L == 0 or B * H == 0:
-        return out, lse
-    num, idx, pstr = layout_args(kv_num_blocks, kv_indices, B, H)
-    fnum, fidx, fstr = layout_args(full_kv_num_blocks, full_kv_indices, B, H)
-    mask, mstr, kind = mask_args(attn_mask, B, H, L, S, q)
-    bd, bdv = head_block(D), head_block(DV)
-    common = (q, k, v, out, lse, num, idx, fnum, fidx, mask, *score_args(scale, softcap), L, S,
-              H, H // hkv, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pstr, *fstr,
-              *mstr)
-    meta = dict(D=D, DV=DV, BLOCK_D=bd, BLOCK_DV=bdv, BLOCK_Q=block_q, BLOCK_KV=block_kv,
-                CAUSAL=bool(causal), MASK_KIND=kind, FP32=q.dtype == torch.float32,
-                SOFTCAP=bool(softcap), L_KEY=next_pow2(L))
-    if config is None and autotune_enabled():
-        kernel = _bsa_fwd_tuned
-
-        def grid(m):
-            return (cdiv(L, m["BLOCK_M"]), B * H)
-    else:
-        cfg = config or forward_config(block_q, block_kv, max(bd, bdv))
-        kernel = _bsa_fwd_kernel
-        grid = (cdiv(L, cfg.kwargs["BLOCK_M"]), B * H)
-        meta.update(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if key is None or no_sync_allowed():  # a plan made under capture would pin its tile
-        kernel[grid](*common, **meta)
-    else:
-        plan = first_launch(kernel, grid, common, meta, (0, 1, 2, 3, 4, 9), device)
-        if plan is not None:
-            _PLANS.put(key, layout, plan)
-    return out, lse
+        return block_sparse_attention_gathered(q, k, v, *layout, attn_mask, scale, causal,
+                                               block_q, block_kv, softcap)
+    t = _tensors(q, k, v, attn_mask)
+    if q.shape[2] == 0 or q.shape[0] * q.shape[1] == 0:
+        return t["out"], t["lse"]
+    plan = forward_plan(t, layout, attn_mask, scale, causal, block_q, block_kv, softcap, config)
+    _ac.launch_cached(_PLANS, key, layout, [plan], t, device)
+    return t["out"], t["lse"]
 
 
 def block_sparse_attention_backward(*args, **kwargs):

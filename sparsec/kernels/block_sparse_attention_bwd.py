@@ -39,7 +39,7 @@ from ._attention_common import (
     score_args,
     transposed_layout,
 )
-from ._launch import first_launch
+from ._launch import Launch, launch, replay
 from ._triton import HAS_TRITON, autotune_enabled, cdiv, next_pow2, no_sync_allowed, tl, triton
 
 __all__ = ["block_sparse_attention_backward", "dkdv_config", "dq_config", "DKDV_CONFIGS",
@@ -420,16 +420,16 @@ _VARIANTS = ("split", "atomic")
 
 
 class _Backward:
-    """One backward call: its tensors by name, the arguments both variants share, and the
-    launches. With `record` a list, each launch goes through `first_launch` and is appended
-    (with the names of the tensors that change per call) so the plan can replay it."""
+    """The backward's plan for one call: from its tensors by name (`t`, for shapes and
+    strides) and the arguments both variants share, `plan(variant)` lists the launches
+    without running them."""
 
     def __init__(self, t, layout, attn_mask, scale, causal, block_q, block_kv, softcap,
-                 configs, record, device):
+                 configs):
         q, k, v = t["q"], t["k"], t["v"]
         B, H, L, D = q.shape
         hkv, S, DV = k.shape[1], k.shape[2], v.shape[-1]
-        self.t, self.record, self.device, self.configs = t, record, device, configs
+        self.t, self.configs, self.launches = t, configs, []
         self.shape = (B, H, L, D, hkv, S, DV)
         self.bd, self.bdv = head_block(D), head_block(DV)
         self.mask_name = "q" if attn_mask is None else "mask"
@@ -450,14 +450,8 @@ class _Backward:
         self.lists = (*layout_args(num, idx, B, H), *layout_args(fnum, fidx, B, H))
 
     def go(self, kernel, grid, args, meta):
-        """Launch; arguments given as strings are the named per-call tensors."""
-        real = tuple(self.t[a] if isinstance(a, str) else a for a in args)
-        if self.record is None:
-            kernel[grid](*real, **meta)
-            return
-        slots = tuple(i for i, a in enumerate(args) if isinstance(a, str))
-        launch = first_launch(kernel, grid, real, meta, slots, self.device)
-        self.record.append((launch, tuple(a for a in args if isinstance(a, str))))
+        """Add a launch; arguments given as strings are the named per-call tensors."""
+        self.launches.append(Launch(kernel, grid, args, meta))
 
     def pinned(self, which):
         """The pinned tile of the dK/dV (0) or dQ (1) kernel, or None to autotune."""
@@ -477,7 +471,8 @@ class _Backward:
             meta.update(pinned.kwargs, num_warps=pinned.num_warps, num_stages=pinned.num_stages)
             self.go(plain, (cdiv(rows, pinned.kwargs[rows_meta]), bh), args, meta)
 
-    def run(self, variant):
+    def plan(self, variant) -> list[Launch]:
+        """The launches of `variant` ("split" or "atomic"), in order."""
         B, H, L, D, hkv, S, DV = self.shape
         t = self.t
         atomic = variant == "atomic"
@@ -501,6 +496,7 @@ class _Backward:
             n = B * H * L * D
             self.go(_dq_convert_kernel, (cdiv(n, 1024),), ("dqa", "dq", n, self.scale),
                     dict(BLOCK=1024))
+        return self.launches
 
     def dq(self):
         B, H, L, D, hkv, S, DV = self.shape
@@ -563,7 +559,8 @@ def _choose(tensors, args) -> str:
     times = {}
     for variant in _VARIANTS:
         def call(variant=variant):
-            _Backward(_outputs(dict(tensors), variant), *args, None, None).run(variant)
+            t = _outputs(dict(tensors), variant)
+            launch(_Backward(t, *args).plan(variant), t)
         call()
         times[variant] = _time_variant(call)
     _CHOICES[key] = min(times, key=times.get)
@@ -590,13 +587,12 @@ def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_num_blocks, 
         key = plan_key("bwd", (grad_out, q, k, v, out, lse), layout, attn_mask,
                        (float(scale), bool(causal), block_q, block_kv, variant,
                         float(softcap), bool(bias_grad)))
-        plan = _PLANS.get(key, layout)
-        if plan is not None:
-            chosen, launches = plan
+        stored = _PLANS.get(key, layout)
+        if stored is not None:
+            chosen, recorded = stored
             t = _outputs(dict(go=grad_out, q=q, k=k, v=v, out=out, lse=lse.float().contiguous(),
                               mask=attn_mask), chosen, bias_grad)
-            for launch, names in launches:
-                launch(*(t[n] for n in names))
+            replay(recorded, t)
             return _results(t, bias_grad)
     args = (grad_out, q, k, v, out, lse, *layout, attn_mask, scale, causal, block_q, block_kv,
             softcap)
@@ -614,11 +610,9 @@ def block_sparse_attention_backward(grad_out, q, k, v, out, lse, kv_num_blocks, 
         variant = _choose(tensors, rest)
     if variant not in _VARIANTS:
         raise ValueError(f"backward variant {variant!r}: use one of {_VARIANTS} or 'auto'")
-    record = [] if key is not None and not no_sync_allowed() else None
     t = _outputs(tensors, variant, bias_grad)
-    _Backward(t, *rest, record, device).run(variant)
-    if record is not None and all(launch is not None for launch, _ in record):
-        _PLANS.put(key, layout, (variant, record))
+    _ac.launch_cached(_PLANS, key, layout, _Backward(t, *rest).plan(variant), t, device,
+                      tag=variant)
     return _results(t, bias_grad)
 
 
