@@ -1,15 +1,17 @@
-"""Experiment, not a sparsec feature: prune–regrow with per-entry AdamW bias correction.
+"""Experiments on prune–regrow, not sparsec features: the trainer patched for this process
+only, then `tools/bench_finetune_quality.py` run with the remaining arguments.
 
-A regrown entry's update uses 1 − β^a (a = the updates it has had since it grew) instead of
-the tensor's shared step count t; entries never regrown are unchanged (a = t). The script
-patches `sparsec.training.Trainer` for its own process only, then runs
-`tools/bench_finetune_quality.py` with the given arguments (pass `--regrow-warmup 0`):
+- `--variant per-entry-bias` (the default): a regrown entry's AdamW update uses 1 − β^a
+  (a = the updates it has had since it grew) instead of the tensor's shared step count t;
+  entries never regrown are unchanged (a = t). Pass `--regrow-warmup 0`.
+- `--variant protect-young`: an entry still in its warm-up (`regrow_warmup`) is never dropped
+  (its drop score is +inf instead of |Δ|).
 
     python tools/exp_regrow_bias.py run --task mlm --n-val 128 --n-test 256 --threads 1 \
         --methods delta-magnitude-regrow --own-regrow-grid --grid 0.03 --seeds 3 \
         --regrow-warmup 0 --out docs/data/regrow_bias/mlm_magnitude_w0.jsonl
 
-Result (docs/finetune.md, "Prune–regrow hurts here"): no gain over the shared correction.
+Results (docs/finetune.md, "Prune–regrow hurts here"): neither helps.
 """
 import sys
 from pathlib import Path
@@ -63,7 +65,31 @@ def _regrow(self, t):
     return grown
 
 
-tr.Trainer._optimizer_step = _optimizer_step
-tr.Trainer._regrow = _regrow
+def _regrow_protect(self, t):
+    if t.age is None:
+        return _orig_regrow(self, t)
+    with torch.no_grad():
+        young = t.age < t.warmup - 1
+        saved, where = t.values[young].clone(), t.indices[young].clone()
+        t.values[young] = 1e30  # the largest |Δ|: kept by the |Δ| ranking
+        grown = _orig_regrow(self, t)
+        t.values[torch.searchsorted(t.indices, where)] = saved
+    return grown
+
+
+def main(argv: list[str]) -> int:
+    variant = "per-entry-bias"
+    if argv[:1] == ["--variant"]:
+        variant, argv = argv[1], argv[2:]
+    if variant == "per-entry-bias":
+        tr.Trainer._optimizer_step = _optimizer_step
+        tr.Trainer._regrow = _regrow
+    elif variant == "protect-young":
+        tr.Trainer._regrow = _regrow_protect
+    else:
+        raise SystemExit(f"error: --variant {variant!r}: per-entry-bias or protect-young")
+    return tool.main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(tool.main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))
