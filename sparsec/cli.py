@@ -203,7 +203,7 @@ def train_cmd(model_file: Path, recipe: Path | None, pass_args: tuple[str, ...],
     Under torchrun (`torchrun --nproc-per-node N -m sparsec train ...`), with --resume or with
     --fsdp it trains data-parallel on torch.distributed (docs/distributed.md).
     """
-    from .training.launch import end_worker, launched_by_torchrun
+    from .training.distributed.launch import end_worker, launched_by_torchrun
 
     if launched_by_torchrun() or resume is not None or fsdp or dist_backend is not None:
         from .training import train_distributed as train

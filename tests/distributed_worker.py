@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from sparsec.training.deltas import extract_deltas, save_deltas
 from sparsec.training import train_distributed
-from sparsec.training.launch import setup, teardown
+from sparsec.training.distributed.launch import setup, teardown
 
 
 def main(out: Path, model: str, backend: str) -> None:

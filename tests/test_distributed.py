@@ -22,7 +22,7 @@ from sparsec import BadInputError, run_passes
 from sparsec.training.deltas import extract_deltas
 from sparsec.passes.sparse_finetune import SparseFinetune
 from sparsec.training import Trainer, train_distributed
-from sparsec.training.batches import sharded_batches
+from sparsec.training.data import sharded_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")

@@ -7,7 +7,7 @@ import sparsec
 from sparsec import BadInputError, run_passes
 from sparsec.passes.sparse_finetune import SparseFinetune
 from sparsec.training import Trainer
-from sparsec.training.batches import batch_tokens
+from sparsec.training.data import batch_tokens
 
 
 @pytest.fixture(scope="module")

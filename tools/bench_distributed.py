@@ -42,7 +42,7 @@ from bench_finetune import config, lm_loss, measure  # noqa: E402
 
 import sparsec  # noqa: E402
 from sparsec.training import DistributedTrainer  # noqa: E402
-from sparsec.training.launch import setup, teardown  # noqa: E402
+from sparsec.training.distributed.launch import setup, teardown  # noqa: E402
 
 VARIANTS = ("full-ddp", "delta", "delta-fsdp")
 DELTA = "sparse-finetune:method=delta,density=0.01,select=magnitude"

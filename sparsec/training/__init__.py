@@ -7,19 +7,19 @@ One idea a file:
 
 - prepare: the checks and the compile every run starts with (`prepare_training`);
 - trainer: the training loop of one process (`Trainer`), regrow: prune–regrow;
-- batches: the batch stream (cycled, one rank's share), stats: what a run did;
+- data: the batch stream (cycled, one rank's share), stats: what a run did;
 - evaluate: the eval loss during training;
 - checkpoint: optimizer.safetensors (resumable state), saver: writing checkpoints atomically;
+- deltas: the trained deltas file (extract, save, load, apply);
 - run: a one-process run (`train_model`);
-- launch: the process group; communication: what the ranks exchange;
-  distributed_trainer: the data-parallel `DistributedTrainer`; distributed_run:
-  `train_distributed`, the torchrun run.
+- comm: what the ranks exchange; distributed/: launch (the process group and its signals),
+  trainer (the data-parallel `DistributedTrainer`), run (`train_distributed`, the torchrun
+  run).
 """
 
 from __future__ import annotations
 
-from .distributed_run import train_distributed
-from .distributed_trainer import DistributedTrainer
+from .distributed import DistributedTrainer, train_distributed
 from .run import TrainRun, train_model
 from .stats import TrainStats
 from .trainer import NonFiniteError, Trainer

@@ -18,7 +18,7 @@ from ..recipe import dump_recipe, load_recipe, resolve_passes
 from ..sources import open_model
 from ..trainable import DELTAS_FILE, output_file
 from .checkpoint import Checkpoint, load_checkpoint
-from .communication import gather
+from .comm import gather
 from .evaluate import Evaluator
 
 __all__ = ["Prepared", "prepare_training", "check_trainable", "DEFAULT_LR"]
@@ -44,7 +44,7 @@ def prepare_training(model: Any, *, steps: int, recipe: Any, passes: tuple, out_
                      lr: float | None, force: bool, verify: bool, source: Any = None,
                      eval_every: int = 0, resume: Any = None, env: Any = None) -> Prepared:
     """Check and compile a run of `model` (a model.py path or a Program). `env` (a
-    sparsec.training.launch.DistEnv) makes it a distributed run: model.py is traced on every
+    sparsec.training.distributed.launch.DistEnv) makes it a distributed run: model.py is traced on every
     rank, which must build the same base, and only deltas can be saved. `resume`: a
     checkpoint directory (distributed runs); its recipe and learning rate are the defaults."""
     if steps < 1:

@@ -30,7 +30,7 @@ from .._util import first_line, user_frame
 from ..backends.base import set_trainer_factory
 from ..errors import BadInputError, SparsecError
 from ..program import Program
-from .batches import batch_rows, batch_tokens, cycle_batches
+from .data import batch_rows, batch_tokens, cycle_batches
 from .regrow import RegrowTarget, regrow, regrow_sums, regrow_targets
 from .stats import TrainStats
 
@@ -53,7 +53,7 @@ class Trainer:
     are not used (prune–regrow and `lr_overrides` are refused).
     """
 
-    world_size = 1  # processes stepping together (sparsec.training.distributed_trainer: more)
+    world_size = 1  # processes stepping together (sparsec.training.distributed: more)
 
     def __init__(self, program: Program, *, lr: float = 1e-3, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 import torch
 import torch.distributed as dist
 
-from ..errors import BadInputError, SparsecError
+from ...errors import BadInputError, SparsecError
 
 __all__ = ["DistEnv", "launched_by_torchrun", "setup", "leave_together", "teardown",
            "end_worker", "Terminated", "on_sigterm", "restore_sigterm"]

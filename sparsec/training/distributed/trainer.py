@@ -10,12 +10,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..program import Program
-from .batches import batch_tokens
-from .communication import CommCounter, GradientBucket, gather, rank_digest
+from ...program import Program
+from ..comm import CommCounter, GradientBucket, gather, rank_digest
+from ..data import batch_tokens
+from ..regrow import RegrowTarget
+from ..trainer import Trainer
 from .launch import DistEnv
-from .regrow import RegrowTarget
-from .trainer import Trainer
 
 __all__ = ["DistributedTrainer"]
 

@@ -21,21 +21,21 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..backends import lower
-from ..devices import retarget_device, retarget_graph
-from ..errors import BadInputError
-from ..outputs import RunDirectory
-from ..program import Program
-from ..trainable import DELTAS_FILE
-from .batches import sharded_batches
-from .checkpoint import Checkpoint, restore_optimizer, restore_regrow_ages
-from .communication import broadcast_start, full_ft_bytes
-from .distributed_trainer import DistributedTrainer
+from ...backends import lower
+from ...devices import retarget_device, retarget_graph
+from ...errors import BadInputError
+from ...outputs import RunDirectory
+from ...program import Program
+from ...trainable import DELTAS_FILE
+from ..checkpoint import Checkpoint, restore_optimizer, restore_regrow_ages
+from ..comm import broadcast_start, full_ft_bytes
+from ..data import sharded_batches
+from ..prepare import prepare_training
+from ..run import TrainRun, step_callback
+from ..saver import Saver, Sections, error_line
+from ..stats import train_section
 from .launch import DistEnv, leave_together, on_sigterm, restore_sigterm, setup, teardown
-from .prepare import prepare_training
-from .run import TrainRun, step_callback
-from .saver import Saver, Sections, error_line
-from .stats import train_section
+from .trainer import DistributedTrainer
 
 __all__ = ["train_distributed"]
 
@@ -100,7 +100,7 @@ def _place(program: Program, env: DistEnv, fsdp: bool) -> tuple[Any, dict[str, A
     if not fsdp:
         retarget_device(program, env.device)
         return program.gm, None
-    from ..fsdp import shard_program
+    from ...fsdp import shard_program
 
     regrow = [w for w, r in program.state.get("sparse_finetune", {}).get("targets", {}).items()
               if r.get("regrow_every")]
